@@ -17,6 +17,9 @@ from typing import List, Optional
 COMMANDS = {
     "models": ("dcanets.cli", "list the models dcanets plugins added to timm"),
     "plugins": ("dcanets.cli", "list loaded dcanets plugins and what each registered"),
+    "train": ("dcanets.train", "train one timm model with any timm optimizer (DCA ones included)"),
+    "tune": ("dcanets.tune", "search hyper-parameters with Ray Tune + Optuna, logged to MLflow"),
+    "curvature": ("dcanets.curvature", "estimate Hessian extremes of a model's loss and advise lr, rho, lambda"),
 }
 
 

@@ -1,0 +1,1 @@
+"""DC programs and the DCA loop (being written)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin decompositions: being written (see the open issues); no hooks yet."""

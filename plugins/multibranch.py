@@ -1,0 +1,1 @@
+"""Built-in plugin multibranch: being written (see the open issues); no hooks yet."""
