@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("dcanets.train", "train one timm model with any timm optimizer (DCA ones included)"),
     "tune": ("dcanets.tune", "search hyper-parameters with Ray Tune + Optuna, logged to MLflow"),
     "curvature": ("dcanets.curvature", "estimate Hessian extremes of a model's loss and advise lr, rho, lambda"),
+    "shortcut-prior": ("dcanets.shortcut_prior", "teacher-student, convex relaxation, deep linear and multi-branch experiments (papers 001, 002)"),
 }
 
 
