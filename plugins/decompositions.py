@@ -1,1 +1,31 @@
-"""Built-in plugin decompositions: being written (see the open issues); no hooks yet."""
+"""Built-in plugin: the network-loss DC decompositions of paper 000 as timm optimizers.
+
+After ``import dcanets``, ``timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.1, rho=0.0)``
+builds one (and ``lookahead_dcacounter`` wraps it). Those with ``needs_closure`` must be prepared
+with ``dcanets.dca.optimizers.prepare(optimizer, model)`` and stepped with a closure.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from timm.optim import OptimInfo
+
+from dcanets.dca import optimizers as dca
+from dcanets.hookspecs import hookimpl
+
+_DESCRIPTIONS = {
+    "dcal2": "DCA with G1 = lam*L2 (paper 000, eq. 9): SGD with lr = 1/lam",
+    "dcaprox": "proximal DCA, G = L + rho*L2, K inner gradient steps (needs a closure)",
+    "dcacounter": "DCA with the counter loss L'_-1 (paper 000, eqs. 12, 19; needs a closure)",
+    "dcaquasihalf": "quasi-DCA with L'_1/2 (paper 000, eq. 23; ResNet gradient; needs a closure)",
+    "dcaquasineghalf": "quasi-DCA with L'_-1/2 (paper 000, eq. 26; NegNet; needs a closure)",
+}
+
+
+@hookimpl
+def dcanets_register_decompositions() -> List[OptimInfo]:
+    return [
+        OptimInfo(name=name, opt_class=cls, description=_DESCRIPTIONS[name],
+                  has_eps=False, has_momentum=True)
+        for name, cls in dca.DECOMPOSITIONS.items()
+    ]
