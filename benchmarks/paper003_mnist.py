@@ -1,0 +1,118 @@
+"""Paper 003, section 5: double_resnet_mnist on MNIST, 12 epochs, no explicit regularization.
+
+Trains with the project's one engine (``dcanets.train.train``) on the MNIST training tar with a
+fixed-seed validation split, logs train/validation accuracy per epoch next to the paper's final
+97.91% (train) / 97.58% (test), and evaluates any held-out image-folder tar given as
+``--eval-data``. ``--select`` first picks optimizer and learning rate on the validation split
+from a few one-epoch trials on a subset (never on held-out data). The JSON is rewritten after
+every epoch, so a long run in the background can be watched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, figure_path, parse_args, progress, write_result
+from dcanets.train import TrainConfig, train
+
+MNIST = "/work/shared/data/mnist/train.tar"
+PAPER = {"train_acc": 0.9791, "test_acc": 0.9758, "epochs": 12}
+CANDIDATES = [("adam", 3e-3), ("adam", 1e-3), ("sgd", 0.1)]
+
+
+def extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=MNIST, help="MNIST image-folder tar or directory")
+    p.add_argument("--eval-data", default=None, help="held-out image-folder tar/dir evaluated at the end")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="at most this many training images")
+    p.add_argument("--opt", default="adam")
+    p.add_argument("--lr", type=float, default=3e-3, help="default: the --select winner")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--select", action="store_true", help="choose opt/lr on the validation split first")
+    p.add_argument("--select-limit", type=int, default=3000)
+    p.add_argument("--output", default=None, help="checkpoint directory (resume with the same command)")
+
+
+def config(args: argparse.Namespace, opt: str, lr: float, epochs: int, limit) -> TrainConfig:
+    return TrainConfig(model="double_resnet_mnist", data=args.data, eval_data=None, val_fraction=0.1,
+                       limit=limit, opt=opt, lr=lr, momentum=0.9, weight_decay=0.0, sched="cosine",
+                       epochs=epochs, batch_size=args.batch_size, seed=args.seed, device="auto",
+                       augment=False, output=args.output)
+
+
+def select(args: argparse.Namespace) -> list:
+    """One epoch per candidate on ``--select-limit`` images; ranked by validation accuracy."""
+    trials = []
+    for opt, lr in CANDIDATES:
+        cfg = config(args, opt, lr, 1, args.select_limit)
+        cfg.output = None
+        res = train(cfg, progress=False)
+        trials.append({"opt": opt, "lr": lr, "val_acc": res["val_acc"], "train_images": res["train_images"],
+                       "val_images": res["val_images"], "epochs": 1})
+        progress(f"select {opt} lr={lr}: val_acc {res['val_acc']:.4f}")
+    return sorted(trials, key=lambda t: -t["val_acc"])
+
+
+def plot(history: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ep, [h["train_acc"] for h in history], "o-", label="train (running, this run)")
+    ax.plot(ep, [h["val_acc"] for h in history], "s-", label="validation (this run)")
+    ax.axhline(PAPER["train_acc"], color="C0", ls=":", label="paper train 97.91%")
+    ax.axhline(PAPER["test_acc"], color="C1", ls=":", label="paper test 97.58%")
+    ax.set_xlabel("epoch"), ax.set_ylabel("accuracy"), ax.set_title("double_resnet_mnist")
+    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], extra)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    epochs = args.epochs or (1 if args.quick else PAPER["epochs"])
+    limit = args.limit or (600 if args.quick else None)
+    opt, lr, trials = args.opt, args.lr, []
+    if args.select and not (args.output and (Path(args.output) / "last.pt").is_file()):
+        trials = select(args)
+        opt, lr = trials[0]["opt"], trials[0]["lr"]
+    cfg = config(args, opt, lr, epochs, limit)
+    cfg.eval_data = args.eval_data
+    name = "paper003_mnist"
+    out = args.out or RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
+    partial = out.with_suffix(".partial.json")
+    history = []
+    t0 = time.perf_counter()
+
+    def on_epoch(m: dict) -> None:
+        history.append(m)
+        progress(f"epoch {m['epoch']}: train_acc {m['train_acc']:.4f} val_acc {m['val_acc']:.4f} "
+                 f"{m['images_per_s']:.1f} img/s {m['epoch_seconds']:.0f}s")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"config": cfg.to_dict(), "history": history,
+                                       "elapsed_s": time.perf_counter() - t0}, indent=2, default=str))
+
+    ckpt = Path(args.output) / "last.pt" if args.output else None
+    resume = ckpt if ckpt is not None and ckpt.is_file() else None  # rerun the same command to resume
+    if resume:
+        progress(f"resuming from {resume}")
+    final = train(cfg, on_epoch=on_epoch, resume=resume, progress=False)
+    history = final.pop("history", history)  # includes epochs done before a resume
+    plot(history, figure_path(name, args.quick))
+    budget = {"epochs": epochs, "train_images": final["train_images"], "val_images": final["val_images"],
+              "batch_size": cfg.batch_size, "seed": cfg.seed, "opt": opt, "lr": lr, "sched": cfg.sched,
+              "weight_decay": 0.0, "augment": False, "wall_seconds": round(final["wall_seconds"], 1)}
+    write_result(name, args.quick, {"budget": budget, "paper": PAPER, "selection": trials,
+                                    "history": history, "final": final}, out)
+    partial.unlink(missing_ok=True)
+    print(f"final: train_acc {final['train_acc']:.4f} val_acc {final['val_acc']:.4f} "
+          f"(paper 0.9791 / 0.9758) eval: {final.get('eval_acc', 'n/a')} wall {final['wall_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
