@@ -2,7 +2,9 @@
 
 Forward + backward + SGD step, batch 64, 32x32 inputs, CPU. negnet18 vs timm's resnet18 and
 cifar_negnet56 vs cifar_resnet56, timed alternately in one run; the ratio is
-NegNet images/s over ResNet images/s (goal >= 0.97).
+NegNet images/s over ResNet images/s (goal >= 0.97). A third pair, cifar_negnet56 vs
+cifar_actresnet56 (same activation placement, act(F) +/- s), isolates the sign flip itself
+from the placement of the activation.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 import dcanets  # noqa: F401
 from common import alternate, median, parse_args, progress, write_result
 
-PAIRS = [("negnet18", "resnet18"), ("cifar_negnet56", "cifar_resnet56")]
+PAIRS = [("negnet18", "resnet18"), ("cifar_negnet56", "cifar_resnet56"),
+         ("cifar_negnet56", "cifar_actresnet56")]
 
 
 def step_fn(name: str, batch: int, steps: int):
@@ -32,7 +35,7 @@ def step_fn(name: str, batch: int, steps: int):
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     torch.manual_seed(args.seed)
-    rounds, steps, batch = (2, 1, 16) if args.quick else (7, 3, 64)
+    rounds, steps, batch = (2, 1, 16) if args.quick else (11, 3, 64)
     rows = []
     for neg, base in PAIRS:
         progress(f"timing {neg} vs {base}: {rounds} rounds x {steps} steps, batch {batch}")
