@@ -20,6 +20,13 @@ from typing import Any, Callable, Dict, List, Sequence
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def shared_data(relpath: str) -> str:
+    """A data set from the workplace's shared folder, which sits beside the repository
+    (``<repo>/../shared/data``); ``$DCANETS_SHARED_DATA`` points elsewhere."""
+    root = os.environ.get("DCANETS_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    return str(Path(root) / relpath)
+
+
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     mode = parser.add_mutually_exclusive_group()

@@ -1,6 +1,6 @@
 """Data pipeline share of training step time, with the decode-once uint8 cache (goal < 10%).
 
-CIFAR-10 training tar (``/work/shared/data/cifar10/train.tar``, or ``--data``; a generated set
+CIFAR-10 training tar (``../shared/data/cifar10/train.tar`` beside the repo, or ``--data``; a generated set
 when it is missing), batch 128, pad-4 crop + flip + per-channel normalization on whole batches,
 cifar_resnet20 (and cifar_resnet56 in full mode) trained by the engine (``dcanets.train``), SGD,
 one torch thread. Reports:
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from common import figure_path, median, parse_args, peak_rss_mb, progress, write_result
+from common import figure_path, shared_data, median, parse_args, peak_rss_mb, progress, write_result
 
-DEFAULT_DATA = "/work/shared/data/cifar10/train.tar"
+DEFAULT_DATA = shared_data("cifar10/train.tar")
 
 
 def extra(parser) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, figure_path, parse_args, progress, write_result
+from common import RESULTS, figure_path, shared_data, parse_args, progress, write_result
 from dcanets.train import TrainConfig, train
 
-MNIST = "/work/shared/data/mnist/train.tar"
+MNIST = shared_data("mnist/train.tar")
 PAPER = {"train_acc": 0.9791, "test_acc": 0.9758, "epochs": 12}
 CANDIDATES = [("adam", 3e-3), ("adam", 1e-3), ("sgd", 0.1)]
 

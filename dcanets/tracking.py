@@ -34,6 +34,15 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def artifact_location(uri: str) -> Optional[str]:
+    """Artifacts of a SQLite store go beside the database; MLflow's default would be ``./mlruns``
+    under whatever directory the search was started from. Servers choose their own."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
+    return None
+
+
 def _client(uri: str):
     import logging
 
@@ -66,7 +75,8 @@ class SearchTracker(Callback):
     # -- parent run -------------------------------------------------------------------------
     def start(self, params: Dict[str, Any], config_path: Path, tags: Dict[str, str]) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            self.experiment, artifact_location=artifact_location(self.uri))
         if self.parent_id:  # resumed search: same parent run, running again
             self.client.update_run(self.parent_id, status="RUNNING")
             self._close_stale_children()

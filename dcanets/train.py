@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dcanets import data as data_mod
+from dcanets.plugins import did_you_mean
 
 EpochCallback = Callable[[Dict[str, Any]], None]
 
@@ -95,23 +96,23 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.M
     import dcanets  # noqa: F401  (registers plugin models in this process, e.g. a Ray worker)
 
     if not timm.is_model(cfg.model):
-        close = timm.list_models(f"*{cfg.model.split('_')[-1]}*")[:8]
-        raise ValueError(f"unknown model '{cfg.model}'" + (f"; similar: {', '.join(close)}" if close else
-                                                          "; `dcanets models` lists dcanets' models"))
+        raise ValueError(f"unknown model '{cfg.model}'{did_you_mean(cfg.model, timm.list_models())}"
+                         "; `timm.list_models()` and `dcanets models` list the known names")
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg.model_kwargs}
     return timm.create_model(cfg.model, **kwargs)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``create_optimizer_v2`` by registry name; momentum only for optimizers that take it."""
-    from timm.optim import create_optimizer_v2, get_optimizer_info
+    from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
     import dcanets  # noqa: F401  (registers the decompositions into timm's optimizer registry)
 
     try:
         info = get_optimizer_info(cfg.opt.lower().split("_")[-1])
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"unknown optimizer '{cfg.opt}': {exc}") from None
+    except (ValueError, KeyError):
+        raise ValueError(f"unknown optimizer '{cfg.opt}'{did_you_mean(cfg.opt, list_optimizers())}; "
+                         "`timm.optim.list_optimizers()` lists the known names") from None
     kwargs: Dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if info.has_momentum:
         kwargs["momentum"] = cfg.momentum

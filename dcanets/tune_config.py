@@ -356,14 +356,13 @@ def check_registries(spec: TuneSpec) -> None:
 
 
 def _near(name: str, known: Optional[set]) -> str:
-    import difflib
+    from dcanets.plugins import did_you_mean
 
     if known is None:
         import timm
 
         known = set(timm.list_models())
-    close = difflib.get_close_matches(str(name), sorted(known), n=4)
-    return f"; did you mean: {', '.join(close)}" if close else ""
+    return did_you_mean(name, known)
 
 
 class DefineByRun:

@@ -166,9 +166,12 @@ def ray_local():
 
 
 @pytest.mark.slow
-def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys):
+def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monkeypatch):
     from dcanets.cli import main
     from dcanets.train import TrainConfig
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # artifacts must not land in the caller's directory
 
     # timm's sgd is Nesterov: momentum 0 makes a trial crash, which must end as a FAILED run
     cfg = write_config(tmp_path, space={"momentum": {"type": "choice", "values": [0.0, 0.9]}},
@@ -194,6 +197,8 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys):
     assert [m.step for m in history][0] == 1  # per-epoch metrics, step = epoch
     assert "config.yaml" in [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert "best_val_acc" in parents[0].data.metrics
+    assert parents[0].info.artifact_uri.startswith((tmp_path / "out" / "mlartifacts").as_uri())
+    assert not (tmp_path / "cwd" / "mlruns").exists()
 
 
 @pytest.mark.slow
