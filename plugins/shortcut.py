@@ -66,16 +66,26 @@ def merge(
 
 
 class ShortcutMixin:
-    """Adds the three shortcut arguments to a timm block and routes its last step to merge()."""
+    """Adds the three shortcut arguments to a timm block and routes its last step to merge().
 
-    def _init_shortcut(self, shortcut_alpha: float, act_placement: str, shortcut_grad_only: bool) -> None:
+    A subclass names its final activation (``last_act``) and defines ``residual(x)``, the
+    block's F(x) up to, not including, the addition.
+    """
+
+    last_act: str
+
+    def __init__(self, *args: Any, shortcut_alpha: float = 1.0, act_placement: str = "after_add",
+                 shortcut_grad_only: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         check_shortcut_args(shortcut_alpha, act_placement)
         self.shortcut_alpha = float(shortcut_alpha)
         self.act_placement = act_placement
         self.shortcut_grad_only = bool(shortcut_grad_only)
 
-    def _shortcut(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-        return lambda: x if self.downsample is None else self.downsample(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = (lambda: x) if self.downsample is None else (lambda: self.downsample(x))
+        return merge(self.residual(x), shortcut, getattr(self, self.last_act), self.shortcut_alpha,
+                     self.act_placement, self.shortcut_grad_only)
 
     def extra_repr(self) -> str:
         return (f"shortcut_alpha={self.shortcut_alpha}, act_placement={self.act_placement}, "
@@ -83,46 +93,28 @@ class ShortcutMixin:
 
 
 class ShortcutBasicBlock(ShortcutMixin, BasicBlock):
-    def __init__(self, *args: Any, shortcut_alpha: float = 1.0, act_placement: str = "after_add",
-                 shortcut_grad_only: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_shortcut(shortcut_alpha, act_placement, shortcut_grad_only)
+    last_act = "act2"
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """F(x): timm's BasicBlock up to, not including, the addition."""
+        """F(x): timm's BasicBlock up to the addition."""
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
         x = self.bn2(self.conv2(x))
         if self.se is not None:
             x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return merge(self.residual(x), self._shortcut(x), self.act2, self.shortcut_alpha,
-                     self.act_placement, self.shortcut_grad_only)
+        return x if self.drop_path is None else self.drop_path(x)
 
 
 class ShortcutBottleneck(ShortcutMixin, Bottleneck):
-    def __init__(self, *args: Any, shortcut_alpha: float = 1.0, act_placement: str = "after_add",
-                 shortcut_grad_only: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_shortcut(shortcut_alpha, act_placement, shortcut_grad_only)
+    last_act = "act3"
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """F(x): timm's Bottleneck up to, not including, the addition."""
+        """F(x): timm's Bottleneck up to the addition."""
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
         x = self.bn3(self.conv3(x))
         if self.se is not None:
             x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return merge(self.residual(x), self._shortcut(x), self.act3, self.shortcut_alpha,
-                     self.act_placement, self.shortcut_grad_only)
+        return x if self.drop_path is None else self.drop_path(x)
 
 
 # family -> block arguments; the catalogue of the family in one table

@@ -1,0 +1,124 @@
+"""Paper 000's headline on CIFAR-10: NegNet vs ResNet vs plain, and DCA on plain networks.
+
+Three experiments, each one command, all through the one training engine
+(``dcanets.train.train``) on the CIFAR-10 training tar, split 45k/5k with a fixed seed
+(selection on validation only), pad-4 crop + flip, per-channel normalization:
+
+* ``depth``: He et al. 2015 protocol scaled to the machine: cifar_{plainnet,resnet,negnet}
+  at depths 20 and 56 and the gradient-only cifar_gradnet56; momentum SGD lr 0.1, wd 1e-4.
+* ``resnet18``: the 3x3-stem 18-layer nets with the authors' recipe (lr 0.1, momentum 0.9,
+  wd 5e-4, cosine, batch 128): cifar_negnet18 against both ResNet baselines (timm's
+  post-activation cifar_resnet18 and the authors' act-before-add cifar_actresnet18).
+* ``dca``: cifar_plainnet56 with dcacounter / dcaquasihalf / dcaquasineghalf against SGD on
+  cifar_plainnet56 and cifar_resnet56 (``--dca-kwargs`` carries the searched rho/lam).
+
+Every run checkpoints each epoch under ``--runs`` (git-ignored), so re-running the same command
+resumes unfinished runs and skips finished ones; the JSON and PNG in benchmarks/results/ are
+rewritten after every run. ``--quick`` (CI): 128 training images, 1 epoch, one seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from common import figure_path, parse_args, progress, shared_data, write_result
+from dcanets.train import TrainConfig, parse_kv, train
+
+SGD = dict(opt="momentum", lr=0.1, momentum=0.9, sched="cosine", batch_size=128)
+RECIPES = {"depth": dict(SGD, weight_decay=1e-4), "resnet18": dict(SGD, weight_decay=5e-4),
+           "dca": dict(SGD, weight_decay=1e-4)}
+ARMS = {  # experiment -> (model, optimizer or None for the recipe's)
+    "depth": [(f"cifar_{f}{d}", None) for d in (20, 56) for f in ("plainnet", "resnet", "negnet")]
+             + [("cifar_gradnet56", None)],
+    "resnet18": [("cifar_resnet18", None), ("cifar_actresnet18", None), ("cifar_negnet18", None)],
+    "dca": [("cifar_plainnet56", None), ("cifar_resnet56", None), ("cifar_plainnet56", "dcacounter"),
+            ("cifar_plainnet56", "dcaquasihalf"), ("cifar_plainnet56", "dcaquasineghalf")],
+}
+
+
+def extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", choices=sorted(ARMS), nargs="+", default=sorted(ARMS))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--limit", type=int, default=None, help="at most this many training images")
+    p.add_argument("--data", default=shared_data("cifar10/train.tar"))
+    p.add_argument("--eval-data", default=None, help="held-out image-folder tar/dir, evaluated at the end")
+    p.add_argument("--runs", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "cifar10",
+                   help="checkpoints, one folder per run (never committed)")
+    p.add_argument("--dca-kwargs", type=parse_kv, default={"rho": 0.005},
+                   help="opt_kwargs of the DCA arms, e.g. 'rho=0.004' (from dca_rho_lambda.yaml)")
+
+
+def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str | None, seed: int) -> TrainConfig:
+    recipe = dict(RECIPES[experiment])
+    if opt:
+        recipe.update(opt=opt, opt_kwargs=dict(args.dca_kwargs))
+    name = f"{model}-{recipe['opt']}-s{seed}"
+    return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1,
+                       limit=args.limit, epochs=args.epochs, seed=seed,
+                       output=str(args.runs / experiment / name), **recipe)
+
+
+def one_run(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train (or resume, or just read) one run; its metrics.json is the record."""
+    out = Path(cfg.output)
+    record = out / "metrics.json"
+    if record.exists() and json.loads(record.read_text())["final"]["epoch"] >= cfg.epochs:
+        progress(f"done already: {out.name}")
+    else:
+        progress(f"training {out.name}: {cfg.epochs} epochs")
+        train(cfg, resume=out / "last.pt" if (out / "last.pt").exists() else None, progress=False)
+    doc = json.loads(record.read_text())
+    hist = doc["history"]
+    data_share = sum(h["data_seconds"] for h in hist) / sum(h["epoch_seconds"] for h in hist)
+    return {"model": cfg.model, "opt": cfg.opt, "seed": cfg.seed, "opt_kwargs": cfg.opt_kwargs,
+            "final": {k: doc["final"].get(k) for k in ("val_acc", "best_val_acc", "train_loss", "train_acc",
+                                                       "eval_acc", "num_params", "diverged")},
+            "images_per_s": sum(h["images_per_s"] for h in hist) / len(hist), "data_share": data_share,
+            "wall_seconds": sum(h["epoch_seconds"] for h in hist),
+            "curves": {k: [h[k] for h in hist] for k in ("train_loss", "val_acc")}}
+
+
+def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        label = f"{r['model']} {r['opt']} s{r['seed']}"
+        ax1.plot(range(1, len(r["curves"]["train_loss"]) + 1), r["curves"]["train_loss"], label=label)
+        ax2.plot(range(1, len(r["curves"]["val_acc"]) + 1), r["curves"]["val_acc"], label=label)
+    ax1.set(xlabel="epoch", ylabel="training loss", yscale="log", title=title)
+    ax2.set(xlabel="epoch", ylabel="validation accuracy")
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], extra)
+    if args.quick:
+        args.limit, args.epochs, args.seeds = 128, 1, [0]
+        args.runs = args.runs.parent / "cifar10_quick"
+    for experiment in args.experiment:
+        rows = []
+        for model, opt in ARMS[experiment]:
+            for seed in args.seeds:
+                rows.append(one_run(run_config(args, experiment, model, opt, seed)))
+                print(f"{experiment:9s} {model:18s} {rows[-1]['opt']:16s} seed {seed}: val_acc "
+                      f"{rows[-1]['final']['val_acc']:.4f}  {rows[-1]['images_per_s']:.0f} img/s  "
+                      f"data {100 * rows[-1]['data_share']:.1f}%", flush=True)
+        budget = {"epochs": args.epochs, "seeds": args.seeds, "limit": args.limit, "val_fraction": 0.1,
+                  "data": Path(args.data).name, "recipe": RECIPES[experiment], "dca_kwargs": args.dca_kwargs}
+        name = f"cifar10_{experiment}"
+        plot(rows, figure_path(name, args.quick), f"CIFAR-10 {experiment}, {args.epochs} epochs")
+        write_result(name, args.quick, {"budget": budget, "runs": rows},
+                     None if args.out is None else args.out.with_name(f"{name}.json"))
+
+
+if __name__ == "__main__":
+    main()
