@@ -14,7 +14,8 @@ Three experiments, each one command, all through the one training engine
 
 Every run checkpoints each epoch under ``--runs`` (git-ignored), so re-running the same command
 resumes unfinished runs and skips finished ones; the JSON and PNG in benchmarks/results/ are
-rewritten after every run. ``--quick`` (CI): 128 training images, 1 epoch, one seed.
+rewritten after every experiment (``--out results/_pilot.json`` writes
+``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). ``--quick`` (CI): 128 training images, 1 epoch, one seed.
 """
 from __future__ import annotations
 
@@ -115,9 +116,10 @@ def main() -> None:
         budget = {"epochs": args.epochs, "seeds": args.seeds, "limit": args.limit, "val_fraction": 0.1,
                   "data": Path(args.data).name, "recipe": RECIPES[experiment], "dca_kwargs": args.dca_kwargs}
         name = f"cifar10_{experiment}"
-        plot(rows, figure_path(name, args.quick), f"CIFAR-10 {experiment}, {args.epochs} epochs")
-        write_result(name, args.quick, {"budget": budget, "runs": rows},
-                     None if args.out is None else args.out.with_name(f"{name}.json"))
+        out = None if args.out is None else args.out.with_name(f"{name}{args.out.stem}.json")
+        plot(rows, out.with_suffix(".png") if out else figure_path(name, args.quick),
+             f"CIFAR-10 {experiment}, {args.epochs} epochs")
+        write_result(name, args.quick, {"budget": budget, "runs": rows}, out)
 
 
 if __name__ == "__main__":
