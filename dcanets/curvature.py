@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -99,14 +99,17 @@ def lanczos(matvec: Matvec, dim: int, steps: int = 30, seed: int = 0,
     return values, vectors[0] ** 2
 
 
-class _FrozenBuffers:
-    """BatchNorm statistics must not move while the Hessian is probed."""
+class FrozenBuffers:
+    """Snapshot a model's buffers (BatchNorm statistics) and restore them on exit, so extra
+    forward passes (Hessian probes, a DCA step's additional loss evaluations) leave no trace."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: Optional[torch.nn.Module]) -> None:
+        self.model, self.saved = model, []
 
-    def __enter__(self):
-        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+    def __enter__(self) -> "FrozenBuffers":
+        if self.model is not None:
+            self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
 
     def __exit__(self, *exc) -> None:
         with torch.no_grad():
@@ -131,7 +134,7 @@ def loss_hessian_operator(model: torch.nn.Module, loss_fn: Callable, inputs: tor
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         vec = [c.view(s).to(p.dtype) for c, s, p in zip(torch.split(v, sizes), shapes, params)]
-        with _FrozenBuffers(model):
+        with FrozenBuffers(model):
             out = hvp(closure, params, vec)
         return torch.cat([h.reshape(-1) for h in out]).to(v.dtype)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dcanets import data as data_mod
+from dcanets.dca.optimizers import prepare
 from dcanets.plugins import did_you_mean
 
 EpochCallback = Callable[[Dict[str, Any]], None]
@@ -122,15 +123,6 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
         raise ValueError(f"optimizer '{cfg.opt}' rejected its arguments {sorted({**kwargs, **cfg.opt_kwargs})}: {exc}") from None
 
 
-def _prepare(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
-    """True when the optimizer must be stepped with a closure (the DCA decompositions)."""
-    try:
-        from dcanets.dca.optimizers import prepare
-    except ImportError:  # the DCA module is optional for plain training
-        return False
-    return bool(prepare(optimizer, model))
-
-
 def _second_order(opt: str) -> bool:
     from timm.optim import get_optimizer_info
 
@@ -203,7 +195,7 @@ class _Run:
         seed_everything(cfg.seed)
         self.model = build_model(cfg, train.num_classes, train.in_chans).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
-        self.needs_closure = _prepare(self.optimizer, self.model)
+        self.needs_closure = prepare(self.optimizer, self.model)
         self.create_graph = _second_order(cfg.opt)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         # GradScaler cannot drive closure-stepped optimizers: those run in full precision

@@ -84,7 +84,7 @@ def test_cli_resume_takes_the_checkpoint_config(tmp_path, capsys):
 def test_closure_path_matches_plain_step(monkeypatch):
     """With SGD, stepping through a closure must give exactly the plain step's numbers."""
     plain = train(tiny(epochs=1))
-    monkeypatch.setattr(engine, "_prepare", lambda opt, model: True)
+    monkeypatch.setattr(engine, "prepare", lambda opt, model: True)
     closure = train(tiny(epochs=1))
     assert numbers(closure["history"]) == numbers(plain["history"])
 

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from dcanets.curvature import FrozenBuffers
 from dcanets.dca.counter import WHERE, CounterLoss
 
 
@@ -217,7 +218,7 @@ class _ClosureDCA(DCAOptimizer):
 
     def _frozen_buffers(self):
         """Extra evaluations must not move BatchNorm running statistics."""
-        return _FrozenBuffers(self._model)
+        return FrozenBuffers(self._model)
 
     @torch.no_grad()
     def _inner_solve(self, closure: Callable, a0: Grads) -> Grads:
@@ -251,23 +252,6 @@ class _ClosureDCA(DCAOptimizer):
         with torch.enable_grad():
             loss = closure()
         return loss, self._grads()
-
-
-class _FrozenBuffers:
-    """Snapshot the model's buffers (BatchNorm statistics) and restore them on exit."""
-
-    def __init__(self, model: Optional[torch.nn.Module]) -> None:
-        self.model, self.saved = model, []
-
-    def __enter__(self):
-        if self.model is not None:
-            self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with torch.no_grad():
-            for b, v in self.saved:
-                b.copy_(v)
 
 
 class DcaProx(_ClosureDCA):
