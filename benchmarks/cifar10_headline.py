@@ -20,6 +20,7 @@ rewritten after every experiment (``--out results/_pilot.json`` writes
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -28,8 +29,13 @@ from common import figure_path, parse_args, progress, shared_data, write_result
 from dcanets.train import TrainConfig, parse_kv, train
 
 SGD = dict(opt="momentum", lr=0.1, momentum=0.9, sched="cosine", batch_size=128)
-RECIPES = {"depth": dict(SGD, weight_decay=1e-4), "resnet18": dict(SGD, weight_decay=5e-4),
-           "dca": dict(SGD, weight_decay=1e-4)}
+# depth and dca share one recipe (He et al.: wd 1e-4, with a short warm-up so the 56-layer nets
+# can start at lr 0.1); resnet18 is the authors' recipe as published, without warm-up.
+DEPTH = dict(SGD, weight_decay=1e-4, warmup_epochs=0.5)
+RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPTH}
+# folder of each experiment's runs: the dca experiment's SGD arms *are* the depth study's
+# plain56/resnet56 runs (same recipe and budget), so they are trained once
+RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18"}
 ARMS = {  # experiment -> (model, optimizer or None for the recipe's)
     "depth": [(f"cifar_{f}{d}", None) for d in (20, 56) for f in ("plainnet", "resnet", "negnet")]
              + [("cifar_gradnet56", None)],
@@ -43,29 +49,36 @@ def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", choices=sorted(ARMS), nargs="+", default=sorted(ARMS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--only", nargs="+", default=["*"], metavar="PATTERN",
+                   help="train only runs whose name (model-opt) matches, e.g. '*dcacounter' "
+                        "(to split one experiment over processes; the result file is written by an unfiltered call)")
     p.add_argument("--limit", type=int, default=None, help="at most this many training images")
+    p.add_argument("--val-limit", type=int, default=5000, help="validation images (the whole 5k by default)")
     p.add_argument("--data", default=shared_data("cifar10/train.tar"))
     p.add_argument("--eval-data", default=None, help="held-out image-folder tar/dir, evaluated at the end")
     p.add_argument("--runs", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "cifar10",
                    help="checkpoints, one folder per run (never committed)")
     p.add_argument("--dca-kwargs", type=parse_kv, default={"rho": 0.005},
                    help="opt_kwargs of the DCA arms, e.g. 'rho=0.004' (from dca_rho_lambda.yaml)")
+    p.add_argument("--dca-lr", type=float, default=None, help="lr (= 1/lambda) of the DCA arms (default: the recipe's)")
 
 
 def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str | None, seed: int) -> TrainConfig:
     recipe = dict(RECIPES[experiment])
     if opt:
-        recipe.update(opt=opt, opt_kwargs=dict(args.dca_kwargs))
+        recipe.update(opt=opt, opt_kwargs=dict(args.dca_kwargs), lr=args.dca_lr or recipe["lr"])
     name = f"{model}-{recipe['opt']}-s{seed}"
-    return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1,
-                       limit=args.limit, epochs=args.epochs, seed=seed,
-                       output=str(args.runs / experiment / name), **recipe)
+    return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1, split_seed=0,
+                       limit=args.limit, val_limit=args.val_limit, epochs=args.epochs, seed=seed,
+                       output=str(args.runs / RUN_GROUP[experiment] / name), **recipe)
 
 
 def one_run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train (or resume, or just read) one run; its metrics.json is the record."""
     out = Path(cfg.output)
     record = out / "metrics.json"
+    if record.exists():
+        _same_budget(json.loads(record.read_text()).get("config", {}), cfg)
     if record.exists() and json.loads(record.read_text())["final"]["epoch"] >= cfg.epochs:
         progress(f"done already: {out.name}")
     else:
@@ -73,13 +86,22 @@ def one_run(cfg: TrainConfig) -> Dict[str, Any]:
         train(cfg, resume=out / "last.pt" if (out / "last.pt").exists() else None, progress=False)
     doc = json.loads(record.read_text())
     hist = doc["history"]
-    data_share = sum(h["data_seconds"] for h in hist) / sum(h["epoch_seconds"] for h in hist)
+    data_share = sum(h["data_seconds"] for h in hist) / sum(h["train_seconds"] for h in hist)
     return {"model": cfg.model, "opt": cfg.opt, "seed": cfg.seed, "opt_kwargs": cfg.opt_kwargs,
             "final": {k: doc["final"].get(k) for k in ("val_acc", "best_val_acc", "train_loss", "train_acc",
                                                        "eval_acc", "num_params", "diverged")},
             "images_per_s": sum(h["images_per_s"] for h in hist) / len(hist), "data_share": data_share,
             "wall_seconds": sum(h["epoch_seconds"] for h in hist),
             "curves": {k: [h[k] for h in hist] for k in ("train_loss", "val_acc")}}
+
+
+def _same_budget(saved: Dict[str, Any], cfg: TrainConfig) -> None:
+    """A run folder belongs to one config: reusing it under another budget would mix results."""
+    wanted = cfg.to_dict()
+    diff = [k for k in saved if k not in ("output", "eval_data", "data") and saved[k] != wanted.get(k)]
+    if diff:
+        raise SystemExit(f"{cfg.output} was trained with a different config ({', '.join(diff)}); "
+                         "pass another --runs directory for this budget")
 
 
 def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
@@ -103,17 +125,21 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.quick:
-        args.limit, args.epochs, args.seeds = 128, 1, [0]
+        args.limit, args.val_limit, args.epochs, args.seeds = 128, 64, 1, [0]
         args.runs = args.runs.parent / "cifar10_quick"
     for experiment in args.experiment:
         rows = []
         for model, opt in ARMS[experiment]:
             for seed in args.seeds:
-                rows.append(one_run(run_config(args, experiment, model, opt, seed)))
+                cfg = run_config(args, experiment, model, opt, seed)
+                if not any(fnmatch.fnmatch(f"{cfg.model}-{cfg.opt}", p) for p in args.only):
+                    continue
+                rows.append(one_run(cfg))
                 print(f"{experiment:9s} {model:18s} {rows[-1]['opt']:16s} seed {seed}: val_acc "
                       f"{rows[-1]['final']['val_acc']:.4f}  {rows[-1]['images_per_s']:.0f} img/s  "
                       f"data {100 * rows[-1]['data_share']:.1f}%", flush=True)
-        budget = {"epochs": args.epochs, "seeds": args.seeds, "limit": args.limit, "val_fraction": 0.1,
+        budget = {"epochs": args.epochs, "seeds": args.seeds, "limit": args.limit, "val_limit": args.val_limit,
+                  "split_seed": 0, "dca_lr": args.dca_lr,
                   "data": Path(args.data).name, "recipe": RECIPES[experiment], "dca_kwargs": args.dca_kwargs}
         name = f"cifar10_{experiment}"
         out = None if args.out is None else args.out.with_name(f"{name}{args.out.stem}.json")

@@ -342,13 +342,14 @@ def _fully_cached(path: Path) -> bool:
     return str(full) in _MEMORY or full.is_file()
 
 
-def split_indices(n: int, val_fraction: float, seed: int = 0,
-                  limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def split_indices(n: int, val_fraction: float, seed: int = 0, limit: Optional[int] = None,
+                  val_limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """A fixed-seed train/validation split of ``range(n)``.
 
     ``limit`` caps the training part at ``limit`` images and shrinks the validation part in
-    proportion; both are prefixes of the unlimited split, so a quick run validates on a subset
-    of the full run's validation images.
+    proportion unless ``val_limit`` caps it instead (a small training budget can still be judged
+    on the whole validation set); both are prefixes of the unlimited split, so a quick run
+    validates on a subset of the full run's validation images.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -358,18 +359,23 @@ def split_indices(n: int, val_fraction: float, seed: int = 0,
     if limit is not None:
         if limit <= 0:
             raise ValueError(f"limit must be a positive number of images, got {limit}")
-        val = val[: int(np.ceil(limit * val_fraction / (1 - val_fraction)))] if limit < len(train) else val
+        if val_limit is None and limit < len(train):
+            val = val[: int(np.ceil(limit * val_fraction / (1 - val_fraction)))]
         train = train[:limit]
+    if val_limit is not None:
+        if val_limit <= 0:
+            raise ValueError(f"val_limit must be a positive number of images, got {val_limit}")
+        val = val[:val_limit]
     return train, val
 
 
 def load_split(spec: str, val_fraction: float = 0.1, seed: int = 0, limit: Optional[int] = None,
-               progress: bool = True) -> Tuple[ImageData, ImageData]:
+               progress: bool = True, val_limit: Optional[int] = None) -> Tuple[ImageData, ImageData]:
     """Train and validation sets of ``spec``; with ``limit`` only the needed images are decoded."""
     n = source_size(spec)
-    train, val = split_indices(n, val_fraction, seed, limit)
+    train, val = split_indices(n, val_fraction, seed, limit, val_limit)
     path_spec = spec not in ("digits",) and not spec.startswith("synthetic")
-    if limit is None or len(train) + len(val) >= n or (path_spec and _fully_cached(Path(spec).expanduser())):
+    if (limit is None and val_limit is None) or len(train) + len(val) >= n or (path_spec and _fully_cached(Path(spec).expanduser())):
         full = load(spec, progress=progress)
         return full.subset(train), full.subset(val)
     wanted = torch.cat([train, val])

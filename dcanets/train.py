@@ -38,13 +38,16 @@ class TrainConfig:
     data: str = "digits"              # digits | synthetic[:N] | image-folder dir or .tar | torchvision dir
     eval_data: Optional[str] = None   # held-out image-folder dir/tar, evaluated at the end
     val_fraction: float = 0.1
+    split_seed: Optional[int] = None  # seed of the train/validation split (None: ``seed``)
     limit: Optional[int] = None       # use at most this many training images (quick runs)
+    val_limit: Optional[int] = None   # at most this many validation images (None: in proportion to limit)
     opt: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     opt_kwargs: Dict[str, Any] = field(default_factory=dict)  # to create_optimizer_v2, e.g. rho, lam
     sched: str = "cosine"             # cosine | step | none
+    warmup_epochs: float = 0.0        # linear lr warm-up from ~0, then the schedule over the rest
     epochs: int = 10
     batch_size: int = 128
     seed: int = 0
@@ -73,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -89,6 +94,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _split_seed(cfg: TrainConfig) -> int:
+    return cfg.seed if cfg.split_seed is None else int(cfg.split_seed)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
@@ -130,14 +139,22 @@ def _second_order(opt: str) -> bool:
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """A per-step LambdaLR: cosine to 0, step (x0.1 at 50% and 75%), or constant."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+    """A per-step LambdaLR: linear warm-up, then cosine to 0, step (x0.1 at 50% and 75%), or constant.
+
+    Warm-up is what lets deep nets start at lr 0.1 (He et al. 2015 warm ResNet-110 up at 0.01);
+    the schedule after it spans the remaining steps, so ``epochs`` stays the whole budget.
+    """
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = max(1, cfg.epochs * steps_per_epoch - warm)
 
     def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(step - warm, total)
         if cfg.sched == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+            return 0.5 * (1.0 + math.cos(math.pi * t / total))
         if cfg.sched == "step":
-            return 0.1 ** sum(step >= total * m for m in (0.5, 0.75))
+            return 0.1 ** sum(t >= total * m for m in (0.5, 0.75))
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -182,7 +199,8 @@ class _Run:
         self.device = resolve_device(cfg.device)
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         seed_everything(cfg.seed)
-        train, val = data_mod.load_split(cfg.data, cfg.val_fraction, cfg.seed, cfg.limit, progress=progress)
+        train, val = data_mod.load_split(cfg.data, cfg.val_fraction, _split_seed(cfg), cfg.limit,
+                                          val_limit=cfg.val_limit, progress=progress)
         if len(train) == 0:
             raise ValueError(f"no training images left in '{cfg.data}' after the validation split")
         self.train_data, self.val_data = train, val
@@ -398,6 +416,9 @@ HELP = {
     "data": "digits | synthetic[:N] | image-folder dir or .tar | torchvision CIFAR/MNIST dir",
     "eval_data": "held-out image-folder dir or .tar evaluated at the end",
     "val_fraction": "fraction held out for validation (fixed-seed split)",
+    "split_seed": "seed of the train/validation split (default: --seed); fix it to compare seeds on one split",
+    "val_limit": "at most this many validation images (default: in proportion to --limit)",
+    "warmup_epochs": "linear lr warm-up length in epochs (may be fractional)",
     "limit": "use at most this many training images", "opt": "timm optimizer registry name",
     "opt_kwargs": "extra optimizer kwargs, e.g. 'rho=0.01,lam=10' or JSON",
     "sched": "cosine | step | none", "device": "auto | cpu | cuda[:N]",

@@ -262,15 +262,18 @@ def _collect(grid, spec: tune_config.TuneSpec) -> List[Dict[str, Any]]:
     """One dict per trial: id, status, params, the per-epoch history and the best metric value."""
     out = []
     # statuses live on the Trial objects; ResultGrid lists results in the same order
-    statuses = [t.status for t in grid._experiment_analysis.trials]
-    for res, status in zip(grid, statuses):
+    trials = grid._experiment_analysis.trials
+    for res, trial in zip(grid, trials):
+        status = trial.status
         df = res.metrics_dataframe
         # an epoch re-run after an interruption appears twice in Tune's log: keep the last one
         hist = list({h.get("epoch"): h for h in (df.to_dict("records") if df is not None else [])}.values())
         vals = [h[spec.metric] for h in hist if tune_config.is_finite(h.get(spec.metric))]
         best = (max(vals) if spec.mode == "max" else min(vals)) if vals else float("nan")
         trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name
-        out.append({"trial_id": trial_id, "status": status, "params": res.config, "best": best,
+        # a trial stopped by time_budget_s before its first report has no result: take its
+        # sampled config from the Trial itself
+        out.append({"trial_id": trial_id, "status": status, "params": res.config or trial.config, "best": best,
                     "epochs": len(hist), "history": hist, "node_id": (res.metrics or {}).get("node_id"),
                     "checkpoint": res.checkpoint.path if res.checkpoint else None})
     return out

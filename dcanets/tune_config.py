@@ -28,16 +28,16 @@ import yaml
 TOP_KEYS = ("name", "description", "train", "space", "search_alg", "scheduler", "tune_config",
             "resources", "tracking")
 # The engine's contract (dcanets.train.TrainConfig); used when train.py cannot be imported.
-_CONTRACT_FIELDS = ("model", "model_kwargs", "data", "eval_data", "val_fraction", "limit", "opt",
-                    "lr", "momentum", "weight_decay", "opt_kwargs", "sched", "epochs",
-                    "batch_size", "seed", "device", "amp", "augment", "output")
+_CONTRACT_FIELDS = ("model", "model_kwargs", "data", "eval_data", "val_fraction", "split_seed", "limit",
+                    "val_limit", "opt", "lr", "momentum", "weight_decay", "opt_kwargs", "sched",
+                    "warmup_epochs", "epochs", "batch_size", "seed", "device", "amp", "augment", "output")
 NESTED_FIELDS = ("opt_kwargs", "model_kwargs")  # space names may address their keys: opt_kwargs.rho
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
 SCHEDULERS = {"asha": "ASHAScheduler", "fifo": "FIFOScheduler", "median": "MedianStoppingRule",
               "hyperband": "HyperBandScheduler"}
 SAMPLERS = ("TPESampler", "RandomSampler", "CmaEsSampler", "QMCSampler", "GPSampler")
-DERIVED = "@fraction"  # suffix of the sampled factor of a `times:` parameter (never a TrainConfig key)
+DERIVED = ":fraction"  # suffix of the sampled factor of a `times:` parameter (never a TrainConfig key)
 
 
 def train_fields() -> tuple:

@@ -1,5 +1,6 @@
 """The training engine: learning, determinism, exact resume, callbacks, CLI and config errors."""
 import json
+import math
 
 import pytest
 import torch
@@ -49,6 +50,33 @@ def test_same_seed_same_numbers_on_cpu():
     assert numbers(a["history"]) == numbers(b["history"])
     c = train(tiny(seed=1))
     assert numbers(c["history"]) != numbers(a["history"])
+
+
+def test_warmup_ramps_linearly_then_the_schedule_spans_the_rest():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    cfg = tiny(epochs=3, warmup_epochs=0.5, sched="cosine")
+    sched = engine.build_scheduler(cfg, opt, steps_per_epoch=10)  # 5 warm-up steps, 25 cosine steps
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:6] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    assert lrs[5 + 12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 25)))
+    assert lrs[-1] < 0.01
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        train(tiny(epochs=2, warmup_epochs=2))
+
+
+def test_split_seed_fixes_validation_across_training_seeds_and_val_limit_keeps_it_whole():
+    a = engine._Run(tiny(seed=0, split_seed=0, limit=50), progress=False)
+    b = engine._Run(tiny(seed=1, split_seed=0, limit=50), progress=False)
+    assert torch.equal(a.val_data.images, b.val_data.images)
+    c = engine._Run(tiny(seed=1, limit=50), progress=False)  # split_seed None: the run's seed
+    assert not torch.equal(a.val_data.images, c.val_data.images)
+    whole = engine._Run(tiny(limit=50, val_limit=10_000), progress=False)
+    assert len(a.val_data) == 6 and len(whole.val_data) == round(0.1 * 1797)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -6,6 +6,7 @@ interrupted search runs in a subprocess that joins it with ``--address``.
 """
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -149,7 +150,7 @@ def test_define_by_run_conditions_and_fractions():
             lam, rho = values["opt_kwargs.lam"], values["opt_kwargs.rho"]
             assert 0.1 * lam <= rho <= 0.5 * lam  # rho as a fraction of lam
     assert seen == {"sgd", "dcacounter"}
-    cfg = tune_config.trial_train_config({"opt_kwargs": {"eps": 1}}, {"opt_kwargs.rho@fraction": 0.2,
+    cfg = tune_config.trial_train_config({"opt_kwargs": {"eps": 1}}, {"opt_kwargs.rho:fraction": 0.2,
                                                                       "opt_kwargs.rho": 0.5, "lr": 0.1})
     assert cfg == {"opt_kwargs": {"eps": 1, "rho": 0.5}, "lr": 0.1}
 
@@ -174,9 +175,13 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path / "cwd")  # artifacts must not land in the caller's directory
 
     # timm's sgd is Nesterov: momentum 0 makes a trial crash, which must end as a FAILED run
-    cfg = write_config(tmp_path, space={"momentum": {"type": "choice", "values": [0.0, 0.9]}},
-                       search_alg={"points_to_evaluate": [{"lr": 0.05, "momentum": 0.0},
-                                                          {"lr": 0.05, "momentum": 0.9}]})
+    # weight_decay = fraction * lr: the sampled fraction is logged too, under a name MLflow accepts
+    space = {"momentum": {"type": "choice", "values": [0.0, 0.9]},
+             "weight_decay": {"type": "loguniform", "low": 1e-3, "high": 1e-2, "times": "lr"}}
+    cfg = write_config(tmp_path, space=space,
+                       search_alg={"points_to_evaluate": [
+                           {"lr": 0.05, "momentum": 0.0, "weight_decay:fraction": 0.01},
+                           {"lr": 0.05, "momentum": 0.9, "weight_decay:fraction": 0.01}]})
     assert main(["tune", str(cfg), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "tiny: 3 trials" in out and "FAILED" in out
@@ -193,12 +198,30 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     ok = [c for c in children if c.info.status == "FINISHED"]
     assert all("lr" in c.data.params and "final_checkpoint" in c.data.tags for c in ok)
+    for c in children:
+        p = c.data.params
+        assert float(p["weight_decay"]) == pytest.approx(float(p["weight_decay:fraction"]) * float(p["lr"]))
     history = client.get_metric_history(ok[0].info.run_id, "val_acc")
     assert [m.step for m in history][0] == 1  # per-epoch metrics, step = epoch
     assert "config.yaml" in [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert "best_val_acc" in parents[0].data.metrics
     assert parents[0].info.artifact_uri.startswith((tmp_path / "out" / "mlartifacts").as_uri())
     assert not (tmp_path / "cwd" / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_trial_cut_by_the_time_budget_before_its_first_report_keeps_its_params(ray_local, tmp_path, capsys):
+    from dcanets.cli import main
+
+    # one epoch over all digits takes seconds: the 2 s budget ends the trial before it reports
+    cfg = write_config(tmp_path, train={"limit": None, "epochs": 5},
+                       tune_config={"num_samples": 1, "time_budget_s": 2, "max_concurrent_trials": None})
+    assert main(["tune", str(cfg), "--output", str(tmp_path / "out")]) == 0
+    (exp_dir,) = (tmp_path / "out").glob("tiny-*")
+    with (exp_dir / "trials.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["epochs"] == "0" and 0.01 <= float(row["lr"]) <= 0.2
+    assert not (exp_dir / "best.yaml").exists()  # nothing finished: no best point is claimed
 
 
 @pytest.mark.slow

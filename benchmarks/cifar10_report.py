@@ -1,0 +1,243 @@
+"""Tables of the CIFAR-10 headline reproduction, generated from its result files.
+
+Reads ``results/cifar10_{depth,resnet18,dca}.json`` (written by ``cifar10_headline.py``) and, if
+present, ``results/cifar10_dca_tune_trials.csv`` (the ``trials.csv`` of the
+``tune_configs/dca_rho_lambda.yaml`` search), and rewrites the generated parts of
+``benchmarks/REPORT.md`` and of the README's headline table (between ``<!-- cifar10:NAME -->``
+markers), so every number in the report comes from a result file and none is typed by hand.
+``--quick`` reads the quick results and writes ``results/REPORT_quick.md`` instead.
+``--repro FIRST SECOND`` compares every run of the runs folder SECOND (a re-run of some of the
+same commands) with its namesake in FIRST and writes ``results/cifar10_repro.json`` first.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from common import RESULTS, parse_args, write_result
+
+HERE = Path(__file__).resolve().parent
+REPORT, README = HERE / "REPORT.md", HERE.parent / "README.md"
+MIN_GAP = 0.02  # a "share of the gap closed" needs a gap well above validation noise (~0.7 points)
+BASELINES = {"resnet18": "cifar_resnet18", "dca": "cifar_plainnet56"}  # gaps are measured against these
+
+
+def load(name: str, quick: bool) -> Dict[str, Any] | None:
+    path = RESULTS / f"cifar10_{name}{'_quick' if quick else ''}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def arms(doc: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """Runs grouped by arm (model + optimizer), seeds in order."""
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for r in sorted(doc["runs"], key=lambda r: r["seed"]):
+        out.setdefault(arm_name(r), []).append(r)
+    return out
+
+
+def arm_name(r: Dict[str, Any]) -> str:
+    return r["model"] if r["opt"] == "momentum" else f"{r['model']} + {r['opt']}"
+
+
+def mean_spread(xs: Sequence[float]) -> str:
+    """Mean and half range over seeds: with two seeds the half range is the honest spread."""
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f} (1 seed)"
+    return f"{100 * statistics.mean(xs):.1f} ± {50 * (max(xs) - min(xs)):.1f}"
+
+
+def accs(runs: List[Dict[str, Any]]) -> List[float]:
+    return [r["final"]["val_acc"] for r in runs]
+
+
+def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
+    rows = ["| arm | params | val acc % per seed | val acc % (mean ± half range) | final train loss "
+            "| images/s | data share | wall min/run |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, runs in arms(doc).items():
+        per_seed = ", ".join(f"s{r['seed']}: {100 * r['final']['val_acc']:.1f}" for r in runs)
+        loss = statistics.mean(r["final"]["train_loss"] for r in runs)
+        ips = statistics.mean(r["images_per_s"] for r in runs)
+        share = statistics.mean(r["data_share"] for r in runs)
+        wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
+        rows.append(f"| {name} | {runs[0]['final']['num_params'] / 1e6:.2f}M | {per_seed} | "
+                    f"{mean_spread(accs(runs))} | {loss:.3f} | {ips:.0f} | {100 * share:.1f}% | {wall:.1f} |")
+    table = "\n".join(rows)
+    if baseline:
+        table += "\n\n" + gap_lines(doc, baseline)
+    return table
+
+
+def paired_gaps(doc: Dict[str, Any], arm: str, baseline: str) -> List[float]:
+    """Accuracy gaps arm − baseline, paired by seed (same split, same initial RNG state)."""
+    groups = arms(doc)
+    base = {r["seed"]: r["final"]["val_acc"] for r in groups.get(baseline, [])}
+    return [r["final"]["val_acc"] - base[r["seed"]] for r in groups.get(arm, []) if r["seed"] in base]
+
+
+def gap_lines(doc: Dict[str, Any], baseline: str) -> str:
+    lines = []
+    for name in arms(doc):
+        gaps = paired_gaps(doc, name, baseline)
+        if name != baseline and gaps:
+            each = ", ".join(f"{100 * g:+.1f}" for g in gaps)
+            lines.append(f"- {name} − {baseline}: {100 * statistics.mean(gaps):+.1f} points "
+                         f"(per seed: {each})")
+    return "\n".join(lines)
+
+
+def gap_closed(doc: Dict[str, Any]) -> str:
+    """Share of the plain56 → resnet56 gap that each DCA arm closes, per seed then averaged."""
+    groups = arms(doc)
+    plain = {r["seed"]: r["final"]["val_acc"] for r in groups.get("cifar_plainnet56", [])}
+    res = {r["seed"]: r["final"]["val_acc"] for r in groups.get("cifar_resnet56", [])}
+    lines = []
+    for name, runs in groups.items():
+        if "+" not in name:
+            continue
+        seeds = [r for r in runs if r["seed"] in plain and r["seed"] in res]
+        if any(res[r["seed"]] - plain[r["seed"]] < MIN_GAP for r in seeds):
+            lines.append(f"- {name}: the plain-56 → ResNet-56 gap is under {100 * MIN_GAP:.0f} points "
+                         "for some seed, too small to divide by")
+            continue
+        shares = [(r["final"]["val_acc"] - plain[r["seed"]]) / (res[r["seed"]] - plain[r["seed"]]) for r in seeds]
+        if shares:
+            lines.append(f"- {name}: closes {100 * statistics.mean(shares):.0f}% of the plain-56 → "
+                         f"ResNet-56 gap (per seed: {', '.join(f'{100 * x:.0f}%' for x in shares)})")
+    return "\n".join(lines)
+
+
+def budget_line(doc: Dict[str, Any]) -> str:
+    b = doc["budget"]
+    limit = "all 45,000" if b["limit"] is None else f"{b['limit']:,}"
+    val = "all 5,000" if b.get("val_limit") in (None, 5000) else f"{b['val_limit']:,}"
+    rec = b["recipe"]
+    extra = f", DCA lr {b.get('dca_lr')}, {b['dca_kwargs']}" if doc["benchmark"].endswith("dca") else ""
+    return (f"Budget: {b['epochs']} epochs over {limit} training images, validation on {val} held-out "
+            f"images (split seed {b.get('split_seed', 'per run')}), seeds {b['seeds']}; {rec['opt']} lr {rec['lr']}, "
+            f"momentum {rec['momentum']}, wd {rec['weight_decay']}, {rec['sched']}, warm-up "
+            f"{rec.get('warmup_epochs', 0)} epochs, batch {rec['batch_size']}{extra}. Machine: "
+            f"{doc['machine']['cores']} cores, torch threads {doc['machine']['torch_threads']}, "
+            f"CUDA {doc['machine']['cuda']}, torch {doc['machine']['torch']}.")
+
+
+def tune_table(path: Path) -> str:
+    """The search's trials.csv (``dcanets tune`` output): sampled point, best metric, epochs run."""
+    if not path.exists():
+        return f"(no search result: copy the search's trials.csv to results/{path.name})"
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    keys = [k for k in rows[0] if k not in ("trial_id", "status", "epochs", "best", "node_id")] if rows else []
+    rows.sort(key=lambda r: float(r["best"]) if r["best"] not in ("", "nan") else float("inf"))
+    out = ["| trial | " + " | ".join(keys) + " | best metric | epochs | status |",
+           "|---|" + "---:|" * (len(keys) + 2) + "---|"]
+    for r in rows:
+        best = "no report" if r["best"] in ("", "nan") else f"{float(r['best']):.4g}"
+        out.append(f"| {r['trial_id']} | " + " | ".join(f"{float(r[k]):.3g}" for k in keys)
+                   + f" | {best} | {r['epochs']} | {r['status']} |")
+    return "\n".join(out)
+
+
+def headline(docs: Dict[str, Dict[str, Any]]) -> str:
+    """The README's one table: each claim, our number, the paper's."""
+    out = ["| claim (paper 000 / He et al.) | our measurement (val acc %, mean ± half range over seeds) | budget |",
+           "|---|---|---|"]
+    want = {"depth": ["cifar_plainnet20", "cifar_plainnet56", "cifar_resnet20", "cifar_resnet56",
+                      "cifar_negnet20", "cifar_negnet56", "cifar_gradnet56"],
+            "resnet18": ["cifar_resnet18", "cifar_actresnet18", "cifar_negnet18"],
+            "dca": ["cifar_plainnet56 + dcacounter", "cifar_plainnet56 + dcaquasihalf",
+                    "cifar_plainnet56 + dcaquasineghalf"]}
+    claims = {"depth": "plain-56 < plain-20; ResNet-56 > ResNet-20; NegNet?",
+              "resnet18": "NegNet18 on par with ResNet18", "dca": "DCA + plain net = SGD + shortcut net"}
+    for exp, names in want.items():
+        doc = docs.get(exp)
+        if not doc:
+            continue
+        groups = arms(doc)
+        cells = "; ".join(f"{n.replace('cifar_', '')} {mean_spread(accs(groups[n]))}" for n in names if n in groups)
+        b = doc["budget"]
+        out.append(f"| {claims[exp]} | {cells} | {b['epochs']} ep × {b['limit'] or 45000:,} img, "
+                   f"seeds {b['seeds']} |")
+    return "\n".join(out)
+
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def compare_runs(first: Path, second: Path) -> Dict[str, Any]:
+    """Largest per-epoch difference of each metric between a run and its re-run."""
+    runs = {}
+    for again in sorted(second.rglob("metrics.json")):
+        rel = again.relative_to(second)
+        a, b = (json.loads(p.read_text())["history"] for p in (first / rel, again))
+        if len(a) != len(b):
+            raise SystemExit(f"{rel}: {len(a)} vs {len(b)} epochs; compare finished runs only")
+        runs[str(rel.parent)] = {k: max(abs(x[k] - y[k]) for x, y in zip(a, b)) for k in METRICS}
+    if not runs:
+        raise SystemExit(f"no metrics.json under {second}")
+    return {"first": str(first), "second": str(second), "max_abs_difference": runs}
+
+
+def repro_block(quick: bool) -> str:
+    path = RESULTS / f"cifar10_repro{'_quick' if quick else ''}.json"
+    if not path.exists():
+        return "(no re-run recorded: run cifar10_report.py --repro FIRST_RUNS SECOND_RUNS)"
+    doc = json.loads(path.read_text())
+    rows = ["| run | " + " | ".join(f"max abs Δ {k}" for k in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for name, diffs in doc["max_abs_difference"].items():
+        rows.append(f"| {name} | " + " | ".join(f"{diffs[k]:.1e}" if diffs[k] else "0 (bitwise)" for k in METRICS) + " |")
+    return "\n".join(rows)
+
+
+def fill(text: str, name: str, body: str) -> str:
+    """Replace the block between ``<!-- cifar10:name -->`` and ``<!-- /cifar10:name -->``."""
+    pattern = re.compile(rf"(<!-- cifar10:{name} -->\n).*?(<!-- /cifar10:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"marker <!-- cifar10:{name} --> missing")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def blocks(docs: Dict[str, Dict[str, Any]], quick: bool) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for exp, doc in docs.items():
+        body = budget_line(doc) + "\n\n" + arm_table(doc, BASELINES.get(exp))
+        if exp == "dca":
+            body += "\n" + gap_closed(doc)
+        out[exp] = body
+    out["tune"] = tune_table(RESULTS / f"cifar10_dca_tune_trials{'_quick' if quick else ''}.csv")
+    out["headline"] = headline(docs)
+    out["repro"] = repro_block(quick)
+    return out
+
+
+def extra(p) -> None:
+    p.add_argument("--repro", nargs=2, type=Path, metavar=("FIRST", "SECOND"),
+                   help="runs folders of a result and of its re-run, compared epoch by epoch")
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], extra)
+    if args.repro:
+        write_result("cifar10_repro", args.quick, compare_runs(*args.repro))
+    docs = {exp: d for exp in ("depth", "resnet18", "dca") if (d := load(exp, args.quick))}
+    if not docs:
+        raise SystemExit("no cifar10_*.json results yet: run cifar10_headline.py first")
+    parts = blocks(docs, args.quick)
+    if args.quick:
+        out = RESULTS / "REPORT_quick.md"
+        out.write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in parts.items()) + "\n")
+        print(out.read_text())
+        return
+    for path, names in ((REPORT, list(parts)), (README, ["headline"])):
+        text = path.read_text()
+        for name in names:
+            text = fill(text, name, parts[name])
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
