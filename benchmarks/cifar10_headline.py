@@ -36,12 +36,16 @@ RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPT
 # folder of each experiment's runs: the dca experiment's SGD arms *are* the depth study's
 # plain56/resnet56 runs (same recipe and budget), so they are trained once
 RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18"}
-ARMS = {  # experiment -> (model, optimizer or None for the recipe's)
+# the control a reviewer asks for: SGD on the plain net at the DCA arms' (searched) lr, so a
+# DCA gain cannot be a smaller learning rate in disguise
+CONTROL = "sgd-at-dca-lr"
+ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL)
     "depth": [(f"cifar_{f}{d}", None) for d in (20, 56) for f in ("plainnet", "resnet", "negnet")]
              + [("cifar_gradnet56", None)],
     "resnet18": [("cifar_resnet18", None), ("cifar_actresnet18", None), ("cifar_negnet18", None)],
     "dca": [("cifar_plainnet56", None), ("cifar_resnet56", None), ("cifar_plainnet56", "dcacounter"),
-            ("cifar_plainnet56", "dcaquasihalf"), ("cifar_plainnet56", "dcaquasineghalf")],
+            ("cifar_plainnet56", "dcaquasihalf"), ("cifar_plainnet56", "dcaquasineghalf"),
+            ("cifar_plainnet56", CONTROL)],
 }
 
 
@@ -65,9 +69,12 @@ def extra(p: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str | None, seed: int) -> TrainConfig:
     recipe = dict(RECIPES[experiment])
-    if opt:
+    name = f"{model}-{opt or recipe['opt']}-s{seed}"
+    if opt == CONTROL:
+        recipe.update(lr=args.dca_lr or recipe["lr"])
+        name = f"{model}-{recipe['opt']}-lr{recipe['lr']:.3g}-s{seed}"
+    elif opt:
         recipe.update(opt=opt, opt_kwargs=dict(args.dca_kwargs), lr=args.dca_lr or recipe["lr"])
-    name = f"{model}-{recipe['opt']}-s{seed}"
     return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1, split_seed=0,
                        limit=args.limit, val_limit=args.val_limit, epochs=args.epochs, seed=seed,
                        output=str(args.runs / RUN_GROUP[experiment] / name), **recipe)
@@ -87,7 +94,7 @@ def one_run(cfg: TrainConfig) -> Dict[str, Any]:
     doc = json.loads(record.read_text())
     hist = doc["history"]
     data_share = sum(h["data_seconds"] for h in hist) / sum(h["train_seconds"] for h in hist)
-    return {"model": cfg.model, "opt": cfg.opt, "seed": cfg.seed, "opt_kwargs": cfg.opt_kwargs,
+    return {"model": cfg.model, "opt": cfg.opt, "lr": cfg.lr, "seed": cfg.seed, "opt_kwargs": cfg.opt_kwargs,
             "final": {k: doc["final"].get(k) for k in ("val_acc", "best_val_acc", "train_loss", "train_acc",
                                                        "eval_acc", "num_params", "diverged")},
             "images_per_s": sum(h["images_per_s"] for h in hist) / len(hist), "data_share": data_share,
@@ -111,7 +118,7 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
-        label = f"{r['model']} {r['opt']} s{r['seed']}"
+        label = f"{r['model']} {r['opt']} lr {r.get('lr', '')} s{r['seed']}"
         ax1.plot(range(1, len(r["curves"]["train_loss"]) + 1), r["curves"]["train_loss"], label=label)
         ax2.plot(range(1, len(r["curves"]["val_acc"]) + 1), r["curves"]["val_acc"], label=label)
     ax1.set(xlabel="epoch", ylabel="training loss", yscale="log", title=title)
@@ -130,9 +137,11 @@ def main() -> None:
     for experiment in args.experiment:
         rows = []
         for model, opt in ARMS[experiment]:
+            if opt == CONTROL and args.dca_lr in (None, RECIPES[experiment]["lr"]):
+                continue  # SGD at the recipe's lr is the plain arm itself
             for seed in args.seeds:
                 cfg = run_config(args, experiment, model, opt, seed)
-                if not any(fnmatch.fnmatch(f"{cfg.model}-{cfg.opt}", p) for p in args.only):
+                if not any(fnmatch.fnmatch(Path(cfg.output).name.rsplit("-s", 1)[0], p) for p in args.only):
                     continue
                 rows.append(one_run(cfg))
                 print(f"{experiment:9s} {model:18s} {rows[-1]['opt']:16s} seed {seed}: val_acc "

@@ -35,12 +35,16 @@ def arms(doc: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
     """Runs grouped by arm (model + optimizer), seeds in order."""
     out: Dict[str, List[Dict[str, Any]]] = {}
     for r in sorted(doc["runs"], key=lambda r: r["seed"]):
-        out.setdefault(arm_name(r), []).append(r)
+        out.setdefault(arm_name(r, doc["budget"]["recipe"]["lr"]), []).append(r)
     return out
 
 
-def arm_name(r: Dict[str, Any]) -> str:
-    return r["model"] if r["opt"] == "momentum" else f"{r['model']} + {r['opt']}"
+def arm_name(r: Dict[str, Any], recipe_lr: float) -> str:
+    """The model for the recipe's SGD; + optimizer for DCA; + lr for SGD at another lr (the control)."""
+    if r["opt"] != "momentum":
+        return f"{r['model']} + {r['opt']}"
+    lr = r.get("lr", recipe_lr)
+    return r["model"] if lr == recipe_lr else f"{r['model']} + SGD lr {lr:.3g}"
 
 
 def mean_spread(xs: Sequence[float]) -> str:
@@ -96,7 +100,7 @@ def gap_closed(doc: Dict[str, Any]) -> str:
     res = {r["seed"]: r["final"]["val_acc"] for r in groups.get("cifar_resnet56", [])}
     lines = []
     for name, runs in groups.items():
-        if "+" not in name:
+        if name in ("cifar_plainnet56", "cifar_resnet56"):
             continue
         seeds = [r for r in runs if r["seed"] in plain and r["seed"] in res]
         if any(res[r["seed"]] - plain[r["seed"]] < MIN_GAP for r in seeds):
@@ -150,6 +154,8 @@ def headline(docs: Dict[str, Dict[str, Any]]) -> str:
             "resnet18": ["cifar_resnet18", "cifar_actresnet18", "cifar_negnet18"],
             "dca": ["cifar_plainnet56 + dcacounter", "cifar_plainnet56 + dcaquasihalf",
                     "cifar_plainnet56 + dcaquasineghalf"]}
+    control = [n for n in arms(docs["dca"]) if "SGD lr" in n] if "dca" in docs else []
+    want["dca"] += control
     claims = {"depth": "plain-56 < plain-20; ResNet-56 > ResNet-20; NegNet?",
               "resnet18": "NegNet18 on par with ResNet18", "dca": "DCA + plain net = SGD + shortcut net"}
     for exp, names in want.items():
@@ -206,6 +212,8 @@ def blocks(docs: Dict[str, Dict[str, Any]], quick: bool) -> Dict[str, str]:
         body = budget_line(doc) + "\n\n" + arm_table(doc, BASELINES.get(exp))
         if exp == "dca":
             body += "\n" + gap_closed(doc)
+            for control in (n for n in arms(doc) if "SGD lr" in n):
+                body += "\n\nAgainst the control (SGD on the plain net at the DCA lr):\n" + gap_lines(doc, control)
         out[exp] = body
     out["tune"] = tune_table(RESULTS / f"cifar10_dca_tune_trials{'_quick' if quick else ''}.csv")
     out["headline"] = headline(docs)
