@@ -53,6 +53,9 @@ def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", choices=sorted(ARMS), nargs="+", default=sorted(ARMS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: gather the finished runs of the command into the result file "
+                        "(arms run with fewer seeds appear with the seeds they have)")
     p.add_argument("--only", nargs="+", default=["*"], metavar="PATTERN",
                    help="train only runs whose name (model-opt) matches, e.g. '*dcacounter' "
                         "(to split one experiment over processes; the result file is written by an unfiltered call)")
@@ -80,13 +83,18 @@ def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str |
                        output=str(args.runs / RUN_GROUP[experiment] / name), **recipe)
 
 
+def finished(cfg: TrainConfig) -> bool:
+    record = Path(cfg.output) / "metrics.json"
+    return record.exists() and json.loads(record.read_text())["final"]["epoch"] >= cfg.epochs
+
+
 def one_run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train (or resume, or just read) one run; its metrics.json is the record."""
     out = Path(cfg.output)
     record = out / "metrics.json"
     if record.exists():
         _same_budget(json.loads(record.read_text()).get("config", {}), cfg)
-    if record.exists() and json.loads(record.read_text())["final"]["epoch"] >= cfg.epochs:
+    if finished(cfg):
         progress(f"done already: {out.name}")
     else:
         progress(f"training {out.name}: {cfg.epochs} epochs")
@@ -142,6 +150,9 @@ def main() -> None:
             for seed in args.seeds:
                 cfg = run_config(args, experiment, model, opt, seed)
                 if not any(fnmatch.fnmatch(Path(cfg.output).name.rsplit("-s", 1)[0], p) for p in args.only):
+                    continue
+                if args.collect and not finished(cfg):
+                    progress(f"not finished, left out: {Path(cfg.output).name}")
                     continue
                 rows.append(one_run(cfg))
                 print(f"{experiment:9s} {model:18s} {rows[-1]['opt']:16s} seed {seed}: val_acc "
