@@ -1,7 +1,7 @@
 """Paper 000's headline on CIFAR-10: NegNet vs ResNet vs plain, and DCA on plain networks.
 
 Three experiments, each one command, all through the one training engine
-(``dcanets.train.train``) on the CIFAR-10 training tar, split 45k/5k with a fixed seed
+(``dcanets.engine.loop.train``) on the CIFAR-10 training tar, split 45k/5k with a fixed seed
 (selection on validation only), pad-4 crop + flip, per-channel normalization:
 
 * ``depth``: He et al. 2015 protocol scaled to the machine: cifar_{plainnet,resnet,negnet}
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from common import figure_path, parse_args, progress, shared_data, write_result
-from dcanets.train import TrainConfig, parse_kv, train
+from dcanets.cli.train import parse_kv
+from dcanets.engine import TrainConfig, train
 
 SGD = dict(opt="momentum", lr=0.1, momentum=0.9, sched="cosine", batch_size=128)
 # depth and dca share one recipe (He et al.: wd 1e-4, with a short warm-up so the 56-layer nets

@@ -2,7 +2,7 @@
 
 CIFAR-10 training tar (``../shared/data/cifar10/train.tar`` beside the repo, or ``--data``; a generated set
 when it is missing), batch 128, pad-4 crop + flip + per-channel normalization on whole batches,
-cifar_resnet20 (and cifar_resnet56 in full mode) trained by the engine (``dcanets.train``), SGD,
+cifar_resnet20 (and cifar_resnet56 in full mode) trained by the engine (``dcanets.engine.loop``), SGD,
 one torch thread. Reports:
 
 - the one-time decode of the tar into the cache (cold, into a fresh cache directory) and the
@@ -35,7 +35,7 @@ def extra(parser) -> None:
 
 def cold_decode(spec: str, limit: int | None, seed: int) -> dict:
     """Decode into the (fresh) cache directory, timed; then load the cache file alone, timed."""
-    from dcanets import data
+    from dcanets.engine import data
 
     data._MEMORY.clear()
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def cold_decode(spec: str, limit: int | None, seed: int) -> dict:
 
 def fresh_cache() -> tuple:
     """Point DCANETS_CACHE at an empty directory so the decode is measured cold."""
-    from dcanets import data
+    from dcanets.engine import data
 
     keep = data.cache_dir()
     tmp = Path(tempfile.mkdtemp(prefix="dcanets-bench-cache-"))
@@ -75,7 +75,7 @@ def hand_over(tmp: Path, keep: Path, full: bool) -> None:
 
 def engine_share(spec: str, model: str, limit: int, epochs: int, seed: int) -> dict:
     """Train with the engine; the data share is data_seconds / train_seconds per epoch."""
-    from dcanets.train import TrainConfig, train
+    from dcanets.engine import TrainConfig, train
 
     cfg = TrainConfig(model=model, data=spec, limit=limit, epochs=epochs, batch_size=128, lr=0.1,
                       opt="momentum", weight_decay=5e-4, seed=seed, augment=True)
@@ -96,7 +96,7 @@ def pipeline_alone(spec: str, limit: int | None, seed: int, naive_images: int) -
     from timm.data import create_dataset
     from torchvision import transforms as T
 
-    from dcanets import data
+    from dcanets.engine import data
 
     train, _ = data.load_split(spec, 0.1, seed, limit, progress=False)
     mean, std = data.channel_stats(train.images)

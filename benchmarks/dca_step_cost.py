@@ -27,7 +27,7 @@ NAME = "dca_step_cost"
 def _stepper(model, opt_name: str, x, y, **opt_kwargs):
     import timm.optim
 
-    from dcanets.dca.optimizers import prepare
+    from dcanets.optim.decompositions import prepare
 
     opt = timm.optim.create_optimizer_v2(model, opt_name, lr=0.01, weight_decay=5e-4, momentum=0.9,
                                            **opt_kwargs)

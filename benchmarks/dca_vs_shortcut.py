@@ -1,7 +1,7 @@
 """"DCA + vanilla network = SGD + shortcut network" (paper 000, §3), measured.
 
 Three arms with the same data, budget, schedule and seeds, all trained by the one training
-engine ``dcanets.train.train``: a plain net with SGD, the same plain net with the counter-loss
+engine ``dcanets.engine.loop.train``: a plain net with SGD, the same plain net with the counter-loss
 DCA optimizer ``dcacounter`` (eq. 12, Newton direction of eq. 19, c = ∇L'_0 at the last
 same-shape block), and the ResNet of the same depth with SGD. Training-loss curves and accuracies go to a table (stdout + JSON) and a PNG.
 No outcome is promised; whatever happens is reported.
@@ -57,7 +57,7 @@ def plot(results, path: Path, title: str) -> None:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    from dcanets.train import TrainConfig, train
+    from dcanets.engine import TrainConfig, train
 
     torch.set_num_threads(1)
     budget = QUICK if args.quick else FULL
@@ -84,7 +84,7 @@ def main() -> None:
     write_result(NAME, args.quick, {
         "budget": {**SHARED, **{k: v for k, v in budget.items() if k != "seeds"}, "seeds": list(seeds),
                    "train_images": results[next(iter(results))][0]["train_images"], "threads": 1,
-                   "engine": "dcanets.train.train"},
+                   "engine": "dcanets.engine.loop.train"},
         "arms": {n: {**arms(budget['depth'])[n]} for n in results},
         "table": table, "runs": results, "figure": str(fig.name),
     }, args.out)

@@ -12,7 +12,7 @@ import time
 import torch
 
 from common import figure_path, parse_args, progress, write_result
-from dcanets import teacher_student as ts
+from dcanets.papers import p001_teacher_student as ts
 
 NAME = "paper001_success_rate"
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from common import figure_path, parse_args, progress, write_result
-from dcanets.deep_linear import SHORTCUTS, planted_problem, train
+from dcanets.papers.p002_deep_linear import SHORTCUTS, planted_problem, train
 
 NAME = "paper002_deep_linear"
 

@@ -2,7 +2,7 @@
 
 multibranch_mlp_1h, total width 64 fixed, I in {1, 2, 4, ..., 64}, 512 sklearn digits (8x8, 10
 classes), full-batch Adam (lr 1e-2). At the trained point: negative-curvature mass of the Hessian
-spectral density (Lanczos, dcanets.curvature) and |lambda_min| / lambda_max; loss along random
+spectral density (Lanczos, dcanets.analysis.curvature) and |lambda_min| / lambda_max; loss along random
 filter-normalized lines (t in [-3, 3]) and its gap to its 1-D convex envelope. Compared with the
 trend 2 / I of paper 002's duality-gap bound.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from common import figure_path, parse_args, progress, write_result
-from dcanets.branch_landscape import measure
+from dcanets.papers.p002_multibranch import measure
 
 NAME = "paper002_multibranch"
 

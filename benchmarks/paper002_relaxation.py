@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from common import figure_path, parse_args, write_result
-from dcanets.relaxation import compare
+from dcanets.papers.p002_relaxation import compare
 
 NAME = "paper002_relaxation"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from common import figure_path, parse_args, progress, write_result
-from dcanets.linear_double import LinearDouble, LinearProduct, fit_gd, random_diagonalizable
+from dcanets.papers.p003_linear_double import LinearDouble, LinearProduct, fit_gd, random_diagonalizable
 
 N, L = 20, 20
 

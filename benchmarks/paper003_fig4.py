@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from common import figure_path, parse_args, progress, write_result
-from dcanets.convex import ConvexResNets, lipschitz_1d
+from dcanets.papers.p003_convex import ConvexResNets, lipschitz_1d
 
 PIECES = [(0.0, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 1.0)]
 RANGES = [(0.0, 0.5), (0.0, 1.0)]

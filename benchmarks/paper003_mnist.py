@@ -1,6 +1,6 @@
 """Paper 003, section 5: double_resnet_mnist on MNIST, 12 epochs, no explicit regularization.
 
-Trains with the project's one engine (``dcanets.train.train``) on the MNIST training tar with a
+Trains with the project's one engine (``dcanets.engine.loop.train``) on the MNIST training tar with a
 fixed-seed validation split, logs train/validation accuracy per epoch next to the paper's final
 97.91% (train) / 97.58% (test), and evaluates any held-out image-folder tar given as
 ``--eval-data``. ``--select`` first picks optimizer and learning rate on the validation split
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, figure_path, shared_data, parse_args, progress, write_result
-from dcanets.train import TrainConfig, train
+from dcanets.engine import TrainConfig, train
 
 MNIST = shared_data("mnist/train.tar")
 PAPER = {"train_acc": 0.9791, "test_acc": 0.9758, "epochs": 12}

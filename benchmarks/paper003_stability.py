@@ -4,14 +4,14 @@ For w_L...w_1 fitting lambda (sigma = 1), GD starts next to the balanced equilib
 |w_i| = |lambda|^{1/L} (Lyapunov's indirect method) and the largest step that still converges is
 found by bisection on a log scale. Prop. 1's bound delta_max = 2/(L |lambda|^{2(L-1)/L}) is the
 prediction; the ratio empirical / bound should be ~1 (Thm. 1 applies it per eigenvalue).
-Uses ``dcanets.stability`` (the stability module of the DCA issue).
+Uses ``dcanets.analysis.stability`` (the stability module of the DCA issue).
 """
 from __future__ import annotations
 
 import math
 
 from common import figure_path, parse_args, progress, write_result
-from dcanets.stability import scalar_product_max_step, simulate_scalar_product
+from dcanets.analysis.stability import scalar_product_max_step, simulate_scalar_product
 
 
 def empirical_max_step(lam: float, L: int, iters: int, rounds: int, seed: int) -> float:

@@ -2,7 +2,7 @@
 
 A. Overhead: the same N trials (fixed learning rates via Optuna's points_to_evaluate, one at a
    time, one CPU each, MLflow on) run by ``dcanets tune`` on a local Ray against the same
-   TrainConfigs run back-to-back in this process by ``dcanets.train.train`` (1 torch thread).
+   TrainConfigs run back-to-back in this process by ``dcanets.engine.loop.train`` (1 torch thread).
    Ratio = search wall time / engine wall time (goal <= 1.3x for trials of >= 20 s), split into
    Ray start, MLflow, per-trial start-up (worker process, imports, data) and epochs.
 B. ASHA against running every trial to the end (FIFO): the same M configurations (Optuna's
@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import yaml
 
@@ -39,7 +39,7 @@ def budget(quick: bool) -> Dict[str, Any]:
 
 def spec_for(tmp: Path, name: str, train: Dict[str, Any], space: Dict[str, Any], sampler: Dict[str, Any],
              scheduler: Dict[str, Any], tune_cfg: Dict[str, Any], mlflow: bool, points=None):
-    from dcanets import tune_config
+    from dcanets.tune import schema as tune_config
 
     doc = {"name": name, "train": train, "space": space, "scheduler": scheduler, "tune_config": tune_cfg,
            "search_alg": {"sampler": sampler, **({"points_to_evaluate": points} if points else {})},
@@ -50,7 +50,7 @@ def spec_for(tmp: Path, name: str, train: Dict[str, Any], space: Dict[str, Any],
 
 
 def run_tune(spec, tmp: Path) -> Dict[str, Any]:
-    from dcanets import tune
+    from dcanets.tune import search as tune
 
     exp_dir, state = tune.create_search_dir(spec, tmp / "runs")
     result = tune.run_search(spec, exp_dir, state, quiet=True)
@@ -64,7 +64,7 @@ def run_tune(spec, tmp: Path) -> Dict[str, Any]:
 def part_overhead(b: Dict[str, Any], tmp: Path) -> Dict[str, Any]:
     import torch
 
-    from dcanets.train import TrainConfig, train
+    from dcanets.engine import TrainConfig, train
 
     o = b["overhead"]
     lrs = [0.02 * (1.5 ** i) for i in range(o["trials"])]
@@ -171,7 +171,7 @@ def plot(res: Dict[str, Any], quick: bool) -> Path:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     b = budget(args.quick)
-    from dcanets import tune
+    from dcanets.tune import search as tune
 
     with tempfile.TemporaryDirectory(prefix="dcanets-tune-bench-") as d:
         tmp = Path(d)

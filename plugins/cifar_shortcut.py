@@ -21,7 +21,7 @@ from timm.layers import create_classifier
 from timm.models import generate_default_cfgs
 
 from dcanets.hookspecs import hookimpl
-from dcanets.models import build, cfg, entrypoint
+from dcanets.builder import build, cfg, entrypoint
 from dcanets_plugins.shortcut import FAMILY, check_shortcut_args, family_args, merge
 
 

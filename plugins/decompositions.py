@@ -2,7 +2,7 @@
 
 After ``import dcanets``, ``timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.1, rho=0.0)``
 builds one (and ``lookahead_dcacounter`` wraps it). Those with ``needs_closure`` must be prepared
-with ``dcanets.dca.optimizers.prepare(optimizer, model)`` and stepped with a closure.
+with ``dcanets.optim.decompositions.prepare(optimizer, model)`` and stepped with a closure.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import List
 
 from timm.optim import OptimInfo
 
-from dcanets.dca import optimizers as dca
+from dcanets.optim import decompositions as dca
 from dcanets.hookspecs import hookimpl
 
 _DESCRIPTIONS = {

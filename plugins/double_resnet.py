@@ -1,7 +1,7 @@
 """Double residual networks (paper 003, section 3.1 and 5): each output a difference of convex nets.
 
 Output k is ``r_k(x) - s_k(x) + d_k`` with r_k, s_k convex residual networks (eq. 7a-7c,
-``dcanets.convex.ConvexResNets``) on a shared feature vector; d_k is the difference of the two
+``dcanets.papers.p003_convex.ConvexResNets``) on a shared feature vector; d_k is the difference of the two
 nets' own offsets d. All 2K nets run as one batched einsum per layer.
 
 Registered names (timm-style, ``timm.create_model(name, num_classes=..., in_chans=...)``):
@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs
 
-from dcanets.convex import ConvexResNets
+from dcanets.papers.p003_convex import ConvexResNets
 from dcanets.hookspecs import hookimpl
-from dcanets.models import build, cfg, entrypoint
+from dcanets.builder import build, cfg, entrypoint
 
 
 class DoubleResNet(nn.Module):

@@ -22,7 +22,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs
 
 from dcanets.hookspecs import hookimpl
-from dcanets.models import build, cfg, entrypoint
+from dcanets.builder import build, cfg, entrypoint
 
 
 class BranchLinear(nn.Module):

@@ -24,7 +24,7 @@ from timm.models import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from dcanets.hookspecs import hookimpl
-from dcanets.models import build, cfg, entrypoint
+from dcanets.builder import build, cfg, entrypoint
 
 ACT_PLACEMENTS = ("after_add", "before_add")
 

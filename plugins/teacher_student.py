@@ -6,7 +6,7 @@ student, ``w`` initialized at 0) or ``u = w`` (the plain CNN student, ``w`` rand
 normalization ``u / ||u||`` is paper 001's population batch norm.
 
 The population-loss maths, normalized GD and the success-rate sweep live in
-``dcanets.teacher_student``; these modules are the same students for SGD on sampled ``Z``.
+``dcanets.papers.p001_teacher_student``; these modules are the same students for SGD on sampled ``Z``.
 
 ``timm.create_model("teacher_student_resnet", num_patches=16, patch_size=8)``.
 """
@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs
 
 from dcanets.hookspecs import hookimpl
-from dcanets.models import build, cfg, entrypoint
+from dcanets.builder import build, cfg, entrypoint
 
 
 class NonOverlappingStudent(nn.Module):

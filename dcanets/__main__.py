@@ -1,0 +1,6 @@
+"""``python -m dcanets``: the same as the ``dcanets`` command."""
+import sys
+
+from dcanets.cli import main
+
+sys.exit(main())

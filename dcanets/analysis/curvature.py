@@ -1,0 +1,171 @@
+"""Curvature of a training loss: Hessian–vector products, power iteration, Lanczos, advice.
+
+Why: the DC decompositions are valid only in a curvature range (SCIENCE.md §4; paper 000 §2,
+paper 003 §2): the projective decomposition G1 = λ·L2 needs λ ≥ λ_max(∇²L), i.e. lr ≤ 1/λ_max;
+gradient descent is Lyapunov-stable at a minimum only if lr < 2/λ_max; the proximal and
+counter-loss decompositions need ρ ≥ −λ_min. Measuring λ_min and λ_max on a batch replaces
+guessing lr, λ and ρ.
+
+CLI: ``dcanets curvature --model cifar_plainnet20 --data digits --batch 128 --steps 30``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+        vec: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """∇²L·v by double backward (Pearlmutter's trick): one gradient with a graph, one more VJP.
+
+    ``loss_fn`` is a zero-argument callable returning the scalar loss; parameters the loss does
+    not touch get a zero product.
+    """
+    params = list(params)
+    with torch.enable_grad():
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        pairs = [(g, v) for g, v in zip(grads, vec) if g is not None]
+        if not pairs:
+            return [torch.zeros_like(p) for p in params]
+        dot = sum((g * v).sum() for g, v in pairs)
+        out = torch.autograd.grad(dot, params, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, out)]
+
+
+def _start(dim: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (v / v.norm()).to(dtype)
+
+
+def power_iteration(matvec: Matvec, dim: int, iters: int = 50, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> float:
+    """The eigenvalue of largest magnitude (Rayleigh quotient after ``iters`` products).
+
+    For a Hessian that is λ_max unless a negative eigenvalue is larger in magnitude; use
+    :func:`lanczos` when both ends matter.
+    """
+    if dim < 1 or iters < 1:
+        raise ValueError(f"dim and iters must be >= 1; got dim={dim}, iters={iters}")
+    v, eig = _start(dim, seed, dtype), 0.0
+    for _ in range(iters):
+        w = matvec(v)
+        eig = float(torch.dot(v.double(), w.double()))
+        norm = w.norm()
+        if norm == 0:
+            return 0.0
+        v = w / norm
+    return eig
+
+
+def lanczos(matvec: Matvec, dim: int, steps: int = 30, seed: int = 0,
+            dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ritz values (ascending) and weights of ``steps`` Lanczos iterations from a random start.
+
+    The weights are the squared first components of the Ritz vectors: the nodes and weights of
+    stochastic Lanczos quadrature of the spectral density (they sum to 1). The extreme Ritz
+    values converge first, so λ_min and λ_max come out in a few dozen products. Full
+    re-orthogonalisation keeps them free of ghost copies; the basis costs ``steps·dim`` numbers.
+    """
+    if dim < 1 or steps < 1:
+        raise ValueError(f"dim and steps must be >= 1; got dim={dim}, steps={steps}")
+    steps = min(steps, dim)
+    q = _start(dim, seed, dtype)
+    basis, alphas, betas = [q], [], []
+    for k in range(steps):
+        w = matvec(basis[-1]).to(dtype)
+        alpha = float(torch.dot(w.double(), basis[-1].double()))
+        alphas.append(alpha)
+        Q = torch.stack(basis)
+        for _ in range(2):  # full re-orthogonalisation, twice is enough
+            w = w - Q.T @ (Q @ w)
+        beta = float(w.double().norm())
+        if k == steps - 1 or beta < 1e-10 * max(1.0, abs(alpha)):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    n = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if n > 1:
+        off = torch.tensor(betas[: n - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(T)
+    return values, vectors[0] ** 2
+
+
+class FrozenBuffers:
+    """Snapshot a model's buffers (BatchNorm statistics) and restore them on exit, so extra
+    forward passes (Hessian probes, a DCA step's additional loss evaluations) leave no trace."""
+
+    def __init__(self, model: Optional[torch.nn.Module]) -> None:
+        self.model, self.saved = model, []
+
+    def __enter__(self) -> "FrozenBuffers":
+        if self.model is not None:
+            self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+
+
+def loss_hessian_operator(model: torch.nn.Module, loss_fn: Callable, inputs: torch.Tensor,
+                          targets: torch.Tensor) -> Tuple[Matvec, int]:
+    """v ↦ ∇²_w loss_fn(model(inputs), targets)·v on flat vectors, and the dimension.
+
+    The model stays in its current mode (train mode: the loss SGD sees, with batch statistics);
+    its buffers are restored after every product.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    dim = sum(sizes)
+
+    def closure() -> torch.Tensor:
+        return loss_fn(model(inputs), targets)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        vec = [c.view(s).to(p.dtype) for c, s, p in zip(torch.split(v, sizes), shapes, params)]
+        with FrozenBuffers(model):
+            out = hvp(closure, params, vec)
+        return torch.cat([h.reshape(-1) for h in out]).to(v.dtype)
+
+    return matvec, dim
+
+
+def extreme_eigenvalues(model: torch.nn.Module, loss_fn: Callable, inputs: torch.Tensor,
+                        targets: torch.Tensor, steps: int = 30, seed: int = 0) -> Tuple[float, float]:
+    """(λ_min, λ_max) of the loss Hessian on one batch, from ``steps`` Lanczos iterations."""
+    matvec, dim = loss_hessian_operator(model, loss_fn, inputs, targets)
+    values, _ = lanczos(matvec, dim, steps=steps, seed=seed)
+    return float(values[0]), float(values[-1])
+
+
+def advise(lam_min: float, lam_max: float) -> Dict[str, float]:
+    """Step sizes and ρ from measured curvature (SCIENCE.md §4).
+
+    - ``lr_projective`` = 1/λ_max: G1 = λ·L2 is a valid DC decomposition (H1 convex) when
+      λ ≥ λ_max, and DCA with G1 is SGD with lr = 1/λ (paper 000, eq. 9);
+    - ``lr_lyapunov`` = 2/λ_max: gradient descent is stable at a minimum only if lr < 2/λ_max
+      (paper 003, Prop. 1 in its general form);
+    - ``rho_min`` = max(0, −λ_min): G = L + ρ·L2 is convex when ρ ≥ −λ_min (proximal and
+      counter-loss decompositions).
+    With λ_max ≤ 0 the quadratic model has no upper curvature and the lr bounds are infinite.
+    """
+    if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or lam_min > lam_max:
+        raise ValueError(f"need finite lam_min <= lam_max; got lam_min={lam_min}, lam_max={lam_max}")
+    inf = float("inf")
+    return {
+        "lam_min": float(lam_min),
+        "lam_max": float(lam_max),
+        "lr_projective": 1.0 / lam_max if lam_max > 0 else inf,
+        "lr_lyapunov": 2.0 / lam_max if lam_max > 0 else inf,
+        "rho_min": max(0.0, -float(lam_min)),
+        "lam_dcal2_min": max(0.0, float(lam_max)),
+    }

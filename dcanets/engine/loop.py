@@ -1,0 +1,287 @@
+"""The one training engine: ``dcanets train``, every Ray Tune trial and every reproduction call it.
+
+A model by timm name, an optimizer by timm registry name (the DCA decompositions are registered
+there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a schedule, a fixed-seed
+train/validation split of a decoded-once data set, checkpoints that resume exactly, and JSON
+metrics. CUDA is used when present, with mixed precision; on CPU a fixed seed gives identical
+runs.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcanets.engine import data as data_mod
+from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
+from dcanets.engine.config import TrainConfig
+from dcanets.optim.decompositions import prepare
+from dcanets.plugins import did_you_mean
+
+EpochCallback = Callable[[Dict[str, Any]], None]
+
+
+# ----------------------------------------------------------------------------- pieces
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _split_seed(cfg: TrainConfig) -> int:
+    return cfg.seed if cfg.split_seed is None else int(cfg.split_seed)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+    import timm
+
+    import dcanets  # noqa: F401  (registers plugin models in this process, e.g. a Ray worker)
+
+    if not timm.is_model(cfg.model):
+        raise ValueError(f"unknown model '{cfg.model}'{did_you_mean(cfg.model, timm.list_models())}"
+                         "; `timm.list_models()` and `dcanets models` list the known names")
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg.model_kwargs}
+    return timm.create_model(cfg.model, **kwargs)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``create_optimizer_v2`` by registry name; momentum only for optimizers that take it."""
+    from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
+
+    import dcanets  # noqa: F401  (registers the decompositions into timm's optimizer registry)
+
+    try:
+        info = get_optimizer_info(cfg.opt.lower().split("_")[-1])
+    except (ValueError, KeyError):
+        raise ValueError(f"unknown optimizer '{cfg.opt}'{did_you_mean(cfg.opt, list_optimizers())}; "
+                         "`timm.optim.list_optimizers()` lists the known names") from None
+    kwargs: Dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if info.has_momentum:
+        kwargs["momentum"] = cfg.momentum
+    try:
+        return create_optimizer_v2(model, cfg.opt, **kwargs, **cfg.opt_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"optimizer '{cfg.opt}' rejected its arguments {sorted({**kwargs, **cfg.opt_kwargs})}: {exc}") from None
+
+
+def _second_order(opt: str) -> bool:
+    from timm.optim import get_optimizer_info
+
+    return bool(get_optimizer_info(opt.lower().split("_")[-1]).second_order)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A per-step LambdaLR: linear warm-up, then cosine to 0, step (x0.1 at 50% and 75%), or constant.
+
+    Warm-up is what lets deep nets start at lr 0.1 (He et al. 2015 warm ResNet-110 up at 0.01);
+    the schedule after it spans the remaining steps, so ``epochs`` stays the whole budget.
+    """
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = max(1, cfg.epochs * steps_per_epoch - warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(step - warm, total)
+        if cfg.sched == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t / total))
+        if cfg.sched == "step":
+            return 0.1 ** sum(t >= total * m for m in (0.5, 0.75))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: data_mod.BatchLoader, amp: bool) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``loader``."""
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        with torch.autocast(device_type=x.device.type, enabled=amp):
+            out = model(x)
+        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += len(y)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+# ----------------------------------------------------------------------------- the run
+class _Run:
+    """One training run's state: built from a config, stepped epoch by epoch, checkpointable."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.amp = bool(cfg.amp) and self.device.type == "cuda"
+        seed_everything(cfg.seed)
+        train, val = data_mod.load_split(cfg.data, cfg.val_fraction, _split_seed(cfg), cfg.limit,
+                                          val_limit=cfg.val_limit, progress=progress)
+        if len(train) == 0:
+            raise ValueError(f"no training images left in '{cfg.data}' after the validation split")
+        self.train_data, self.val_data = train, val
+        self.mean, self.std = data_mod.channel_stats(train.images)
+        augment = train.in_chans == 3 if cfg.augment is None else bool(cfg.augment)
+        bs = int(cfg.batch_size)
+        self.train_loader = self._loader(train, bs, shuffle=True, augment=augment,
+                                         drop_last=len(train) >= 2 * bs)
+        self.val_loader = self._loader(val, max(bs, 256), shuffle=False, augment=False)
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg, train.num_classes, train.in_chans).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.needs_closure = prepare(self.optimizer, self.model)
+        self.create_graph = _second_order(cfg.opt)
+        self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
+        # GradScaler cannot drive closure-stepped optimizers: those run in full precision
+        if self.needs_closure:
+            self.amp = False
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.epoch, self.best_val_acc, self.history = 0, 0.0, []  # type: ignore[var-annotated]
+        self.augment = augment
+
+    def _loader(self, d: data_mod.ImageData, bs: int, **kw: Any) -> data_mod.BatchLoader:
+        return data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed, **kw)
+
+    def train_epoch(self) -> Dict[str, Any]:
+        model = self.model
+        model.train()
+        self.train_loader.set_epoch(self.epoch)
+        self.train_loader.data_seconds = 0.0
+        loss_sum, correct, n = 0.0, 0, 0
+        t0 = time.perf_counter()
+        for x, y in self.train_loader:
+            loss, out = self._step(x, y)
+            loss_sum += float(loss) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+            self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.epoch += 1
+        return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1), "train_seconds": seconds,
+                "images_per_s": n / max(seconds, 1e-9), "data_seconds": self.train_loader.data_seconds}
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        model, opt = self.model, self.optimizer
+        if self.needs_closure:
+            outputs: List[torch.Tensor] = []
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward(create_graph=self.create_graph)
+                outputs.append(out.detach())
+                return loss.detach()
+
+            loss = opt.step(closure)
+            loss = closure() if loss is None else loss  # optimizers that ignore the closure's value
+            return loss, outputs[0]
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.device.type, enabled=self.amp):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+        self.scaler.scale(loss).backward(create_graph=self.create_graph)
+        self.scaler.step(opt)
+        self.scaler.update()
+        return loss.detach(), out.detach()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(), "best_val_acc": self.best_val_acc,
+                "history": self.history, "classes": self.train_data.classes,
+                "mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.best_val_acc = int(ckpt["epoch"]), float(ckpt["best_val_acc"])
+        self.history = list(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+
+
+def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
+          resume: str | Path | None = None, progress: bool = True) -> Dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the final metrics.
+
+    ``on_epoch`` receives after every epoch: epoch (1-based), train_loss, train_acc, val_loss,
+    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint. ``resume`` (a last.pt or
+    its directory) restores model, optimizer, scheduler, epoch and RNG so the run continues
+    exactly as an uninterrupted one would. ``progress`` shows a bar while a data set is decoded
+    (once; later runs read the cache).
+    """
+    t_start = time.perf_counter()
+    run = _Run(cfg, progress)
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        for key in ("model", "model_kwargs", "data"):
+            if key in ckpt.get("config", {}) and ckpt["config"][key] != getattr(cfg, key):
+                raise ValueError(f"checkpoint '{resume}' was trained with {key}={ckpt['config'][key]!r}, "
+                                 f"not {getattr(cfg, key)!r}; resume with the same {key}")
+        run.load_state_dict(ckpt)
+    out_dir = Path(cfg.output) if cfg.output else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics: Dict[str, Any] = run.history[-1] if run.history else {}
+    while run.epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        stats = run.train_epoch()
+        val_loss, val_acc = evaluate(run.model, run.val_loader, run.amp) if len(run.val_data) else (float("nan"), float("nan"))
+        run.best_val_acc = max(run.best_val_acc, val_acc) if val_acc == val_acc else run.best_val_acc
+        metrics = {"epoch": run.epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                   "val_loss": val_loss, "val_acc": val_acc, "lr": run.optimizer.param_groups[0]["lr"],
+                   "epoch_seconds": time.perf_counter() - t0, "images_per_s": stats["images_per_s"],
+                   "data_seconds": stats["data_seconds"], "train_seconds": stats["train_seconds"],
+                   "checkpoint": None}
+        if out_dir:
+            metrics["checkpoint"] = str(out_dir / "last.pt")
+        run.history.append(dict(metrics))
+        if out_dir:
+            save(run.state_dict(), out_dir / "last.pt")
+        if on_epoch is not None:
+            on_epoch(dict(metrics))
+        if not math.isfinite(metrics["train_loss"]):  # diverged: more epochs only burn the budget
+            break
+    final = dict(metrics, diverged=not math.isfinite(metrics.get("train_loss", 0.0)), best_val_acc=run.best_val_acc, wall_seconds=time.perf_counter() - t_start,
+                 num_params=sum(p.numel() for p in run.model.parameters()),
+                 train_images=len(run.train_data), val_images=len(run.val_data), augment=run.augment,
+                 device=str(run.device), amp=run.amp)
+    if cfg.eval_data:
+        final.update(_evaluate_held_out(run, cfg.eval_data, progress))
+    if out_dir:
+        write_json(out_dir / "metrics.json", {"config": cfg.to_dict(), "final": final, "history": run.history})
+    final["history"] = list(run.history)
+    return final
+
+
+def _evaluate_held_out(run: _Run, spec: str, progress: bool) -> Dict[str, Any]:
+    held = data_mod.load(spec, progress=progress)
+    train = run.train_data
+    if held.in_chans != train.in_chans or held.image_size != train.image_size:
+        raise ValueError(f"eval data '{spec}' has images {held.in_chans}x{held.image_size[0]}x{held.image_size[1]} "
+                         f"but the training data {train.in_chans}x{train.image_size[0]}x{train.image_size[1]}")
+    if held.classes != train.classes:
+        raise ValueError(f"eval data '{spec}' has classes {held.classes[:5]}... but the training data "
+                         f"{train.classes[:5]}...; both need the same class folders")
+    loss, acc = evaluate(run.model, run._loader(held, 256, shuffle=False, augment=False), run.amp)
+    return {"eval_loss": loss, "eval_acc": acc, "eval_images": len(held)}

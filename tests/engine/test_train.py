@@ -1,0 +1,182 @@
+"""The training engine: learning, determinism, exact resume, callbacks, CLI and config errors."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from dcanets import cli
+from dcanets.cli import train as train_cli
+from dcanets.engine import data
+from dcanets.engine import loop as engine
+from dcanets.engine import TrainConfig, train
+
+TIMING = {"epoch_seconds", "images_per_s", "data_seconds", "train_seconds", "wall_seconds", "checkpoint"}
+EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+              "images_per_s", "data_seconds", "checkpoint"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(tmp_path, monkeypatch):
+    """One torch thread: on a loaded 2-core machine two threads spin against each other."""
+    monkeypatch.setenv("DCANETS_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**kw):
+    base = dict(model="cifar_resnet20", data="digits", limit=96, batch_size=32, epochs=2, lr=0.05)
+    return TrainConfig(**{**base, **kw})
+
+
+def numbers(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+def test_training_reduces_loss_and_reports_every_epoch():
+    seen = []
+    final = train(tiny(epochs=3, limit=160), on_epoch=seen.append)
+    assert [m["epoch"] for m in seen] == [1, 2, 3]
+    assert all(EPOCH_KEYS <= set(m) for m in seen)
+    assert seen[-1]["train_loss"] < 0.8 * seen[0]["train_loss"]
+    assert seen[-1]["lr"] < seen[0]["lr"] < 0.05  # cosine decays per step
+    assert final["num_params"] > 0 and final["best_val_acc"] >= final["val_acc"]
+    assert final["val_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert seen[0]["data_seconds"] < seen[0]["epoch_seconds"]
+
+
+def test_same_seed_same_numbers_on_cpu():
+    a, b = train(tiny()), train(tiny())
+    assert numbers(a["history"]) == numbers(b["history"])
+    c = train(tiny(seed=1))
+    assert numbers(c["history"]) != numbers(a["history"])
+
+
+def test_warmup_ramps_linearly_then_the_schedule_spans_the_rest():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    cfg = tiny(epochs=3, warmup_epochs=0.5, sched="cosine")
+    sched = engine.build_scheduler(cfg, opt, steps_per_epoch=10)  # 5 warm-up steps, 25 cosine steps
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:6] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    assert lrs[5 + 12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 25)))
+    assert lrs[-1] < 0.01
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        train(tiny(epochs=2, warmup_epochs=2))
+
+
+def test_split_seed_fixes_validation_across_training_seeds_and_val_limit_keeps_it_whole():
+    a = engine._Run(tiny(seed=0, split_seed=0, limit=50), progress=False)
+    b = engine._Run(tiny(seed=1, split_seed=0, limit=50), progress=False)
+    assert torch.equal(a.val_data.images, b.val_data.images)
+    c = engine._Run(tiny(seed=1, limit=50), progress=False)  # split_seed None: the run's seed
+    assert not torch.equal(a.val_data.images, c.val_data.images)
+    whole = engine._Run(tiny(limit=50, val_limit=10_000), progress=False)
+    assert len(a.val_data) == 6 and len(whole.val_data) == round(0.1 * 1797)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = tiny(epochs=3, output=str(tmp_path / "run"), augment=True)
+    full = train(tiny(epochs=3, augment=True))
+
+    def crash(m):
+        if m["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch=crash)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 2
+    resumed = train(cfg, resume=tmp_path / "run")
+    assert numbers(resumed["history"]) == numbers(full["history"])
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["final"]["epoch"] == 3 and len(saved["history"]) == 3
+    with pytest.raises(ValueError, match="trained with model='cifar_resnet20'"):
+        train(tiny(model="cifar_negnet20", epochs=4), resume=tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        train(cfg, resume=tmp_path / "nothing")
+
+
+def test_cli_resume_takes_the_checkpoint_config(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--limit", "64", "--batch-size", "32", "--output", str(out), "--no-progress"]
+    assert cli.main(["train", "--epochs", "1", "--lr", "0.02", *args]) == 0
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["lr"] == 0.02 and [m["epoch"] for m in saved["history"]] == [1, 2]
+
+
+def test_closure_path_matches_plain_step(monkeypatch):
+    """With SGD, stepping through a closure must give exactly the plain step's numbers."""
+    plain = train(tiny(epochs=1))
+    monkeypatch.setattr(engine, "prepare", lambda opt, model: True)
+    closure = train(tiny(epochs=1))
+    assert numbers(closure["history"]) == numbers(plain["history"])
+
+
+def test_held_out_eval_data(tmp_path):
+    src = data.synthetic(60, num_classes=3, size=8, channels=3, seed=0)
+    held = data.synthetic(30, num_classes=3, size=8, channels=3, seed=5)
+    train_dir = data.write_image_folder(src, tmp_path / "train")
+    eval_tar = data.write_image_tar(held, tmp_path / "test.tar")
+    final = train(tiny(data=str(train_dir), eval_data=str(eval_tar), limit=None, epochs=1, batch_size=16))
+    assert final["eval_images"] == 30 and 0.0 <= final["eval_acc"] <= 1.0 and final["eval_loss"] > 0
+    assert final["augment"] is True  # RGB data gets crop + flip by default
+    with pytest.raises(ValueError, match="eval data"):
+        train(tiny(epochs=1, eval_data=str(eval_tar)))  # digits are 1x8x8, the tar 3x8x8
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown training config key.*lrr.*valid keys: model"):
+        TrainConfig.from_dict({"lrr": 0.1})
+    assert TrainConfig.from_dict({"lr": 0.2, "opt_kwargs": {"rho": 0.01}}).opt_kwargs == {"rho": 0.01}
+    with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
+        train(tiny(model="no_such_net"))
+    with pytest.raises(ValueError, match="unknown optimizer 'nosuchopt'"):
+        train(tiny(opt="nosuchopt"))
+    with pytest.raises(ValueError, match="schedule"):
+        train(tiny(sched="linear"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny(data="/no/such/data.tar"))
+
+
+def test_divergence_stops_the_run():
+    seen = []
+    final = train(tiny(lr=1e10, epochs=3, sched="none", weight_decay=0.0), on_epoch=seen.append)
+    assert final["diverged"] and len(seen) < 3
+
+
+def test_parse_kv():
+    assert train_cli.parse_kv("rho=0.01,lam=10,name=x,flag=true") == {"rho": 0.01, "lam": 10, "name": "x", "flag": True}
+    assert train_cli.parse_kv('{"rho": 0.5}') == {"rho": 0.5}
+    with pytest.raises(ValueError, match="key=value"):
+        train_cli.parse_kv("rho")
+
+
+def test_cli_writes_metrics_and_flags_override_config(tmp_path, capsys):
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"model": "cifar_resnet20", "lr": 0.01, "epochs": 5, "batch_size": 32}))
+    out = tmp_path / "out"
+    code = cli.main(["train", "--config", str(best), "--epochs", "1", "--limit", "64", "--output", str(out),
+                     "--opt-kwargs", "nesterov=false", "--no-progress"])
+    assert code == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["epochs"] == 1 and saved["config"]["lr"] == 0.01
+    assert saved["config"]["opt_kwargs"] == {"nesterov": False}
+    assert (out / "last.pt").is_file()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["epoch"] == 1 and "val_acc" in printed
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\nbogus: 1\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and len(err.strip().splitlines()) == 1
