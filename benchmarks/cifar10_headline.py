@@ -1,7 +1,7 @@
 """Paper 000's headline on CIFAR-10: NegNet vs ResNet vs plain, and DCA on plain networks.
 
 Three experiments, each one command, all through the one training engine
-(``dcanets.engine.loop.train``) on the CIFAR-10 training tar, split 45k/5k with a fixed seed
+(``dcanets.engine.train``) on the CIFAR-10 training tar, split 45k/5k with a fixed seed
 (selection on validation only), pad-4 crop + flip, per-channel normalization:
 
 * ``depth``: He et al. 2015 protocol scaled to the machine: cifar_{plainnet,resnet,negnet}
@@ -15,7 +15,8 @@ Three experiments, each one command, all through the one training engine
 Every run checkpoints each epoch under ``--runs`` (git-ignored), so re-running the same command
 resumes unfinished runs and skips finished ones; the JSON and PNG in benchmarks/results/ are
 rewritten after every experiment (``--out results/_pilot.json`` writes
-``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). ``--quick`` (CI): 128 training images, 1 epoch, one seed.
+``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). ``--quick`` (CI): 128 training images, 1 epoch, one seed;
+without ``../shared/data/cifar10/train.tar`` (and no ``--data``) it trains on a generated CIFAR-like stand-in.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-from common import figure_path, parse_args, progress, shared_data, write_result
+from common import benchmark_data, figure_path, is_stand_in, parse_args, progress, shared_data, write_result
 from dcanets.cli.train import parse_kv
 from dcanets.engine import TrainConfig, train
 
@@ -62,7 +63,7 @@ def extra(p: argparse.ArgumentParser) -> None:
                         "(to split one experiment over processes; the result file is written by an unfiltered call)")
     p.add_argument("--limit", type=int, default=None, help="at most this many training images")
     p.add_argument("--val-limit", type=int, default=5000, help="validation images (the whole 5k by default)")
-    p.add_argument("--data", default=shared_data("cifar10/train.tar"))
+    p.add_argument("--data", default=None, help="image-folder tar/dir (default: ../shared/data/cifar10/train.tar)")
     p.add_argument("--eval-data", default=None, help="held-out image-folder tar/dir, evaluated at the end")
     p.add_argument("--runs", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "cifar10",
                    help="checkpoints, one folder per run (never committed)")
@@ -143,6 +144,12 @@ def main() -> None:
     if args.quick:
         args.limit, args.val_limit, args.epochs, args.seeds = 128, 64, 1, [0]
         args.runs = args.runs.parent / "cifar10_quick"
+    if args.collect and args.data is None:  # trains nothing, so the data need not be here
+        args.data = shared_data("cifar10/train.tar")
+    else:  # 640 stand-in images: the 10% validation part holds the 64 quick validation images
+        args.data = benchmark_data("cifar10/train.tar", args.data, args.quick, images=640)
+    if is_stand_in(args.data):  # runs on generated data never mix with runs on the real set
+        args.runs = args.runs.with_name(args.runs.name + "_standin")
     for experiment in args.experiment:
         rows = []
         for model, opt in ARMS[experiment]:

@@ -236,7 +236,9 @@ def main() -> None:
     parts = blocks(docs, args.quick)
     if args.quick:
         out = RESULTS / "REPORT_quick.md"
-        out.write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in parts.items()) + "\n")
+        stand_in = sorted({s for d in docs.values() for s in d.get("stand_in_data", [])})
+        note = [f"Quick runs on generated stand-in data ({'; '.join(stand_in)}), not CIFAR-10."] if stand_in else []
+        out.write_text("\n\n".join(note + [f"## {k}\n\n{v}" for k, v in parts.items()]) + "\n")
         print(out.read_text())
         return
     for path, names in ((REPORT, list(parts)), (README, ["headline"])):

@@ -3,6 +3,8 @@
 Benchmarks are scripts, not tests: ``python benchmarks/<name>.py --quick`` (CI) or ``--full``
 (the numbers in the README). Each writes ``benchmarks/results/<name>[_quick].json`` holding the
 budget it ran with next to every number, so a figure never travels without its budget.
+Benchmarks on the shared data sets (``../shared/data`` beside the repository) find them with
+``benchmark_data``; without them, quick mode runs on a generated stand-in and full mode stops.
 """
 from __future__ import annotations
 
@@ -25,6 +27,59 @@ def shared_data(relpath: str) -> str:
     (``<repo>/../shared/data``); ``$DCANETS_SHARED_DATA`` points elsewhere."""
     root = os.environ.get("DCANETS_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
     return str(Path(root) / relpath)
+
+
+# shared data set -> the small generated set that stands in for it in quick mode: same image
+# size, channels, class count and file format (an image-folder tar, read by the same code path)
+STAND_INS: Dict[str, Dict[str, Any]] = {
+    "cifar10/train.tar": dict(size=32, channels=3, num_classes=10, ext="jpg", like="CIFAR-10"),
+    "mnist/train.tar": dict(size=28, channels=1, num_classes=10, ext="png", like="MNIST"),
+}
+_GENERATED: Dict[str, str] = {}  # path of each stand-in made by this process -> its description
+
+
+def benchmark_data(relpath: str, given: str | None, quick: bool, images: int) -> str:
+    """The data set a benchmark reads: ``--data`` when given (it must exist), else the shared
+    copy (``shared_data(relpath)``), else, in quick mode only, a generated stand-in of the same
+    shape with ``images`` images (a clone without ``../shared`` still runs every quick mode).
+    Full mode without the data exits with one line naming the missing path."""
+    if given is not None:
+        if given in ("digits", "synthetic") or given.startswith("synthetic:") or Path(given).expanduser().exists():
+            return given
+        raise SystemExit(f"--data {given}: no such file or directory")
+    path = shared_data(relpath)
+    if Path(path).exists():
+        return path
+    if not quick:
+        raise SystemExit(f"{path} not found: the full benchmark needs the real data set; pass --data PATH "
+                         f"or set DCANETS_SHARED_DATA to the folder holding {relpath}")
+    return _stand_in(relpath, path, images)
+
+
+def _stand_in(relpath: str, missing: str, images: int) -> str:
+    """Write a seeded stand-in image-folder tar into a temporary folder removed at exit (its
+    decode cache too, so stand-ins never pile up in the user's cache)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from dcanets.engine import data
+
+    shape = STAND_INS[relpath]
+    tmp = Path(tempfile.mkdtemp(prefix="dcanets-standin-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    os.environ["DCANETS_CACHE"] = str(tmp / "cache")
+    gen = data.synthetic(images, shape["num_classes"], shape["size"], shape["channels"], seed=0)
+    tar = data.write_image_tar(gen, tmp / f"{shape['like'].lower().replace('-', '')}_standin.tar", shape["ext"])
+    what = (f"{images} generated {shape['size']}x{shape['size']} {'RGB' if shape['channels'] == 3 else 'grayscale'} "
+            f"{'JPEG' if shape['ext'] == 'jpg' else shape['ext'].upper()}s, {shape['num_classes']} classes, {shape['like']}-like")
+    _GENERATED[str(tar)] = what
+    print(f"no {missing}: quick mode on generated stand-in data ({what})", flush=True)
+    return str(tar)
+
+
+def is_stand_in(path: str) -> bool:
+    return str(path) in _GENERATED
 
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
@@ -59,6 +114,8 @@ def write_result(name: str, quick: bool, payload: Dict[str, Any], out: Path | No
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "mode": "quick" if quick else "full", "machine": machine(),
            "peak_rss_mb": round(peak_rss_mb(), 1), **payload}
+    if _GENERATED:  # a number measured on generated data never passes for one on the real set
+        doc["stand_in_data"] = sorted(_GENERATED.values())
     path.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     print(f"wrote {path}")
     return path

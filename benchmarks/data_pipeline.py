@@ -1,8 +1,8 @@
 """Data pipeline share of training step time, with the decode-once uint8 cache (goal < 10%).
 
-CIFAR-10 training tar (``../shared/data/cifar10/train.tar`` beside the repo, or ``--data``; a generated set
-when it is missing), batch 128, pad-4 crop + flip + per-channel normalization on whole batches,
-cifar_resnet20 (and cifar_resnet56 in full mode) trained by the engine (``dcanets.engine.loop``), SGD,
+CIFAR-10 training tar (``../shared/data/cifar10/train.tar`` beside the repo, or ``--data``; in quick
+mode a generated CIFAR-like stand-in tar when it is missing), batch 128, pad-4 crop + flip +
+per-channel normalization on whole batches, cifar_resnet20 (and cifar_resnet56 in full mode) trained by the engine (``dcanets.engine.loop``), SGD,
 one torch thread. Reports:
 
 - the one-time decode of the tar into the cache (cold, into a fresh cache directory) and the
@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from common import figure_path, shared_data, median, parse_args, peak_rss_mb, progress, write_result
-
-DEFAULT_DATA = shared_data("cifar10/train.tar")
+from common import benchmark_data, figure_path, median, parse_args, peak_rss_mb, progress, write_result
 
 
 def extra(parser) -> None:
-    parser.add_argument("--data", default=DEFAULT_DATA, help="image-folder tar/dir (CIFAR-10 layout)")
+    parser.add_argument("--data", default=None,
+                        help="image-folder tar/dir, CIFAR-10 layout (default: ../shared/data/cifar10/train.tar)")
 
 
 def cold_decode(spec: str, limit: int | None, seed: int) -> dict:
@@ -141,10 +140,8 @@ def plot(rows: list, path: Path) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
     torch.set_num_threads(1)
-    spec = args.data
-    if not spec.startswith("synthetic") and not Path(spec).exists():
-        progress(f"{spec} not found: using a generated set instead")
-        spec = "synthetic:2400"
+    # 2,400 stand-in images hold the quick mode's 2,000-image decode subset and its validation part
+    spec = benchmark_data("cifar10/train.tar", args.data, args.quick, images=2400)
     if args.quick:  # decode a 2k subset; train 2 epochs of 3 batches, time the second
         decode_limit, limit, models, epochs, naive = 2000, 384, ["cifar_resnet20"], 2, 256
     else:

@@ -1,7 +1,7 @@
 """"DCA + vanilla network = SGD + shortcut network" (paper 000, §3), measured.
 
 Three arms with the same data, budget, schedule and seeds, all trained by the one training
-engine ``dcanets.engine.loop.train``: a plain net with SGD, the same plain net with the counter-loss
+engine ``dcanets.engine.train``: a plain net with SGD, the same plain net with the counter-loss
 DCA optimizer ``dcacounter`` (eq. 12, Newton direction of eq. 19, c = ∇L'_0 at the last
 same-shape block), and the ResNet of the same depth with SGD. Training-loss curves and accuracies go to a table (stdout + JSON) and a PNG.
 No outcome is promised; whatever happens is reported.

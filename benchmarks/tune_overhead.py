@@ -2,7 +2,7 @@
 
 A. Overhead: the same N trials (fixed learning rates via Optuna's points_to_evaluate, one at a
    time, one CPU each, MLflow on) run by ``dcanets tune`` on a local Ray against the same
-   TrainConfigs run back-to-back in this process by ``dcanets.engine.loop.train`` (1 torch thread).
+   TrainConfigs run back-to-back in this process by ``dcanets.engine.train`` (1 torch thread).
    Ratio = search wall time / engine wall time (goal <= 1.3x for trials of >= 20 s), split into
    Ray start, MLflow, per-trial start-up (worker process, imports, data) and epochs.
 B. ASHA against running every trial to the end (FIFO): the same M configurations (Optuna's

@@ -1,10 +1,12 @@
 """What every dcanets model family shares when it builds through timm."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Type
+from typing import Any, Callable, Dict, Type, TypeVar
 
 import torch.nn as nn
 from timm.models import build_model_with_cfg
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
 def cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -31,17 +33,15 @@ def build(model_cls: Type[nn.Module], variant: str, pretrained: bool, **kwargs: 
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 
 
-def entrypoint(name: str, create: Callable[..., nn.Module], doc: str, **model_args: Any) -> Callable[..., nn.Module]:
-    """A timm-style builder registered as ``name``: ``create(name, pretrained, **model_args, **kwargs)``.
+class Entrypoints(list):
+    """A plugin module's model builders, in the order they are defined.
 
-    Families with many names (depth x shortcut type) declare them as a table and build their
-    entry points here, instead of repeating one three-line function per name. The builder's
-    ``__module__`` is the family's module, so timm finds that module's ``default_cfgs``.
+    ``@MODELS.add`` above a builder plays the part of timm's ``@register_model`` without
+    registering anything: the plugin's ``dcanets_register_models`` hook returns the list and
+    dcanets registers it, after checking each name against timm and the other plugins. A builder
+    cannot be defined and then forgotten in a hand-kept list.
     """
-    def builder(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return create(name, pretrained, **dict(model_args, **kwargs))
 
-    builder.__name__ = builder.__qualname__ = name
-    builder.__module__ = create.__module__
-    builder.__doc__ = doc
-    return builder
+    def add(self, fn: F) -> F:
+        self.append(fn)
+        return fn

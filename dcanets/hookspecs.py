@@ -1,9 +1,9 @@
 """The dcanets plugin contract.
 
 A plugin is any module or object with functions decorated by ``dcanets.hookimpl`` whose names
-match the specs below. The built-in architectures and decompositions are plugins declared under
-the ``dcanets`` entry-point group, exactly like a third-party package; nothing in the framework
-special-cases them.
+match the specs below. The built-in architectures and decompositions are plugins listed in code
+(``DEFAULT_PLUGINS`` in ``dcanets/plugins.py``) and implement these same hooks; a third-party
+package declares its plugin under the ``dcanets`` entry-point group (docs/plugins.md).
 
 Both hooks are collected once per process (on ``import dcanets``), each implementation called
 on its own so that an error can name the plugin that raised it.

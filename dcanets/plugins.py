@@ -1,22 +1,48 @@
 """One plugin manager per process: load the plugins, then push what they add into timm.
 
-Loading happens once, on ``import dcanets`` (and so inside every Ray worker that imports it).
-Entry points are loaded one by one rather than with ``load_setuptools_entrypoints`` so that a
-plugin which fails to import is reported by name instead of as a bare traceback.
+Loading happens once, on ``import dcanets`` (and so inside every Ray worker that imports it), in
+two steps on the same pluggy manager with the same hooks:
+
+1. the built-ins, :data:`DEFAULT_PLUGINS`, imported by module name as pytest and llm do: adding
+   one needs no reinstall, and stale install metadata cannot lose the core models;
+2. third-party packages, from the ``dcanets`` entry-point group (only they use it). They are
+   loaded one by one rather than with ``load_setuptools_entrypoints`` so that a plugin which
+   fails to import is reported by name instead of as a bare traceback.
+
+Disabling: ``DCANETS_DISABLE_PLUGINS=name,other`` skips those plugins, third-party or built-in,
+except the :data:`ESSENTIAL_PLUGINS` (like pytest's essential plugins): the engine's default model,
+its decompositions and the example searches rely on them, so naming one there is an error, not a
+silent no-op. The other built-ins are single-paper models and may be skipped.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Collection, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import pluggy
 
-from dcanets import hookspecs
+from dcanets import _compat, hookspecs
 
 GROUP = "dcanets"
 DISABLE_ENV = "DCANETS_DISABLE_PLUGINS"
+
+#: The built-in plugins (package ``dcanets_plugins``, folder ``plugins/``), registered in this order
+#: before any third-party plugin. Each is registered under its last dotted component: ``shortcut``.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "dcanets_plugins.shortcut",
+    "dcanets_plugins.cifar_shortcut",
+    "dcanets_plugins.decompositions",
+    "dcanets_plugins.double_resnet",
+    "dcanets_plugins.teacher_student",
+    "dcanets_plugins.multibranch",
+)
+
+#: Built-ins that cannot be disabled: the shortcut families and the decompositions are what
+#: dcanets is; the other built-ins are single-paper models a user may leave out of ``dcanets models``.
+ESSENTIAL_PLUGINS: frozenset[str] = frozenset({"shortcut", "cifar_shortcut", "decompositions"})
 
 
 class PluginError(RuntimeError):
@@ -36,14 +62,45 @@ _pm: Optional[pluggy.PluginManager] = None
 _registered: Dict[Tuple[str, str], Registered] = {}
 
 
+def plugin_name(module: str) -> str:
+    """The name a built-in is registered (and disabled) under: its module's last component."""
+    return module.rpartition(".")[2]
+
+
 def _disabled() -> set:
-    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    names = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    essential = sorted(names & ESSENTIAL_PLUGINS)
+    if essential:
+        raise PluginError(
+            f"{DISABLE_ENV} names the essential built-in plugin(s) {', '.join(essential)}, which cannot be "
+            f"disabled; only {', '.join(sorted({plugin_name(m) for m in DEFAULT_PLUGINS} - ESSENTIAL_PLUGINS))} "
+            "and third-party plugins can."
+        )
+    return names
+
+
+def _load_builtins(pm: pluggy.PluginManager) -> None:
+    disabled = _disabled()
+    for module in DEFAULT_PLUGINS:
+        name = plugin_name(module)
+        if name in disabled:
+            continue
+        try:
+            plugin = importlib.import_module(module)
+        except Exception as exc:  # a broken dcanets install: still say which plugin
+            raise PluginError(f"dcanets built-in plugin '{name}' ({module}) failed to import: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        pm.register(plugin, name=name)
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    disabled = _disabled()
     for ep in importlib.metadata.entry_points(group=GROUP):
-        if ep.name in _disabled() or pm.has_plugin(ep.name):
+        if ep.name in disabled or ep.value in DEFAULT_PLUGINS:  # the latter: a stale dcanets install
             continue
+        if pm.has_plugin(ep.name):
+            raise PluginError(f"dcanets plugin entry point '{ep.name}' ({ep.value}) has the name of a plugin "
+                              "already loaded; rename the entry point.")
         try:
             plugin = ep.load()
         except Exception as exc:  # any error in third-party code, reported with its name
@@ -55,26 +112,32 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         pm.register(plugin, name=ep.name)
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str) -> Iterable[Tuple[str, object]]:
-    """Call one hook plugin by plugin so that a failure names its plugin."""
+def _collect(pm: pluggy.PluginManager, hook_name: str, plugins: Collection[object]) -> Iterator[Tuple[str, object]]:
+    """Call one hook on each of ``plugins``, one implementation at a time, so a failure names its plugin.
+
+    Each call goes through pluggy (a subset hook caller holding only that implementation), so
+    pluggy's tracing and call monitoring see it as they would see ``pm.hook.<name>()``.
+    """
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        if impl.plugin not in plugins:
+            continue
+        others = [p for p in pm.get_plugins() if p is not impl.plugin]
         try:
-            items = impl.function() or ()
+            results = pm.subset_hook_caller(hook_name, remove_plugins=others)()
         except Exception as exc:
             raise PluginError(
                 f"dcanets plugin '{impl.plugin_name}' raised in {hook_name}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        for item in items:
-            yield impl.plugin_name, item
+        for items in results:
+            for item in items or ():
+                yield impl.plugin_name, item
 
 
-def _claim(name: str, plugin: str, kind: str, taken_by_timm: Optional[str]) -> bool:
-    """Record that ``plugin`` adds ``name``; False when it already did (a repeated load)."""
+def _claim(name: str, plugin: str, kind: str, taken_by_timm: Optional[str]) -> None:
+    """Record that ``plugin`` adds ``name``, or say who already has it."""
     previous = _registered.get((kind, name))
     if previous is not None:
-        if previous.plugin == plugin:
-            return False
         raise PluginError(
             f"dcanets plugin '{plugin}' registers {kind} '{name}', which plugin "
             f"'{previous.plugin}' already registered; rename one of them."
@@ -85,28 +148,26 @@ def _claim(name: str, plugin: str, kind: str, taken_by_timm: Optional[str]) -> b
             f"({taken_by_timm}); rename it, nothing is shadowed."
         )
     _registered[(kind, name)] = Registered(name, plugin, kind)
-    return True
 
 
-def _register_models(pm: pluggy.PluginManager) -> None:
+def _register_models(pm: pluggy.PluginManager, plugins: Collection[object]) -> None:
     import timm.models
 
-    for plugin, fn in _collect(pm, "dcanets_register_models"):
+    for plugin, fn in _collect(pm, "dcanets_register_models", plugins):
         name = getattr(fn, "__name__", None)
         if not callable(fn) or not name:
             raise PluginError(f"dcanets plugin '{plugin}' returned a non-function model entry {fn!r}")
         owner = None
-        if timm.models.is_model(name) and (("model", name) not in _registered):
+        if timm.models.is_model(name) and ("model", name) not in _registered:
             owner = timm.models.model_entrypoint(name).__module__
-        if _claim(name, plugin, "model", owner):
-            timm.models.register_model(fn)
+        _claim(name, plugin, "model", owner)
+        timm.models.register_model(fn)
 
 
-def _register_decompositions(pm: pluggy.PluginManager) -> None:
-    from timm.optim import OptimInfo
-    from timm.optim._optim_factory import default_registry
+def _register_decompositions(pm: pluggy.PluginManager, plugins: Collection[object]) -> None:
+    from timm.optim import OptimInfo, list_optimizers
 
-    for plugin, info in _collect(pm, "dcanets_register_decompositions"):
+    for plugin, info in _collect(pm, "dcanets_register_decompositions", plugins):
         if not isinstance(info, OptimInfo):
             raise PluginError(f"dcanets plugin '{plugin}' returned {info!r}, expected a timm.optim.OptimInfo")
         name = info.name
@@ -115,57 +176,58 @@ def _register_decompositions(pm: pluggy.PluginManager) -> None:
                 f"dcanets plugin '{plugin}' registers decomposition '{name}': names must be lower "
                 "case with no '_' (timm reads 'a_b' as prefix 'a' + optimizer 'b')"
             )
-        known = name in default_registry._optimizers and ("decomposition", name) not in _registered
-        if _claim(name, plugin, "decomposition", "timm.optim" if known else None):
-            default_registry.register(info)
+        known = name in list_optimizers() and ("decomposition", name) not in _registered
+        _claim(name, plugin, "decomposition", "timm.optim" if known else None)
+        _compat.register_optimizer(info)
+
+
+def _push(pm: pluggy.PluginManager, plugins: Collection[object]) -> None:
+    """Register into timm what ``plugins`` (already on ``pm``) add, and nothing of the others."""
+    _register_models(pm, plugins)
+    _register_decompositions(pm, plugins)
 
 
 def register_plugin(plugin: object, name: Optional[str] = None) -> str:
     """Register a plugin object at run time (tests, notebooks) and push its additions into timm.
 
-    If what it adds clashes, the plugin is unregistered again before the error propagates.
+    Only this plugin's hooks are called; those already loaded are not run again. If what it adds
+    clashes, the plugin is unregistered again, with whatever it had added, before the error propagates.
     """
     pm = get_plugin_manager()
-    name = pm.register(plugin, name=name)
+    registered = pm.register(plugin, name=name)
+    if registered is None:  # pluggy: blocked (set_blocked); nothing of it is loaded
+        raise PluginError(f"dcanets plugin '{name}' is blocked on the plugin manager")
     try:
-        _push(pm)
+        _push(pm, [plugin])
     except PluginError:
-        unregister_plugin(name)
+        unregister_plugin(registered)
         raise
-    return name
+    return registered
 
 
 def unregister_plugin(name: str) -> None:
     """Remove a plugin and every name it added from timm's registries."""
-    from timm.models import _registry
-    from timm.optim._optim_factory import default_registry
-
     get_plugin_manager().unregister(name=name)
     for key, entry in list(_registered.items()):
         if entry.plugin != name:
             continue
         del _registered[key]
         if entry.kind == "model":
-            _registry._model_entrypoints.pop(entry.name, None)
-            _registry._clear_model_entries(entry.name)
+            _compat.unregister_model(entry.name)
         else:
-            default_registry._optimizers.pop(entry.name, None)
-
-
-def _push(pm: pluggy.PluginManager) -> None:
-    _register_models(pm)
-    _register_decompositions(pm)
+            _compat.unregister_optimizer(entry.name)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide manager, created and loaded on first use."""
+    """The process-wide manager, created and loaded on first use: built-ins, then entry points."""
     global _pm
     if _pm is None:
         pm = pluggy.PluginManager(GROUP)
         pm.add_hookspecs(hookspecs)
+        _load_builtins(pm)
         _load_entry_points(pm)
         _pm = pm  # set before pushing so a plugin that imports dcanets does not recurse
-        _push(pm)
+        _push(pm, pm.get_plugins())
     return _pm
 
 
@@ -198,6 +260,6 @@ def list_plugins() -> List[Tuple[str, str]]:
 
 
 __all__ = [
-    "PluginError", "get_plugin_manager", "register_plugin", "unregister_plugin",
-    "list_models", "list_decompositions", "list_plugins", "did_you_mean",
+    "DEFAULT_PLUGINS", "ESSENTIAL_PLUGINS", "PluginError", "get_plugin_manager", "register_plugin",
+    "unregister_plugin", "list_models", "list_decompositions", "list_plugins", "did_you_mean",
 ]

@@ -1,6 +1,6 @@
 """dcanets' built-in plugins.
 
-Each module is a plugin declared under the ``dcanets`` entry-point group in dcanets'
-``pyproject.toml``, the same way a third-party package declares its own; see
-``plugins/examples/`` for such a package.
+Each module is one plugin, registered in code by ``dcanets.plugins.DEFAULT_PLUGINS`` (not by an
+entry point: those are for third-party packages, see ``plugins/examples/``) and holding one
+model family, with one short builder function per registered name, as in timm.
 """

@@ -12,7 +12,7 @@ arguments they set are those of :mod:`dcanets_plugins.shortcut`.
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import generate_default_cfgs
 
+from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
-from dcanets.builder import build, cfg, entrypoint
-from dcanets_plugins.shortcut import FAMILY, check_shortcut_args, family_args, merge
+from dcanets_plugins.shortcut import check_shortcut_args, family_args, merge
 
 
 class PadShortcut(nn.Module):
@@ -124,31 +124,240 @@ def _create(variant: str, pretrained: bool, family: str, **kwargs: Any) -> Cifar
 
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-HE_DEPTHS = (20, 32, 44, 56, 110)
-ARCHS = {  # depth -> architecture arguments
-    **{d: dict(widths=(16, 32, 64), depths=((d - 2) // 6,) * 3, shortcut_type="pad") for d in HE_DEPTHS},
-    18: dict(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), shortcut_type="conv"),
-}
-DOC = "CIFAR {family}{depth} ({what}); block arguments: dcanets_plugins.shortcut.FAMILY['{family}']."
 
 
-def _cfg(depth: int) -> dict:
-    pool = 4 if depth == 18 else 8
+def _cfg(pool: int = 8) -> dict:
+    """32x32 inputs; the last stage is 8x8 for the 6n+2 nets and 4x4 for the 18-layer net."""
     return cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(pool, pool), crop_pct=1.0,
                mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
-default_cfgs = generate_default_cfgs({f"cifar_{f}{d}": _cfg(d) for f in FAMILY for d in ARCHS})
+default_cfgs = generate_default_cfgs({
+    "cifar_resnet18": _cfg(pool=4), "cifar_resnet20": _cfg(), "cifar_resnet32": _cfg(),
+    "cifar_resnet44": _cfg(), "cifar_resnet56": _cfg(), "cifar_resnet110": _cfg(),
+    "cifar_negnet18": _cfg(pool=4), "cifar_negnet20": _cfg(), "cifar_negnet32": _cfg(),
+    "cifar_negnet44": _cfg(), "cifar_negnet56": _cfg(), "cifar_negnet110": _cfg(),
+    "cifar_plainnet18": _cfg(pool=4), "cifar_plainnet20": _cfg(), "cifar_plainnet32": _cfg(),
+    "cifar_plainnet44": _cfg(), "cifar_plainnet56": _cfg(), "cifar_plainnet110": _cfg(),
+    "cifar_gradnet18": _cfg(pool=4), "cifar_gradnet20": _cfg(), "cifar_gradnet32": _cfg(),
+    "cifar_gradnet44": _cfg(), "cifar_gradnet56": _cfg(), "cifar_gradnet110": _cfg(),
+    "cifar_actresnet18": _cfg(pool=4), "cifar_actresnet20": _cfg(), "cifar_actresnet32": _cfg(),
+    "cifar_actresnet44": _cfg(), "cifar_actresnet56": _cfg(), "cifar_actresnet110": _cfg(),
+})
 
-ENTRYPOINTS = [
-    entrypoint(f"cifar_{family}{depth}", _create,
-               DOC.format(family=family, depth=depth,
-                          what="3x3-stem 18-layer net" if depth == 18 else "He et al. 2015, 6n+2 layers"),
-               family=family, **arch)
-    for family in FAMILY for depth, arch in ARCHS.items()
-]
+MODELS = Entrypoints()
+
+
+@MODELS.add
+def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-18: the 3x3-stem 18-layer net of pytorch-cifar, projection shortcuts."""
+    model_args = dict(family="resnet", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), shortcut_type="conv")
+    return _create("cifar_resnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-20: He et al. 2015's 6n+2 net with n = 3, zero-padding shortcuts."""
+    model_args = dict(family="resnet", widths=(16, 32, 64), depths=(3, 3, 3), shortcut_type="pad")
+    return _create("cifar_resnet20", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-32: He et al. 2015's 6n+2 net with n = 5, zero-padding shortcuts."""
+    model_args = dict(family="resnet", widths=(16, 32, 64), depths=(5, 5, 5), shortcut_type="pad")
+    return _create("cifar_resnet32", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_resnet44(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-44: He et al. 2015's 6n+2 net with n = 7, zero-padding shortcuts."""
+    model_args = dict(family="resnet", widths=(16, 32, 64), depths=(7, 7, 7), shortcut_type="pad")
+    return _create("cifar_resnet44", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_resnet56(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-56: He et al. 2015's 6n+2 net with n = 9, zero-padding shortcuts."""
+    model_args = dict(family="resnet", widths=(16, 32, 64), depths=(9, 9, 9), shortcut_type="pad")
+    return _create("cifar_resnet56", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-110: He et al. 2015's 6n+2 net with n = 18, zero-padding shortcuts."""
+    model_args = dict(family="resnet", widths=(16, 32, 64), depths=(18, 18, 18), shortcut_type="pad")
+    return _create("cifar_resnet110", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_negnet18(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR NegNet-18: the 3x3-stem 18-layer net of pytorch-cifar, projection shortcuts."""
+    model_args = dict(family="negnet", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), shortcut_type="conv")
+    return _create("cifar_negnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_negnet20(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR NegNet-20: He et al. 2015's 6n+2 net with n = 3, zero-padding shortcuts."""
+    model_args = dict(family="negnet", widths=(16, 32, 64), depths=(3, 3, 3), shortcut_type="pad")
+    return _create("cifar_negnet20", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_negnet32(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR NegNet-32: He et al. 2015's 6n+2 net with n = 5, zero-padding shortcuts."""
+    model_args = dict(family="negnet", widths=(16, 32, 64), depths=(5, 5, 5), shortcut_type="pad")
+    return _create("cifar_negnet32", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_negnet44(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR NegNet-44: He et al. 2015's 6n+2 net with n = 7, zero-padding shortcuts."""
+    model_args = dict(family="negnet", widths=(16, 32, 64), depths=(7, 7, 7), shortcut_type="pad")
+    return _create("cifar_negnet44", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_negnet56(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR NegNet-56: He et al. 2015's 6n+2 net with n = 9, zero-padding shortcuts."""
+    model_args = dict(family="negnet", widths=(16, 32, 64), depths=(9, 9, 9), shortcut_type="pad")
+    return _create("cifar_negnet56", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_negnet110(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR NegNet-110: He et al. 2015's 6n+2 net with n = 18, zero-padding shortcuts."""
+    model_args = dict(family="negnet", widths=(16, 32, 64), depths=(18, 18, 18), shortcut_type="pad")
+    return _create("cifar_negnet110", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_plainnet18(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR Plain-18: the 3x3-stem 18-layer net of pytorch-cifar, projection shortcuts."""
+    model_args = dict(family="plainnet", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), shortcut_type="conv")
+    return _create("cifar_plainnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_plainnet20(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR Plain-20: He et al. 2015's 6n+2 net with n = 3, zero-padding shortcuts."""
+    model_args = dict(family="plainnet", widths=(16, 32, 64), depths=(3, 3, 3), shortcut_type="pad")
+    return _create("cifar_plainnet20", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_plainnet32(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR Plain-32: He et al. 2015's 6n+2 net with n = 5, zero-padding shortcuts."""
+    model_args = dict(family="plainnet", widths=(16, 32, 64), depths=(5, 5, 5), shortcut_type="pad")
+    return _create("cifar_plainnet32", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_plainnet44(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR Plain-44: He et al. 2015's 6n+2 net with n = 7, zero-padding shortcuts."""
+    model_args = dict(family="plainnet", widths=(16, 32, 64), depths=(7, 7, 7), shortcut_type="pad")
+    return _create("cifar_plainnet44", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_plainnet56(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR Plain-56: He et al. 2015's 6n+2 net with n = 9, zero-padding shortcuts."""
+    model_args = dict(family="plainnet", widths=(16, 32, 64), depths=(9, 9, 9), shortcut_type="pad")
+    return _create("cifar_plainnet56", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_plainnet110(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR Plain-110: He et al. 2015's 6n+2 net with n = 18, zero-padding shortcuts."""
+    model_args = dict(family="plainnet", widths=(16, 32, 64), depths=(18, 18, 18), shortcut_type="pad")
+    return _create("cifar_plainnet110", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_gradnet18(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR gradient-only shortcut net 18: the 3x3-stem 18-layer net of pytorch-cifar, projection shortcuts."""
+    model_args = dict(family="gradnet", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), shortcut_type="conv")
+    return _create("cifar_gradnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_gradnet20(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR gradient-only shortcut net 20: He et al. 2015's 6n+2 net with n = 3, zero-padding shortcuts."""
+    model_args = dict(family="gradnet", widths=(16, 32, 64), depths=(3, 3, 3), shortcut_type="pad")
+    return _create("cifar_gradnet20", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_gradnet32(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR gradient-only shortcut net 32: He et al. 2015's 6n+2 net with n = 5, zero-padding shortcuts."""
+    model_args = dict(family="gradnet", widths=(16, 32, 64), depths=(5, 5, 5), shortcut_type="pad")
+    return _create("cifar_gradnet32", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_gradnet44(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR gradient-only shortcut net 44: He et al. 2015's 6n+2 net with n = 7, zero-padding shortcuts."""
+    model_args = dict(family="gradnet", widths=(16, 32, 64), depths=(7, 7, 7), shortcut_type="pad")
+    return _create("cifar_gradnet44", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_gradnet56(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR gradient-only shortcut net 56: He et al. 2015's 6n+2 net with n = 9, zero-padding shortcuts."""
+    model_args = dict(family="gradnet", widths=(16, 32, 64), depths=(9, 9, 9), shortcut_type="pad")
+    return _create("cifar_gradnet56", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_gradnet110(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR gradient-only shortcut net 110: He et al. 2015's 6n+2 net with n = 18, zero-padding shortcuts."""
+    model_args = dict(family="gradnet", widths=(16, 32, 64), depths=(18, 18, 18), shortcut_type="pad")
+    return _create("cifar_gradnet110", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_actresnet18(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-18 with act(F(x)) + s(x): the 3x3-stem 18-layer net of pytorch-cifar, projection shortcuts."""
+    model_args = dict(family="actresnet", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), shortcut_type="conv")
+    return _create("cifar_actresnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_actresnet20(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-20 with act(F(x)) + s(x): He et al. 2015's 6n+2 net with n = 3, zero-padding shortcuts."""
+    model_args = dict(family="actresnet", widths=(16, 32, 64), depths=(3, 3, 3), shortcut_type="pad")
+    return _create("cifar_actresnet20", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_actresnet32(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-32 with act(F(x)) + s(x): He et al. 2015's 6n+2 net with n = 5, zero-padding shortcuts."""
+    model_args = dict(family="actresnet", widths=(16, 32, 64), depths=(5, 5, 5), shortcut_type="pad")
+    return _create("cifar_actresnet32", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_actresnet44(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-44 with act(F(x)) + s(x): He et al. 2015's 6n+2 net with n = 7, zero-padding shortcuts."""
+    model_args = dict(family="actresnet", widths=(16, 32, 64), depths=(7, 7, 7), shortcut_type="pad")
+    return _create("cifar_actresnet44", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_actresnet56(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-56 with act(F(x)) + s(x): He et al. 2015's 6n+2 net with n = 9, zero-padding shortcuts."""
+    model_args = dict(family="actresnet", widths=(16, 32, 64), depths=(9, 9, 9), shortcut_type="pad")
+    return _create("cifar_actresnet56", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def cifar_actresnet110(pretrained: bool = False, **kwargs: Any) -> CifarShortcutNet:
+    """CIFAR ResNet-110 with act(F(x)) + s(x): He et al. 2015's 6n+2 net with n = 18, zero-padding shortcuts."""
+    model_args = dict(family="actresnet", widths=(16, 32, 64), depths=(18, 18, 18), shortcut_type="pad")
+    return _create("cifar_actresnet110", pretrained, **dict(model_args, **kwargs))
 
 
 @hookimpl
-def dcanets_register_models() -> list:
-    return ENTRYPOINTS
+def dcanets_register_models() -> List[Callable[..., CifarShortcutNet]]:
+    return list(MODELS)

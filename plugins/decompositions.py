@@ -10,8 +10,8 @@ from typing import List
 
 from timm.optim import OptimInfo
 
-from dcanets.optim import decompositions as dca
 from dcanets.hookspecs import hookimpl
+from dcanets.optim import decompositions as dca
 
 _DESCRIPTIONS = {
     "dcal2": "DCA with G1 = lam*L2 (paper 000, eq. 9): SGD with lr = 1/lam",

@@ -18,15 +18,15 @@ Every architecture argument is a ``create_model`` kwarg: ``layers``, ``hidden`` 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs
 
-from dcanets.papers.p003_convex import ConvexResNets
+from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
-from dcanets.builder import build, cfg, entrypoint
+from dcanets.papers.p003_convex import ConvexResNets
 
 
 class DoubleResNet(nn.Module):
@@ -90,19 +90,30 @@ default_cfgs = generate_default_cfgs({
     "double_resnet_flat": cfg(**_common, input_size=(1, 8, 8), first_conv="", mean=(0.0,), std=(1.0,)),
 })
 
-ENTRYPOINTS = [
-    entrypoint("double_resnet_mnist", _create,
-               "Paper 003's MNIST model: conv 64x6x6, 4x4 max-pool, 10 pairs of 3-layer convex ResNets.",
-               stem_chs=64, stem_kernel=6, stem_pool=4, layers=3),
-    entrypoint("double_resnet_cifar", _create,
-               "The MNIST layout of paper 003 on 3x32x32 inputs.",
-               stem_chs=64, stem_kernel=6, stem_pool=4, layers=3),
-    entrypoint("double_resnet_flat", _create,
-               "Pairs of convex ResNets on the flattened input (no conv stem); default 1x8x8.",
-               stem_chs=0, layers=3),
-]
+MODELS = Entrypoints()
+
+
+@MODELS.add
+def double_resnet_mnist(pretrained: bool = False, **kwargs: Any) -> DoubleResNet:
+    """Paper 003's MNIST model: conv 64x6x6, 4x4 max-pool, 10 pairs of 3-layer convex ResNets."""
+    model_args = dict(stem_chs=64, stem_kernel=6, stem_pool=4, layers=3)
+    return _create("double_resnet_mnist", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def double_resnet_cifar(pretrained: bool = False, **kwargs: Any) -> DoubleResNet:
+    """The MNIST layout of paper 003 on 3x32x32 inputs."""
+    model_args = dict(stem_chs=64, stem_kernel=6, stem_pool=4, layers=3)
+    return _create("double_resnet_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def double_resnet_flat(pretrained: bool = False, **kwargs: Any) -> DoubleResNet:
+    """Pairs of convex ResNets on the flattened input (no conv stem); default 1x8x8."""
+    model_args = dict(stem_chs=0, layers=3)
+    return _create("double_resnet_flat", pretrained, **dict(model_args, **kwargs))
 
 
 @hookimpl
-def dcanets_register_models() -> list:
-    return ENTRYPOINTS
+def dcanets_register_models() -> List[Callable[..., DoubleResNet]]:
+    return list(MODELS)

@@ -15,14 +15,14 @@ The branches are one batched tensor per layer (shape ``(I, fan_in, fan_out)``, a
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, List
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs
 
+from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
-from dcanets.builder import build, cfg, entrypoint
 
 
 class BranchLinear(nn.Module):
@@ -79,21 +79,27 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> MultiBranchMLP:
     return build(MultiBranchMLP, variant, pretrained, **kwargs)
 
 
-DEPTHS = {1: "one hidden layer per branch (paper 002, Fig. 2 top rows)",
-          3: "three hidden layers per branch (paper 002, Fig. 2 bottom row)"}
-
 default_cfgs = generate_default_cfgs({
-    f"multibranch_mlp_{d}h": cfg(num_classes=10, input_size=(1, 8, 8), pool_size=None,
-                                 mean=(0.0,), std=(1.0,), first_conv="", classifier="head")
-    for d in DEPTHS})
+    name: cfg(num_classes=10, input_size=(1, 8, 8), pool_size=None, mean=(0.0,), std=(1.0,),
+              first_conv="", classifier="head") for name in ("multibranch_mlp_1h", "multibranch_mlp_3h")})
 
-ENTRYPOINTS = [
-    entrypoint(f"multibranch_mlp_{d}h", _create,
-               f"Multi-branch MLP, {doc}; kwargs num_branches (I), total_width.", depth=d)
-    for d, doc in DEPTHS.items()
-]
+MODELS = Entrypoints()
+
+
+@MODELS.add
+def multibranch_mlp_1h(pretrained: bool = False, **kwargs: Any) -> MultiBranchMLP:
+    """Multi-branch MLP, one hidden layer per branch (paper 002, Fig. 2 top rows)."""
+    model_args = dict(depth=1)
+    return _create("multibranch_mlp_1h", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def multibranch_mlp_3h(pretrained: bool = False, **kwargs: Any) -> MultiBranchMLP:
+    """Multi-branch MLP, three hidden layers per branch (paper 002, Fig. 2 bottom row)."""
+    model_args = dict(depth=3)
+    return _create("multibranch_mlp_3h", pretrained, **dict(model_args, **kwargs))
 
 
 @hookimpl
-def dcanets_register_models() -> list:
-    return ENTRYPOINTS
+def dcanets_register_models() -> List[Callable[..., MultiBranchMLP]]:
+    return list(MODELS)

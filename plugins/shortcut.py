@@ -17,14 +17,14 @@ defaults to False here: zeroing the last BN of each block makes a plain net outp
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import torch
 from timm.models import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
-from dcanets.builder import build, cfg, entrypoint
 
 ACT_PLACEMENTS = ("after_add", "before_add")
 
@@ -142,23 +142,100 @@ def _create(variant: str, pretrained: bool, family: str, block: type, layers: tu
     return build(ResNet, variant, pretrained, block=block, layers=layers, block_args=block_args, **kwargs)
 
 
-DOCS = {
-    "negnet": "NegNet-{d}: out = act(F(x)) - s(x) (paper 000, eq. 27, alpha = -1).",
-    "plainnet": "Plain-{d}: ResNet-{d} without shortcuts (alpha = 0), same parameters.",
-    "gradnet": "Gradient-only shortcut net {d} (the authors' TestNet): plain forward, ResNet gradient.",
-    "actresnet": "ResNet-{d} with the authors' baseline block act(F(x)) + s(x).",
-}
-DEPTHS = {18: (ShortcutBasicBlock, (2, 2, 2, 2)), 34: (ShortcutBasicBlock, (3, 4, 6, 3)),
-          50: (ShortcutBottleneck, (3, 4, 6, 3))}
+default_cfgs = generate_default_cfgs({
+    "negnet18": cfg(), "negnet34": cfg(), "negnet50": cfg(),
+    "plainnet18": cfg(), "plainnet34": cfg(), "plainnet50": cfg(),
+    "gradnet18": cfg(), "gradnet34": cfg(), "gradnet50": cfg(),
+    "actresnet18": cfg(), "actresnet34": cfg(), "actresnet50": cfg(),
+})
 
-default_cfgs = generate_default_cfgs({f"{family}{d}": cfg() for family in DOCS for d in DEPTHS})
+MODELS = Entrypoints()
 
-ENTRYPOINTS = [
-    entrypoint(f"{family}{d}", _create, doc.format(d=d), family=family, block=block, layers=layers)
-    for family, doc in DOCS.items() for d, (block, layers) in DEPTHS.items()
-]
+
+@MODELS.add
+def negnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """NegNet-18: out = act(F(x)) - s(x) (paper 000, eq. 27, alpha = -1)."""
+    model_args = dict(family="negnet", block=ShortcutBasicBlock, layers=(2, 2, 2, 2))
+    return _create("negnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def negnet34(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """NegNet-34: out = act(F(x)) - s(x) (paper 000, eq. 27, alpha = -1)."""
+    model_args = dict(family="negnet", block=ShortcutBasicBlock, layers=(3, 4, 6, 3))
+    return _create("negnet34", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def negnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """NegNet-50: out = act(F(x)) - s(x) (paper 000, eq. 27, alpha = -1)."""
+    model_args = dict(family="negnet", block=ShortcutBottleneck, layers=(3, 4, 6, 3))
+    return _create("negnet50", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def plainnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Plain-18: ResNet-18 without shortcuts (alpha = 0), same parameters."""
+    model_args = dict(family="plainnet", block=ShortcutBasicBlock, layers=(2, 2, 2, 2))
+    return _create("plainnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def plainnet34(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Plain-34: ResNet-34 without shortcuts (alpha = 0), same parameters."""
+    model_args = dict(family="plainnet", block=ShortcutBasicBlock, layers=(3, 4, 6, 3))
+    return _create("plainnet34", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def plainnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Plain-50: ResNet-50 without shortcuts (alpha = 0), same parameters."""
+    model_args = dict(family="plainnet", block=ShortcutBottleneck, layers=(3, 4, 6, 3))
+    return _create("plainnet50", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def gradnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Gradient-only shortcut net 18 (the authors' TestNet): plain forward, ResNet gradient."""
+    model_args = dict(family="gradnet", block=ShortcutBasicBlock, layers=(2, 2, 2, 2))
+    return _create("gradnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def gradnet34(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Gradient-only shortcut net 34 (the authors' TestNet): plain forward, ResNet gradient."""
+    model_args = dict(family="gradnet", block=ShortcutBasicBlock, layers=(3, 4, 6, 3))
+    return _create("gradnet34", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def gradnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Gradient-only shortcut net 50 (the authors' TestNet): plain forward, ResNet gradient."""
+    model_args = dict(family="gradnet", block=ShortcutBottleneck, layers=(3, 4, 6, 3))
+    return _create("gradnet50", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def actresnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-18 with the authors' baseline block act(F(x)) + s(x)."""
+    model_args = dict(family="actresnet", block=ShortcutBasicBlock, layers=(2, 2, 2, 2))
+    return _create("actresnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def actresnet34(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-34 with the authors' baseline block act(F(x)) + s(x)."""
+    model_args = dict(family="actresnet", block=ShortcutBasicBlock, layers=(3, 4, 6, 3))
+    return _create("actresnet34", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def actresnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-50 with the authors' baseline block act(F(x)) + s(x)."""
+    model_args = dict(family="actresnet", block=ShortcutBottleneck, layers=(3, 4, 6, 3))
+    return _create("actresnet50", pretrained, **dict(model_args, **kwargs))
 
 
 @hookimpl
-def dcanets_register_models() -> list:
-    return ENTRYPOINTS
+def dcanets_register_models() -> List[Callable[..., ResNet]]:
+    return list(MODELS)

@@ -13,14 +13,14 @@ The population-loss maths, normalized GD and the success-rate sweep live in
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, List
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs
 
+from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
-from dcanets.builder import build, cfg, entrypoint
 
 
 class NonOverlappingStudent(nn.Module):
@@ -50,16 +50,27 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> NonOverlappingStud
     return build(NonOverlappingStudent, variant, pretrained, **kwargs)
 
 
-VARIANTS = {"teacher_student_resnet": (True, "Paper 001 student with the skip-layer prior 1/sqrt(p) + w."),
-            "teacher_student_cnn": (False, "Paper 001 plain non-overlapping CNN student (no prior).")}
-
 default_cfgs = generate_default_cfgs({
     name: cfg(num_classes=1, input_size=(1, 16, 8), pool_size=None, mean=(0.0,), std=(1.0,),
-              first_conv="", classifier="a") for name in VARIANTS})
+              first_conv="", classifier="a") for name in ("teacher_student_resnet", "teacher_student_cnn")})
 
-ENTRYPOINTS = [entrypoint(name, _create, doc, skip_prior=prior) for name, (prior, doc) in VARIANTS.items()]
+MODELS = Entrypoints()
+
+
+@MODELS.add
+def teacher_student_resnet(pretrained: bool = False, **kwargs: Any) -> NonOverlappingStudent:
+    """Paper 001 student with the skip-layer prior 1/sqrt(p) + w."""
+    model_args = dict(skip_prior=True)
+    return _create("teacher_student_resnet", pretrained, **dict(model_args, **kwargs))
+
+
+@MODELS.add
+def teacher_student_cnn(pretrained: bool = False, **kwargs: Any) -> NonOverlappingStudent:
+    """Paper 001 plain non-overlapping CNN student (no prior)."""
+    model_args = dict(skip_prior=False)
+    return _create("teacher_student_cnn", pretrained, **dict(model_args, **kwargs))
 
 
 @hookimpl
-def dcanets_register_models() -> list:
-    return ENTRYPOINTS
+def dcanets_register_models() -> List[Callable[..., NonOverlappingStudent]]:
+    return list(MODELS)

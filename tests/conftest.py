@@ -12,3 +12,9 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU; skipped with the reason 'no CUDA device' when none is present")
+

@@ -1,5 +1,6 @@
 """The plugin manager: discovery, attribution and every error path."""
 import importlib.metadata
+import pathlib
 
 import pluggy
 import pytest
@@ -44,13 +45,61 @@ def registered():
             dcanets.unregister_plugin(name)
 
 
-def test_builtins_are_entry_points_and_listed_with_their_plugin():
-    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="dcanets")}
-    assert eps["shortcut"] == "dcanets_plugins.shortcut"
+def test_builtins_are_listed_with_their_plugin_and_declare_no_entry_point():
+    pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert "[project.entry-points.dcanets]" not in pyproject  # the group is for third parties only
     models = dcanets.list_models()
     assert models["negnet18"] == "shortcut" and models["cifar_negnet56"] == "cifar_shortcut"
     assert "resnet18" not in models  # timm's own, not added by a plugin
     assert timm.is_model("cifar_gradnet56")
+
+
+class CountingPlugin(ModelPlugin):
+    calls = 0
+
+    @hookimpl
+    def dcanets_register_models(self):
+        type(self).calls += 1
+        return super().dcanets_register_models()
+
+
+def test_register_plugin_calls_only_the_new_plugins_hooks_through_pluggy(registered):
+    registered(CountingPlugin("dcatest_count_a"), "count-a")
+    assert CountingPlugin.calls == 1
+    seen = []
+    undo = dcanets.get_plugin_manager().add_hookcall_monitoring(
+        lambda hook_name, impls, kwargs: seen.append((hook_name, [i.plugin_name for i in impls])),
+        lambda outcome, hook_name, impls, kwargs: None)
+    try:
+        registered(ModelPlugin("dcatest_count_b"), "count-b")
+    finally:
+        undo()
+    assert CountingPlugin.calls == 1  # not re-run, nor the built-ins
+    assert ("dcanets_register_models", ["count-b"]) in seen
+    assert all(names in ([], ["count-b"]) for _, names in seen)
+
+
+def test_essential_builtins_cannot_be_disabled_others_can(monkeypatch):
+    monkeypatch.setenv("DCANETS_DISABLE_PLUGINS", "multibranch, shortcut")
+    with pytest.raises(PluginError, match="essential built-in plugin.*shortcut.*cannot be disabled"):
+        plugins._load_builtins(pluggy.PluginManager("dcanets"))
+    monkeypatch.setenv("DCANETS_DISABLE_PLUGINS", "multibranch")
+    pm = pluggy.PluginManager("dcanets")
+    plugins._load_builtins(pm)
+    assert not pm.has_plugin("multibranch") and pm.has_plugin("shortcut") and pm.has_plugin("double_resnet")
+
+
+def test_entry_points_naming_builtins(monkeypatch):
+    stale = importlib.metadata.EntryPoint("shortcut", "dcanets_plugins.shortcut", "dcanets")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [stale])
+    pm = pluggy.PluginManager("dcanets")
+    plugins._load_builtins(pm)
+    plugins._load_entry_points(pm)  # an old dcanets install's metadata: skipped, the built-in stays
+    assert pm.get_plugin("shortcut").__name__ == "dcanets_plugins.shortcut"
+    other = importlib.metadata.EntryPoint("shortcut", "json", "dcanets")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [other])
+    with pytest.raises(PluginError, match="entry point 'shortcut' \\(json\\) has the name of a plugin"):
+        plugins._load_entry_points(pm)
 
 
 def test_runtime_plugin_adds_and_removes_a_model(registered):

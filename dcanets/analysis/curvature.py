@@ -1,7 +1,7 @@
 """Curvature of a training loss: Hessian–vector products, power iteration, Lanczos, advice.
 
-Why: the DC decompositions are valid only in a curvature range (SCIENCE.md §4; paper 000 §2,
-paper 003 §2): the projective decomposition G1 = λ·L2 needs λ ≥ λ_max(∇²L), i.e. lr ≤ 1/λ_max;
+Why: the DC decompositions are valid only in a curvature range (paper 000, §2 and eqs. 9, 12;
+paper 003, §2): the projective decomposition G1 = λ·L2 needs λ ≥ λ_max(∇²L), i.e. lr ≤ 1/λ_max;
 gradient descent is Lyapunov-stable at a minimum only if lr < 2/λ_max; the proximal and
 counter-loss decompositions need ρ ≥ −λ_min. Measuring λ_min and λ_max on a batch replaces
 guessing lr, λ and ρ.
@@ -148,7 +148,7 @@ def extreme_eigenvalues(model: torch.nn.Module, loss_fn: Callable, inputs: torch
 
 
 def advise(lam_min: float, lam_max: float) -> Dict[str, float]:
-    """Step sizes and ρ from measured curvature (SCIENCE.md §4).
+    """Step sizes and ρ from measured curvature (paper 000, §2; paper 003, §2; docs/papers.md).
 
     - ``lr_projective`` = 1/λ_max: G1 = λ·L2 is a valid DC decomposition (H1 convex) when
       λ ≥ λ_max, and DCA with G1 is SGD with lr = 1/λ (paper 000, eq. 9);

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Dict
+
+from pydantic.fields import FieldInfo
 
 from dcanets.engine.checkpoint import load_checkpoint
 from dcanets.engine.config import TrainConfig
@@ -43,24 +44,28 @@ def _kv_arg(text: str) -> Dict[str, Any]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-HELP = {
-    "model": "timm model name", "model_kwargs": "extra timm.create_model kwargs",
-    "data": "digits | synthetic[:N] | image-folder dir or .tar | torchvision CIFAR/MNIST dir",
-    "eval_data": "held-out image-folder dir or .tar evaluated at the end",
-    "val_fraction": "fraction held out for validation (fixed-seed split)",
-    "split_seed": "seed of the train/validation split (default: --seed); fix it to compare seeds on one split",
-    "val_limit": "at most this many validation images (default: in proportion to --limit)",
-    "warmup_epochs": "linear lr warm-up length in epochs (may be fractional)",
-    "limit": "use at most this many training images", "opt": "timm optimizer registry name",
-    "opt_kwargs": "extra optimizer kwargs, e.g. 'rho=0.01,lam=10' or JSON",
-    "sched": "cosine | step | none", "device": "auto | cpu | cuda[:N]",
-    "amp": "mixed precision (CUDA only)", "augment": "pad-4 crop + flip (default: on for RGB data)",
-    "output": "directory for last.pt and metrics.json",
-}
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_METAVARS = {"integer": "N", "number": "X", "string": "TEXT"}
+
+
+def _flag_options(info: FieldInfo, schema: Dict[str, Any]) -> Dict[str, Any]:
+    """argparse options for one TrainConfig field: values stay text and TrainConfig validates them,
+    so a bad flag gets the same message as a bad YAML value (``lr: must be a number, got 'x'``)."""
+    default = info.get_default(call_default_factory=True)
+    help_text = info.description or ""
+    help_text += "" if default is None else f" (default: {default!r})"
+    options: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}  # argparse %-formats
+    kinds = {s.get("type") for s in schema.get("anyOf", [schema])} - {"null"}
+    if kinds == {"object"}:
+        return {**options, "type": _kv_arg, "metavar": "K=V,..."}
+    if kinds == {"boolean"}:
+        return {**options, "action": argparse.BooleanOptionalAction}
+    if "enum" in schema:
+        return {**options, "choices": schema["enum"]}
+    return {**options, "metavar": _METAVARS.get(kinds.pop() if len(kinds) == 1 else "", "VALUE")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,19 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (e.g. a search's best.yaml)")
     parser.add_argument("--resume", help="checkpoint (last.pt) or output directory to resume from")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    types = {"float": float, "int": int, "str": str}
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{HELP.get(f.name, '')} (default: {default!r})".strip()
-        if f.name in ("model_kwargs", "opt_kwargs"):
-            parser.add_argument(_flag(f.name), type=_kv_arg, default=argparse.SUPPRESS, metavar="K=V,...",
-                                help=help_text)
-        elif f.name in ("amp", "augment"):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            kind = str(f.type).replace("Optional[", "").rstrip("]")
-            parser.add_argument(_flag(f.name), type=types.get(kind, str), default=argparse.SUPPRESS, help=help_text)
+    schema = TrainConfig.model_json_schema()
+    for name, info in TrainConfig.model_fields.items():
+        prop = schema["properties"][name]
+        if "$ref" in prop:  # a nested model (opt_kwargs): its own schema says what kind it is
+            prop = schema["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
+        parser.add_argument(_flag(name), **_flag_options(info, prop))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -100,9 +98,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not isinstance(loaded, dict):
             raise ValueError(f"'{path}' must hold a mapping of TrainConfig fields")
         values.update(loaded)
-    for f in dataclasses.fields(TrainConfig):
-        if hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
+    values.update({name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)})
     return TrainConfig.from_dict(values)
 
 

@@ -1,11 +1,14 @@
 """Checkpoints that resume exactly: model, optimizer, schedule, scaler and every RNG state.
 
 Writes are atomic (a temporary file renamed into place), so a run killed mid-write leaves the
-previous checkpoint readable.
+previous checkpoint readable. Reads use ``torch.load(weights_only=True)``: a checkpoint holds only
+tensors and plain Python data (numpy's RNG state is stored as a tensor for that reason), so a
+crafted ``last.pt`` passed to ``--resume`` cannot run code; it is refused with one line.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any, Dict
@@ -15,7 +18,11 @@ import torch
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from, in types ``torch.load(weights_only=True)`` accepts."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -23,7 +30,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -36,9 +44,15 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass a last.pt or the run's output directory")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        if not blocked:  # not a pickle torch can read at all
+            raise ValueError(f"cannot read checkpoint '{path}': not a torch checkpoint") from None
+        raise ValueError(f"refusing to load checkpoint '{path}': it holds objects other than tensors and plain "
+                         f"data, which could run code ({blocked[0]}); only resume from checkpoints dcanets wrote") from None
     except Exception as exc:
-        raise ValueError(f"cannot read checkpoint '{path}': {exc}") from None
+        raise ValueError(f"cannot read checkpoint '{path}': {type(exc).__name__}: {exc}") from None
 
 
 def save(obj: Dict[str, Any], path: Path) -> None:

@@ -27,7 +27,7 @@ import pickle
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -98,6 +98,30 @@ def synthetic(n: int = 512, num_classes: int = 10, size: int = 32, channels: int
     return ImageData(images, labels, [f"class{i}" for i in range(num_classes)], f"synthetic:{n}")
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a CIFAR batch file cannot run code.
+
+    torchvision's CIFAR files are pickles of dicts of bytes, lists and uint8 arrays; any other
+    global (``os.system`` in a crafted file) is refused instead of called.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds only arrays and plain data")
+        return super().find_class(module, name)
+
+
+def _load_array_pickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as fh:
+            return _ArrayUnpickler(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ValueError(f"cannot read CIFAR batch '{path}': {exc}") from None
+
+
 def _cifar_pickles(root: Path) -> Optional[ImageData]:
     """torchvision's CIFAR-10/100 python format (training split)."""
     for sub, files, key, meta, meta_key in (
@@ -108,12 +132,10 @@ def _cifar_pickles(root: Path) -> Optional[ImageData]:
             if all((base / f).is_file() for f in files) and (base / meta).is_file():
                 xs, ys = [], []
                 for f in files:
-                    with open(base / f, "rb") as fh:
-                        d = pickle.load(fh, encoding="bytes")
+                    d = _load_array_pickle(base / f)
                     xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                     ys.extend(d[key])
-                with open(base / meta, "rb") as fh:
-                    names = [n.decode() for n in pickle.load(fh, encoding="bytes")[meta_key]]
+                names = [n.decode() for n in _load_array_pickle(base / meta)[meta_key]]
                 return ImageData(torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64),
                                  names, str(base))
     return None
@@ -425,8 +447,9 @@ class BatchLoader:
 
     def __init__(self, data: ImageData, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  shuffle: bool = False, augment: bool = False, drop_last: bool = False,
-                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0, channels_last: bool = False) -> None:
         self.data, self.batch_size, self.shuffle, self.augment = data, batch_size, shuffle, augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.drop_last, self.device, self.seed, self.epoch = drop_last, torch.device(device), seed, 0
         c = data.in_chans
         self.images, self.labels = data.images, data.labels
@@ -465,7 +488,7 @@ class BatchLoader:
                 x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=pin)
             y = y.to(self.device, non_blocking=pin)
-            x = (x.float() - self.mean) * self.inv_std
+            x = ((x.float() - self.mean) * self.inv_std).contiguous(memory_format=self.memory_format)
             self.data_seconds += time.perf_counter() - t0
             yield x, y
 

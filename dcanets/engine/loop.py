@@ -24,6 +24,7 @@ from dcanets.engine.config import TrainConfig
 from dcanets.optim.decompositions import prepare
 from dcanets.plugins import did_you_mean
 
+EVAL_BATCH = 1024  # evaluation keeps no activations for backward: large batches, fewer launches
 EpochCallback = Callable[[Dict[str, Any]], None]
 
 
@@ -35,6 +36,13 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
     return dev
+
+
+def amp_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 where the GPU has it (no loss scaling needed), else float16."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def seed_everything(seed: int) -> None:
@@ -107,18 +115,23 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: data_mod.BatchLoader, amp: bool) -> Tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``loader``."""
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: data_mod.BatchLoader, amp: bool,
+             dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``loader``.
+
+    Sums stay on the device until the end: a ``float()`` per batch would wait for the GPU each time.
+    """
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum = correct = torch.zeros((), dtype=torch.float64, device=loader.device)
+    n = 0
     for x, y in loader:
-        with torch.autocast(device_type=x.device.type, enabled=amp):
+        with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=amp):
             out = model(x)
-        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        loss_sum = loss_sum + F.cross_entropy(out.float(), y, reduction="sum")
+        correct = correct + (out.argmax(1) == y).sum()
         n += len(y)
-    return loss_sum / max(n, 1), correct / max(n, 1)
+    return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -130,6 +143,7 @@ class _Run:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
+        self.channels_last = bool(cfg.channels_last)
         seed_everything(cfg.seed)
         train, val = data_mod.load_split(cfg.data, cfg.val_fraction, _split_seed(cfg), cfg.limit,
                                           val_limit=cfg.val_limit, progress=progress)
@@ -141,9 +155,11 @@ class _Run:
         bs = int(cfg.batch_size)
         self.train_loader = self._loader(train, bs, shuffle=True, augment=augment,
                                          drop_last=len(train) >= 2 * bs)
-        self.val_loader = self._loader(val, max(bs, 256), shuffle=False, augment=False)
+        self.val_loader = self._loader(val, max(bs, EVAL_BATCH), shuffle=False, augment=False)
         seed_everything(cfg.seed)
         self.model = build_model(cfg, train.num_classes, train.in_chans).to(self.device)
+        if self.channels_last:  # NHWC: the layout cuDNN and oneDNN convolutions run fastest on
+            self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
         self.needs_closure = prepare(self.optimizer, self.model)
         self.create_graph = _second_order(cfg.opt)
@@ -151,31 +167,43 @@ class _Run:
         # GradScaler cannot drive closure-stepped optimizers: those run in full precision
         if self.needs_closure:
             self.amp = False
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = amp_dtype(cfg.amp_dtype, self.device)
+        # bf16 has fp32's exponent range: only fp16 needs loss scaling
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.forward = self._compiled() if cfg.compile else self.model
         self.epoch, self.best_val_acc, self.history = 0, 0.0, []  # type: ignore[var-annotated]
         self.augment = augment
 
     def _loader(self, d: data_mod.ImageData, bs: int, **kw: Any) -> data_mod.BatchLoader:
-        return data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed, **kw)
+        return data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed,
+                                    channels_last=self.channels_last, **kw)
+
+    def _compiled(self) -> Callable[..., torch.Tensor]:
+        """``torch.compile`` of the training forward; closure-stepped decompositions hook the eager modules."""
+        if self.needs_closure:
+            raise ValueError(f"compile=True cannot be combined with opt='{self.cfg.opt}': its closure re-runs hooked "
+                             "modules eagerly; use compile=False")
+        return torch.compile(self.model)
 
     def train_epoch(self) -> Dict[str, Any]:
         model = self.model
         model.train()
         self.train_loader.set_epoch(self.epoch)
         self.train_loader.data_seconds = 0.0
-        loss_sum, correct, n = 0.0, 0, 0
+        # running sums live on the device: reading them every step would stall the GPU each time
+        loss_sum = correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = 0
         t0 = time.perf_counter()
         for x, y in self.train_loader:
             loss, out = self._step(x, y)
-            loss_sum += float(loss) * len(y)
-            correct += int((out.argmax(1) == y).sum())
+            loss_sum = loss_sum + loss.double() * len(y)
+            correct = correct + (out.argmax(1) == y).sum()
             n += len(y)
             self.scheduler.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        loss_mean, acc = float(loss_sum) / max(n, 1), float(correct) / max(n, 1)  # one wait per epoch
         seconds = time.perf_counter() - t0
         self.epoch += 1
-        return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1), "train_seconds": seconds,
+        return {"train_loss": loss_mean, "train_acc": acc, "train_seconds": seconds,
                 "images_per_s": n / max(seconds, 1e-9), "data_seconds": self.train_loader.data_seconds}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -195,8 +223,8 @@ class _Run:
             loss = closure() if loss is None else loss  # optimizers that ignore the closure's value
             return loss, outputs[0]
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=self.device.type, enabled=self.amp):
-            out = model(x)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            out = self.forward(x)
             loss = F.cross_entropy(out.float(), y)
         self.scaler.scale(loss).backward(create_graph=self.create_graph)
         self.scaler.step(opt)
@@ -246,7 +274,8 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     while run.epoch < cfg.epochs:
         t0 = time.perf_counter()
         stats = run.train_epoch()
-        val_loss, val_acc = evaluate(run.model, run.val_loader, run.amp) if len(run.val_data) else (float("nan"), float("nan"))
+        val_loss, val_acc = (evaluate(run.model, run.val_loader, run.amp, run.amp_dtype) if len(run.val_data)
+                             else (float("nan"), float("nan")))
         run.best_val_acc = max(run.best_val_acc, val_acc) if val_acc == val_acc else run.best_val_acc
         metrics = {"epoch": run.epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                    "val_loss": val_loss, "val_acc": val_acc, "lr": run.optimizer.param_groups[0]["lr"],
@@ -265,7 +294,9 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     final = dict(metrics, diverged=not math.isfinite(metrics.get("train_loss", 0.0)), best_val_acc=run.best_val_acc, wall_seconds=time.perf_counter() - t_start,
                  num_params=sum(p.numel() for p in run.model.parameters()),
                  train_images=len(run.train_data), val_images=len(run.val_data), augment=run.augment,
-                 device=str(run.device), amp=run.amp)
+                 device=str(run.device), amp=run.amp,
+                 amp_dtype=str(run.amp_dtype).removeprefix("torch.") if run.amp else None,
+                 channels_last=run.channels_last, compile=bool(cfg.compile))
     if cfg.eval_data:
         final.update(_evaluate_held_out(run, cfg.eval_data, progress))
     if out_dir:
@@ -283,5 +314,6 @@ def _evaluate_held_out(run: _Run, spec: str, progress: bool) -> Dict[str, Any]:
     if held.classes != train.classes:
         raise ValueError(f"eval data '{spec}' has classes {held.classes[:5]}... but the training data "
                          f"{train.classes[:5]}...; both need the same class folders")
-    loss, acc = evaluate(run.model, run._loader(held, 256, shuffle=False, augment=False), run.amp)
+    loss, acc = evaluate(run.model, run._loader(held, EVAL_BATCH, shuffle=False, augment=False), run.amp,
+                         run.amp_dtype)
     return {"eval_loss": loss, "eval_acc": acc, "eval_images": len(held)}

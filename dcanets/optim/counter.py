@@ -8,8 +8,8 @@ as is: L'_α is the closure's loss run with the hook active. α = 0 skips the bl
 gradient of L'_0 is the shortcut gradient c of eq. 17; α = 1 is the ordinary loss.
 
 ``where="last"`` mixes at the last same-shape block (the paper's two-layer derivation);
-``where="all"`` mixes at every same-shape block at once (one extra forward/backward, the
-natural generalisation to a deep net; SCIENCE.md §2).
+``where="all"`` mixes at every same-shape block at once (one extra forward/backward; our
+extension to a deep net: paper 000, §3 derives one block, see docs/papers.md).
 
 Shapes are only known once data flows, so the same-shape test happens on the first forward
 pass after ``attach``; a model with no candidate block raises at once, a model whose

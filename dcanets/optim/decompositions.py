@@ -255,7 +255,7 @@ class _ClosureDCA(DCAOptimizer):
 
 
 class DcaProx(_ClosureDCA):
-    """Proximal decomposition G = L + ρ·L2, H = ρ·L2 (SCIENCE.md §1; the proximal point method):
+    """Proximal decomposition G = L + ρ·L2, H = ρ·L2 (paper 000, §2: the proximal point method):
     w_{k+1} = argmin L(w) + ρ/2‖w − w_k‖², solved inexactly by ``inner_steps`` gradient steps
     of size lr (one step is SGD). ρ ≥ −λ_min(∇²L) makes G convex."""
 
@@ -396,7 +396,7 @@ class DcaCounter(_CounterDCA):
 
     c="skip" (default): c = ∇L'_0, the gradient with the block skipped (eq. 17), from a second
     run of the closure (≈ 2× an SGD step). c="shortcut": c = ∂L/∂h^L·∂h^{L−1}/∂w, the identity
-    shortcut's part of the ResNet gradient (SCIENCE.md §2), from one forward pass and two
+    shortcut's part of the ResNet gradient (paper 000, eqs. 6 and 17), from one forward pass and two
     vector–Jacobian products of the trunk; with ``beta_every=K`` β is recomputed every K steps
     and reused in between, where d is one fused product (SGD cost) and ``p.grad`` holds d."""
 

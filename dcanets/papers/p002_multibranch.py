@@ -2,7 +2,7 @@
 
 Paper 002 bounds the normalized duality gap of ``f = (1/I) sum_i f_i`` by ``2 / I``. The duality
 gap is the distance between a function and its convex envelope, which cannot be computed for a
-network; two measurable proxies at the trained point (SCIENCE.md §3):
+network; two measurable proxies at the trained point (our choice; docs/papers.md):
 
 * the negative-curvature share of the Hessian spectrum: the spectral-density mass on negative
   eigenvalues and ``|lambda_min| / lambda_max``, from stochastic Lanczos quadrature

@@ -10,8 +10,12 @@ A search file is data, read top to bottom the way a Ray Tune user would write th
     resources:    {cpu: 1, gpu: 0.5}                    -> tune.with_resources(trainable, ...)
     tracking:     {uri, experiment}                     -> MLflow (SQLite under the output by default)
 
-Every problem is collected with its YAML path (``space.lr.low: must be > 0``) and raised as one
-ValueError, so a user fixes the whole file in one pass and nothing has started yet.
+Each section is a pydantic model (``SearchFile`` gathers them for ``dcanets tune --schema``); the
+``train`` section and every sampled bound are checked by ``TrainConfig`` itself, exactly as
+``dcanets train`` checks them. Sections are validated one by one and the cross-references
+(``times:``, ``when:``, a field both fixed and searched) in plain code, so every problem is
+collected with its YAML path (``space.lr.low: must be > 0, got 0``) and raised as one ValueError:
+a user fixes the whole file in one pass, and nothing has started yet.
 """
 from __future__ import annotations
 
@@ -21,33 +25,241 @@ import inspect
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from typing_extensions import Annotated
 
-TOP_KEYS = ("name", "description", "train", "space", "search_alg", "scheduler", "tune_config",
-            "resources", "tracking")
-# The engine's contract (dcanets.engine.TrainConfig); used when train.py cannot be imported.
-_CONTRACT_FIELDS = ("model", "model_kwargs", "data", "eval_data", "val_fraction", "split_seed", "limit",
-                    "val_limit", "opt", "lr", "momentum", "weight_decay", "opt_kwargs", "sched",
-                    "warmup_epochs", "epochs", "batch_size", "seed", "device", "amp", "augment", "output")
+from dcanets.engine.config import TrainConfig
+from dcanets.plugins import did_you_mean
+from dcanets.validation import (
+    Count,
+    Integer,
+    NonNegative,
+    Number,
+    Positive,
+    Problem,
+    dotted,
+    fail,
+    is_number,
+    problems_of,
+    unknown_key,
+)
+
 NESTED_FIELDS = ("opt_kwargs", "model_kwargs")  # space names may address their keys: opt_kwargs.rho
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
-SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
 SCHEDULERS = {"asha": "ASHAScheduler", "fifo": "FIFOScheduler", "median": "MedianStoppingRule",
               "hyperband": "HyperBandScheduler"}
 SAMPLERS = ("TPESampler", "RandomSampler", "CmaEsSampler", "QMCSampler", "GPSampler")
 DERIVED = ":fraction"  # suffix of the sampled factor of a `times:` parameter (never a TrainConfig key)
 
 
-def train_fields() -> tuple:
-    try:
-        from dcanets.engine.config import TrainConfig
-    except ImportError:
-        return _CONTRACT_FIELDS
-    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
+# ------------------------------------------------------------------------------------ space
+class _Param(_Strict):
+    """What every sampled parameter may say about its relation to those declared above it."""
+
+    type: str
+    when: Optional[Dict[str, Any]] = Field(
+        None, description="sample only when these parameters (declared above) have these values: {opt: dcacounter}")
+    times: Optional[str] = Field(None, description="the sampled value is a factor of this parameter (declared above)")
+    over: Optional[str] = Field(None, description="the sampled value is divided by this parameter (declared above)")
+
+    @field_validator("when")
+    @classmethod
+    def _when_not_empty(cls, when: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        if when is not None and not when:
+            fail("must name at least one parameter: {parameter: value or [values]}")
+        return when
+
+    @field_validator("over")
+    @classmethod
+    def _one_of_times_over(cls, over: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if over is not None and info.data.get("times") is not None:
+            fail("use one of times and over, not both")
+        return over
+
+
+class _Range(_Param):
+    low: Number
+    high: Number
+    log: bool = Field(False, description="sample on a log scale")
+    step: Optional[Positive] = Field(None, description="quantization step (not with log)")
+
+    @field_validator("high")
+    @classmethod
+    def _above_low(cls, high: float, info: ValidationInfo) -> float:
+        low = info.data.get("low")
+        if low is not None and high <= low:
+            fail(f"must be > low ({low})")
+        return high
+
+
+class LogUniform(_Range):
+    """A float sampled log-uniformly in [low, high]."""
+
+    type: Literal["loguniform"]
+
+    @field_validator("low")
+    @classmethod
+    def _positive(cls, low: float) -> float:
+        if low <= 0:
+            fail("must be > 0 for loguniform")
+        return low
+
+
+class Uniform(_Range):
+    """A float sampled uniformly in [low, high]."""
+
+    type: Literal["uniform"]
+
+
+class IntRange(_Range):
+    """An integer sampled in [low, high]."""
+
+    type: Literal["int"]
+    low: Integer
+    high: Integer
+    step: Optional[Count] = None
+
+
+class Choice(_Param):
+    """One of ``values``."""
+
+    type: Literal["choice"]
+    values: List[Any] = Field(min_length=1)
+
+    @field_validator("times", "over")
+    @classmethod
+    def _numeric_only(cls, other: Optional[str]) -> Optional[str]:
+        if other is not None:
+            fail("only numeric parameters can be scaled by another")
+        return other
+
+
+PARAM_TYPES: Dict[str, Type[_Param]] = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice}
+SpaceParam = Annotated[Union[LogUniform, Uniform, IntRange, Choice], Field(discriminator="type")]
+
+
+# ------------------------------------------------------------------------- the other sections
+class Sampler(BaseModel):
+    """An ``optuna.samplers`` class and its keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")  # checked against the sampler's signature
+    type: Literal[SAMPLERS] = "TPESampler"  # type: ignore[valid-type]
+    seed: Optional[Integer] = Field(0, description="sampler seed: the same seed samples the same trials")
+
+
+class SearchAlg(_Strict):
+    type: str = Field("OptunaSearch", description="only OptunaSearch is supported")
+    sampler: Sampler = Field(default_factory=Sampler)
+    points_to_evaluate: Optional[List[Dict[str, Any]]] = Field(
+        None, description="trials to run first, e.g. [{lr: 0.05}] (a times: parameter's factor is name:fraction)")
+
+    @field_validator("type")
+    @classmethod
+    def _optuna(cls, kind: str) -> str:
+        if kind.lower() not in ("optunasearch", "optuna"):
+            fail(f"only OptunaSearch is supported, got {kind!r}")
+        return "OptunaSearch"
+
+
+class Scheduler(BaseModel):
+    """A ``ray.tune.schedulers`` class and its keyword arguments (``max_t`` defaults to ``train.epochs``)."""
+
+    model_config = ConfigDict(extra="allow")  # checked against the scheduler's signature
+    type: str = Field("ASHAScheduler", description=f"one of {', '.join(SCHEDULERS.values())} (or asha, fifo, ...)")
+    grace_period: Optional[Count] = Field(None, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: Optional[Number] = Field(None, description="ASHA/HyperBand: halving rate")
+    max_t: Optional[Count] = Field(None, description="ASHA/HyperBand: epochs of the longest trial (default: epochs)")
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        kind = SCHEDULERS.get(kind.lower(), kind)
+        if kind not in SCHEDULERS.values():
+            fail(f"must be one of {', '.join(SCHEDULERS.values())}, got {kind!r}")
+        return kind
+
+    @field_validator("reduction_factor")
+    @classmethod
+    def _reduces(cls, factor: Optional[float]) -> Optional[float]:
+        if factor is not None and factor <= 1:
+            fail(f"must be > 1 (trials kept per rung = 1/reduction_factor), got {factor!r}")
+        return factor
+
+
+class TuneConfigSection(BaseModel):
+    """``ray.tune.TuneConfig`` arguments (search_alg and scheduler come from their sections)."""
+
+    model_config = ConfigDict(extra="allow")  # any other TuneConfig argument
+    metric: Literal[METRICS] = Field("val_acc", description="the engine metric the search optimizes")  # type: ignore
+    mode: Optional[Literal["min", "max"]] = Field(None, description="default: max for *_acc, min for *_loss")
+    num_samples: Count = Field(4, description="trials to run")
+    reuse_actors: bool = Field(True, description="one worker process imports torch/timm/dcanets once")
+    time_budget_s: Optional[Positive] = Field(None, description="stop the search after this")
+    max_concurrent_trials: Optional[Count] = None
+
+    @model_validator(mode="after")
+    def _mode_from_metric(self) -> "TuneConfigSection":
+        if self.mode is None:
+            self.mode = "max" if self.metric.endswith("acc") else "min"
+        return self
+
+
+class Resources(_Strict):
+    cpu: Positive = Field(1, description="CPUs per trial")
+    gpu: NonNegative = Field(0, description="GPUs per trial; fractions share a GPU (0.25: 4 trials)")
+
+
+class Tracking(_Strict):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
+    experiment: Optional[str] = Field(None, description="MLflow experiment (default: the search name)")
+    enabled: bool = Field(True, description="log to MLflow")
+
+
+class Header(BaseModel):
+    name: Optional[str] = Field(None, description="names the output folder (default: the file name)")
+    description: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: Optional[str]) -> Optional[str]:
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            fail(f"letters, digits, '_', '.', '-' only (it names the output folder), got {name!r}")
+        return name
+
+
+class TrainSection(TrainConfig):
+    """Fixed TrainConfig fields of every trial; ``epochs`` is required (the budget per trial)."""
+
+    model_config = ConfigDict(json_schema_extra={"required": ["epochs"]}, title="TrainSection")
+
+
+class SearchFile(Header):
+    """A ``dcanets tune`` search file (what ``dcanets tune --schema`` prints)."""
+
+    model_config = ConfigDict(extra="forbid", title="dcanets tune search file")
+    train: TrainSection
+    space: Dict[str, SpaceParam] = Field(
+        description="TrainConfig fields (or opt_kwargs.<key>, model_kwargs.<key>) sampled per trial, top to bottom")
+    search_alg: SearchAlg = Field(default_factory=SearchAlg)
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    tune_config: TuneConfigSection = Field(default_factory=TuneConfigSection)
+    resources: Resources = Field(default_factory=Resources)
+    tracking: Tracking = Field(default_factory=Tracking)
+
+
+def json_schema() -> Dict[str, Any]:
+    """The JSON Schema of a search file, for editors (``# yaml-language-server: $schema=...``)."""
+    return SearchFile.model_json_schema()
+
+
+# ------------------------------------------------------------------------------- the spec
 @dataclasses.dataclass
 class TuneSpec:
     """A validated search file; ``raw`` is the YAML as written (logged as an MLflow artifact)."""
@@ -72,37 +284,31 @@ class TuneSpec:
         return self.tune_config["mode"]
 
 
-class _Errors:
+class _Problems:
+    """Every problem found so far, each with its YAML path; raised together at the end."""
+
     def __init__(self) -> None:
         self.items: List[str] = []
 
     def add(self, path: str, msg: str) -> None:
         self.items.append(f"{path}: {msg}")
 
+    def extend(self, problems: Iterable[Problem], prefix: str) -> None:
+        for path, msg in problems:
+            self.add(".".join(p for p in (prefix, path) if p), msg)
+
+    def parse(self, model: Type[BaseModel], value: Any, where: str) -> Optional[Any]:
+        """``model`` validated from ``value``, or None with its problems recorded under ``where``."""
+        try:
+            return model.model_validate(value if value is not None else {})
+        except ValidationError as exc:
+            self.extend(problems_of(exc, model), where)
+            return None
+
     def raise_if_any(self, source: Path) -> None:
         if self.items:
             lines = "\n  ".join(self.items)
             raise ValueError(f"{source}: {len(self.items)} problem(s) in the tune config:\n  {lines}")
-
-
-# DC decomposition parameters (paper 000): rho >= 0 convexifies, lam > 0 is an L2 weight
-NONNEGATIVE = {"rho": ">= 0", "lam": "> 0"}
-
-
-def _ok(value: float, bound: str) -> bool:
-    return value >= 0 if bound == ">= 0" else value > 0
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _section(doc: Dict[str, Any], key: str, err: _Errors) -> Dict[str, Any]:
-    value = doc.get(key) or {}
-    if not isinstance(value, dict):
-        err.add(key, f"must be a mapping, got {type(value).__name__}")
-        return {}
-    return dict(value)
 
 
 def load(path: str | Path, base: Optional[Path] = None) -> TuneSpec:
@@ -116,55 +322,57 @@ def load(path: str | Path, base: Optional[Path] = None) -> TuneSpec:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a tune config is a YAML mapping with keys {', '.join(TOP_KEYS)}")
+        raise ValueError(f"{path}: a tune config is a YAML mapping with keys {', '.join(SearchFile.model_fields)}")
     return validate(doc, path, base or path.parent)
 
 
 def validate(doc: Dict[str, Any], path: Path, base: Optional[Path] = None) -> TuneSpec:
-    err = _Errors()
+    """The spec of an already-parsed search file, or one ValueError listing every problem."""
+    err = _Problems()
     for key in doc:
-        if key not in TOP_KEYS:
-            err.add(str(key), f"unknown key; known: {', '.join(TOP_KEYS)}")
-    name = str(doc.get("name") or path.stem)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        err.add("name", f"letters, digits, '_', '.', '-' only (it names the output folder), got {name!r}")
-    fields = train_fields()
-    train = _check_train(_section(doc, "train", err), fields, base or path.parent, err)
-    space = _check_space(_section(doc, "space", err), fields, train, err)
-    tune_config = _check_tune_config(_section(doc, "tune_config", err), err)
-    spec = TuneSpec(
-        name=name, path=path, train=train, space=space,
-        search_alg=_check_search_alg(_section(doc, "search_alg", err), err),
-        scheduler=_check_scheduler(_section(doc, "scheduler", err), train, err),
-        tune_config=tune_config, resources=_check_resources(_section(doc, "resources", err), err),
-        tracking=_check_tracking(_section(doc, "tracking", err), err), raw=copy.deepcopy(doc))
+        if key not in SearchFile.model_fields:
+            err.add(str(key), unknown_key(key, SearchFile.model_fields, listing="known"))
+    header = err.parse(Header, {"name": doc.get("name") or path.stem, "description": doc.get("description")}, "")
+    train = _check_train(_mapping(doc, "train", err), base or path.parent, err)
+    space = _check_space(_mapping(doc, "space", err), train, err)
+    search_alg = _check_search_alg(doc.get("search_alg"), err)
+    scheduler = _check_scheduler(doc.get("scheduler"), train, err)
+    tune_config = _check_tune_config(doc.get("tune_config"), err)
+    resources = err.parse(Resources, doc.get("resources"), "resources")
+    tracking = err.parse(Tracking, doc.get("tracking"), "tracking")
     err.raise_if_any(path)
-    return spec
+    assert header is not None and resources is not None and tracking is not None  # else raised above
+    return TuneSpec(name=str(header.name), path=path, train=train, space=space, search_alg=search_alg,
+                    scheduler=scheduler, tune_config=tune_config, resources=resources.model_dump(),
+                    tracking=tracking.model_dump(), raw=copy.deepcopy(doc))
 
 
-def _check_train(train: Dict[str, Any], fields: tuple, base: Path, err: _Errors) -> Dict[str, Any]:
-    for key in train:
-        if key not in fields:
-            err.add(f"train.{key}", f"not a TrainConfig field; known: {', '.join(fields)}")
-    for key in ("epochs", "batch_size", "limit"):
-        if key in train and train[key] is not None and (not isinstance(train[key], int) or train[key] < 1):
-            err.add(f"train.{key}", f"must be an integer >= 1, got {train[key]!r}")
+def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
+    value = doc.get(key) or {}
+    if not isinstance(value, dict):
+        err.add(key, f"must be a mapping, got {type(value).__name__}")
+        return {}
+    return dict(value)
+
+
+# ------------------------------------------------------------------------------------ train
+def _check_train(train: Dict[str, Any], base: Path, err: _Problems) -> Dict[str, Any]:
+    """The fixed fields, checked by TrainConfig (defaults fill in the rest) and kept as written
+    (but typed: ``epochs: '3'`` becomes 3), with data paths made absolute."""
     if "epochs" not in train:
         err.add("train.epochs", "required (the budget per trial, and ASHA's max_t)")
-    for key in NESTED_FIELDS:
-        if key in train and not isinstance(train[key], dict):
-            err.add(f"train.{key}", "must be a mapping")
-    for key, bound in NONNEGATIVE.items():
-        value = (train.get("opt_kwargs") or {}).get(key) if isinstance(train.get("opt_kwargs"), dict) else None
-        if _is_num(value) and not _ok(value, bound):
-            err.add(f"train.opt_kwargs.{key}", f"must be {bound}, got {value}")
     for key in ("data", "eval_data"):
         if isinstance(train.get(key), str):
             train[key] = _resolve_data(train[key], base, f"train.{key}", err)
-    return train
+    problems = TrainConfig.problems(train)
+    err.extend(problems, "train")
+    if problems:
+        return train
+    cfg = TrainConfig.from_dict(train)
+    return {key: getattr(cfg, key) for key in train}
 
 
-def _resolve_data(value: str, base: Path, where: str, err: _Errors) -> str:
+def _resolve_data(value: str, base: Path, where: str, err: _Problems) -> str:
     """A name without a path separator or suffix (``digits``) is a built-in set; anything else is a
     path, relative to the YAML file's folder, made absolute because Tune changes each trial's cwd."""
     if "/" not in value and "." not in value:
@@ -176,166 +384,145 @@ def _resolve_data(value: str, base: Path, where: str, err: _Errors) -> str:
     return str(p)
 
 
-def _check_space(space: Dict[str, Any], fields: tuple, train: Dict[str, Any], err: _Errors) -> Dict[str, Dict[str, Any]]:
+# ------------------------------------------------------------------------------------ space
+def _check_space(space: Dict[str, Any], train: Dict[str, Any], err: _Problems) -> Dict[str, Dict[str, Any]]:
+    """Each parameter by its model, then what needs the others: names, references, and every
+    bound or choice checked as a TrainConfig value with the fixed fields around it."""
     if not space:
         err.add("space", "required: at least one parameter to search")
-    seen: Dict[str, Dict[str, Any]] = {}
-    for name, spec in space.items():
+    declared: Dict[str, Dict[str, Any]] = {}  # parameters above the current one, as written
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, raw in space.items():
         where = f"space.{name}"
-        head, _, tail = str(name).partition(".")
-        if head not in fields or (tail and head not in NESTED_FIELDS) or (head in NESTED_FIELDS and not tail):
-            err.add(where, f"must be a TrainConfig field or {'/'.join(NESTED_FIELDS)}.<key>; fields: {', '.join(fields)}")
-        elif not tail and name in train:
-            err.add(where, f"also fixed as train.{name}; keep one of the two")
-        if not isinstance(spec, dict):
+        _check_name(str(name), where, train, err)
+        if not isinstance(raw, dict):
             err.add(where, "must be a mapping like {type: loguniform, low: 1e-4, high: 0.1}")
             continue
-        _check_param(where, spec, seen, err)
-        bound = NONNEGATIVE.get(tail) if head == "opt_kwargs" else None
-        if bound and _is_num(spec.get("low")) and not _ok(spec["low"], bound):
-            err.add(f"{where}.low", f"must be {bound} ({tail} of a DC decomposition), got {spec['low']}")
-        seen[name] = spec
-    return {k: dict(v) for k, v in space.items() if isinstance(v, dict)}
+        _check_references(raw, where, declared, list(space), err)
+        param = _parse_param(raw, where, err)
+        if param is not None:
+            out[name] = param.model_dump(exclude_unset=True)
+            if param.times is None and param.over is None:  # a scaled one samples a factor, not the value
+                _check_values(str(name), raw, train, err)
+        declared[name] = raw
+    return out
 
 
-def _check_param(where: str, spec: Dict[str, Any], seen: Dict[str, Dict[str, Any]], err: _Errors) -> None:
-    kind = spec.get("type")
-    allowed = {"type", "when", "times", "over"}
-    if kind not in SPACE_TYPES:
-        err.add(f"{where}.type", f"must be one of {', '.join(SPACE_TYPES)}, got {kind!r}")
-    elif kind == "choice":
-        allowed |= {"values"}
-        if not isinstance(spec.get("values"), list) or not spec["values"]:
-            err.add(f"{where}.values", "must be a non-empty list")
-    else:
-        allowed |= {"low", "high", "log", "step"}
-        low, high = spec.get("low"), spec.get("high")
-        for key, val in (("low", low), ("high", high)):
-            if not _is_num(val):
-                err.add(f"{where}.{key}", f"must be a number, got {val!r}")
-        if _is_num(low) and _is_num(high):
-            if kind == "loguniform" and low <= 0:
-                err.add(f"{where}.low", "must be > 0 for loguniform")
-            if low >= high:
-                err.add(f"{where}.high", f"must be > low ({low})")
-            if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-                err.add(f"{where}", "int bounds must be integers")
-    for key in spec:
-        if key not in allowed:
-            err.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+def _check_name(name: str, where: str, train: Dict[str, Any], err: _Problems) -> None:
+    head, _, tail = name.partition(".")
+    fields = TrainConfig.model_fields
+    if head not in fields or (tail and head not in NESTED_FIELDS) or (head in NESTED_FIELDS and not tail):
+        err.add(where, unknown_key(head, fields, f"must be a TrainConfig field or {'/'.join(NESTED_FIELDS)}.<key>",
+                                   "fields"))
+    elif not tail and name in train:
+        err.add(where, f"also fixed as train.{name}; keep one of the two")
+
+
+def _parse_param(raw: Dict[str, Any], where: str, err: _Problems) -> Optional[_Param]:
+    model = PARAM_TYPES.get(raw.get("type"))  # type: ignore[arg-type]
+    if model is None:
+        err.add(f"{where}.type", f"must be one of {', '.join(PARAM_TYPES)}, got {raw.get('type')!r}")
+        return None
+    return err.parse(model, raw, where)
+
+
+def _check_references(raw: Dict[str, Any], where: str, declared: Dict[str, Dict[str, Any]], names: List[str],
+                      err: _Problems) -> None:
+    """``times``/``over``/``when`` name parameters declared above: Optuna samples top to bottom."""
     for rel in ("times", "over"):
-        other_name = spec.get(rel)
-        if other_name is None:
+        other = raw.get(rel)
+        if other is None or not isinstance(other, str):
             continue
-        other = seen.get(other_name)
-        if other is None:
-            err.add(f"{where}.{rel}", f"must name a parameter declared above it in space, got {other_name!r}")
-        elif other.get("type") == "choice" and not all(_is_num(v) for v in other.get("values", [])):
-            err.add(f"{where}.{rel}", f"{other_name} must be numeric")
-        if kind == "choice":
-            err.add(f"{where}.{rel}", "only numeric parameters can be scaled by another")
-    if spec.get("times") is not None and spec.get("over") is not None:
-        err.add(where, "use one of times/over")
-    when = spec.get("when")
-    if when is not None:
-        if not isinstance(when, dict) or not when:
-            err.add(f"{where}.when", "must be a mapping {parameter: value or [values]}")
-        else:
-            for cond in when:
-                if cond not in seen:
-                    err.add(f"{where}.when.{cond}", "must name a parameter declared above it in space")
+        if other not in declared:
+            hint = "; it is declared below: move it above" if other in names else did_you_mean(other, declared)
+            err.add(f"{where}.{rel}", f"must name a parameter declared above it in space, got {other!r}{hint}")
+        elif not all(is_number(v) for v in declared[other].get("values", [])):
+            err.add(f"{where}.{rel}", f"{other} must be numeric")
+    when = raw.get("when")
+    for cond in when if isinstance(when, dict) else ():
+        if cond not in declared:
+            err.add(f"{where}.when.{cond}", "must name a parameter declared above it in space"
+                    + did_you_mean(cond, declared))
 
 
-def _check_tune_config(tc: Dict[str, Any], err: _Errors) -> Dict[str, Any]:
-    from ray.tune import TuneConfig
-
-    known = {f.name for f in dataclasses.fields(TuneConfig)} - {"search_alg", "scheduler", "trial_name_creator", "trial_dirname_creator"}
-    for key in tc:
-        if key not in known:
-            err.add(f"tune_config.{key}", f"not a ray.tune.TuneConfig argument; known: {', '.join(sorted(known))}")
-    tc.setdefault("metric", "val_acc")
-    tc.setdefault("mode", "max" if str(tc["metric"]).endswith("acc") else "min")
-    tc.setdefault("num_samples", 4)
-    tc.setdefault("reuse_actors", True)  # one worker process imports torch/timm/dcanets once
-    if tc["metric"] not in METRICS:
-        err.add("tune_config.metric", f"must be one of {', '.join(METRICS)}, got {tc['metric']!r}")
-    if tc["mode"] not in ("min", "max"):
-        err.add("tune_config.mode", f"must be min or max, got {tc['mode']!r}")
-    if not isinstance(tc["num_samples"], int) or tc["num_samples"] < 1:
-        err.add("tune_config.num_samples", f"must be an integer >= 1, got {tc['num_samples']!r}")
-    for key in ("time_budget_s", "max_concurrent_trials"):
-        if tc.get(key) is not None and (not _is_num(tc[key]) or tc[key] <= 0):
-            err.add(f"tune_config.{key}", f"must be > 0, got {tc[key]!r}")
-    return tc
+def _check_values(name: str, param: Dict[str, Any], train: Dict[str, Any], err: _Problems) -> None:
+    """``space.lr.low: must be > 0, got 0``: each bound or choice as TrainConfig would see it."""
+    if "values" in param:
+        candidates = [(f"values[{i}]", value) for i, value in enumerate(param["values"])]
+    else:
+        candidates = [("low", param["low"]), ("high", param["high"])]
+    head, _, tail = name.partition(".")
+    nested: Dict[str, Any] = train[head] if isinstance(train.get(head), dict) else {}
+    for key, value in candidates:
+        trial = {**train, head: {**nested, tail: value} if tail else value}
+        for path, msg in TrainConfig.problems(trial):
+            if path == name:
+                err.add(f"space.{name}.{key}", msg)
 
 
-def _check_kwargs(where: str, cls: Any, kwargs: Dict[str, Any], err: _Errors, reserved=(), name: str = "") -> None:
-    params = inspect.signature(cls).parameters
+# ---------------------------------------------------------------------- algorithm, scheduler
+def _check_kwargs(where: str, target: Callable, kwargs: Dict[str, Any], err: _Problems,
+                  reserved: Tuple[str, ...] = (), name: str = "") -> None:
+    params = [p for p in inspect.signature(target).parameters if p not in reserved]
     for key in kwargs:
         if key in reserved:
             err.add(f"{where}.{key}", "set it in tune_config, which passes it to every component")
         elif key not in params:
-            err.add(f"{where}.{key}", f"not an argument of {name or cls.__name__}; known: {', '.join(p for p in params if p not in reserved)}")
+            err.add(f"{where}.{key}", unknown_key(key, params, f"not an argument of {name}", "known"))
 
 
-def _check_search_alg(sa: Dict[str, Any], err: _Errors) -> Dict[str, Any]:
+def _as_dict(value: Any) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _check_search_alg(raw: Any, err: _Problems) -> Dict[str, Any]:
     import optuna
 
-    kind = sa.pop("type", "OptunaSearch")
-    if str(kind).lower() not in ("optunasearch", "optuna"):
-        err.add("search_alg.type", f"only OptunaSearch is supported, got {kind!r}")
-    sampler = dict(sa.pop("sampler", None) or {"type": "TPESampler"})
-    s_type = sampler.pop("type", "TPESampler")
-    if s_type not in SAMPLERS:
-        err.add("search_alg.sampler.type", f"must be one of {', '.join(SAMPLERS)}, got {s_type!r}")
-    else:
-        _check_kwargs("search_alg.sampler", getattr(optuna.samplers, s_type), sampler, err)
-    sampler.setdefault("seed", 0)
-    for key in sa:
-        if key not in ("points_to_evaluate",):
-            err.add(f"search_alg.{key}", "unknown key; allowed: type, sampler, points_to_evaluate")
-    return {"type": "OptunaSearch", "sampler": {"type": s_type, **sampler}, **sa}
+    sa = err.parse(SearchAlg, raw, "search_alg")
+    sampler = _as_dict(_as_dict(raw).get("sampler"))
+    kind = sampler.get("type", "TPESampler")
+    if kind in SAMPLERS:  # keys checked on the raw mapping: reported even when a value is wrong too
+        kwargs = {k: v for k, v in sampler.items() if k not in Sampler.model_fields}
+        _check_kwargs("search_alg.sampler", getattr(optuna.samplers, kind), kwargs, err, name=kind)
+    return sa.model_dump(exclude_none=True) if sa else {}
 
 
-def _check_scheduler(sc: Dict[str, Any], train: Dict[str, Any], err: _Errors) -> Dict[str, Any]:
+def _check_scheduler(raw: Any, train: Dict[str, Any], err: _Problems) -> Dict[str, Any]:
     from ray.tune import schedulers
 
-    kind = sc.pop("type", "ASHAScheduler")
-    kind = SCHEDULERS.get(str(kind).lower(), kind)
-    cls = getattr(schedulers, str(kind), None)
-    if kind not in SCHEDULERS.values() or cls is None:
-        err.add("scheduler.type", f"must be one of {', '.join(SCHEDULERS.values())}, got {kind!r}")
-        return {"type": kind, **sc}
-    _check_kwargs("scheduler", cls, sc, err, reserved=("metric", "mode"), name=str(kind))
-    if kind != "FIFOScheduler":
+    sc = err.parse(Scheduler, raw, "scheduler")
+    kwargs = {k: v for k, v in _as_dict(raw).items() if k != "type"}
+    kind = str(_as_dict(raw).get("type", "ASHAScheduler"))
+    kind = SCHEDULERS.get(kind.lower(), kind)
+    if kind in SCHEDULERS.values():
+        _check_kwargs("scheduler", getattr(schedulers, kind), kwargs, err, reserved=("metric", "mode"), name=kind)
+    if sc is None:
+        return {}
+    out = sc.model_dump(exclude_none=True)
+    if sc.type != "FIFOScheduler":
         # the engine's epoch, not Tune's training_iteration, which restarts at 1 after --resume
-        sc.setdefault("time_attr", "epoch")
-    if kind in ("ASHAScheduler", "HyperBandScheduler") and isinstance(train.get("epochs"), int):
-        sc.setdefault("max_t", train["epochs"])  # budget unit = one epoch
-    if kind == "ASHAScheduler":
-        if "grace_period" in sc and "max_t" in sc and sc["grace_period"] > sc["max_t"]:
-            err.add("scheduler.grace_period", f"must be <= max_t ({sc['max_t']})")
-    return {"type": kind, **sc}
-
-
-def _check_resources(res: Dict[str, Any], err: _Errors) -> Dict[str, float]:
-    out = {"cpu": res.pop("cpu", 1), "gpu": res.pop("gpu", 0)}
-    for key in res:
-        err.add(f"resources.{key}", "unknown key; allowed: cpu, gpu")
-    if not _is_num(out["cpu"]) or out["cpu"] <= 0:
-        err.add("resources.cpu", f"must be > 0, got {out['cpu']!r}")
-    if not _is_num(out["gpu"]) or out["gpu"] < 0:
-        err.add("resources.gpu", f"must be >= 0 (fractions share a GPU), got {out['gpu']!r}")
+        out.setdefault("time_attr", "epoch")
+    epochs = train.get("epochs")
+    if sc.type in ("ASHAScheduler", "HyperBandScheduler") and isinstance(epochs, int) and epochs >= 1:
+        out.setdefault("max_t", epochs)  # budget unit = one epoch
+    if sc.type == "ASHAScheduler" and "max_t" in out and out.get("grace_period", 1) > out["max_t"]:
+        err.add("scheduler.grace_period", f"must be <= max_t ({out['max_t']})")
     return out
 
 
-def _check_tracking(tr: Dict[str, Any], err: _Errors) -> Dict[str, Any]:
-    for key in tr:
-        if key not in ("uri", "experiment", "enabled"):
-            err.add(f"tracking.{key}", "unknown key; allowed: uri, experiment, enabled")
-    return {"uri": tr.get("uri"), "experiment": tr.get("experiment"), "enabled": tr.get("enabled", True)}
+def _check_tune_config(raw: Any, err: _Problems) -> Dict[str, Any]:
+    from ray.tune import TuneConfig
+
+    tc = err.parse(TuneConfigSection, raw, "tune_config")
+    known = [f.name for f in dataclasses.fields(TuneConfig)
+             if f.name not in ("search_alg", "scheduler", "trial_name_creator", "trial_dirname_creator")]
+    for key in _as_dict(raw):
+        if key not in known:
+            err.add(f"tune_config.{key}", unknown_key(key, known, "not a ray.tune.TuneConfig argument", "known"))
+    return tc.model_dump(exclude_none=True) if tc else {}
 
 
+# ------------------------------------------------------------------------------ registries
 def check_registries(spec: TuneSpec) -> None:
     """Names only the plugins know (models, decompositions): checked on the driver after
     ``import dcanets``, still before Ray starts, so a typo costs no cluster time."""
@@ -344,20 +531,18 @@ def check_registries(spec: TuneSpec) -> None:
 
     import dcanets  # noqa: F401  (registers the plugins' models and decompositions into timm)
 
-    err = _Errors()
+    err = _Problems()
     opts = set(timm.optim.list_optimizers())
     for field, known, ok in (("model", None, timm.is_model), ("opt", opts, lambda n: n.lower().split("_")[-1] in opts)):
         if field in spec.train and not ok(spec.train[field]):
             err.add(f"train.{field}", f"unknown {field} {spec.train[field]!r}" + _near(spec.train[field], known))
         for i, value in enumerate(spec.space.get(field, {}).get("values", [])):
             if not ok(value):
-                err.add(f"space.{field}.values[{i}]", f"unknown {field} {value!r}" + _near(value, known))
+                err.add(dotted(("values", i), f"space.{field}"), f"unknown {field} {value!r}" + _near(value, known))
     err.raise_if_any(spec.path)
 
 
 def _near(name: str, known: Optional[set]) -> str:
-    from dcanets.plugins import did_you_mean
-
     if known is None:
         import timm
 
@@ -365,6 +550,7 @@ def _near(name: str, known: Optional[set]) -> str:
     return did_you_mean(name, known)
 
 
+# ------------------------------------------------------------------------- Ray/Optuna objects
 class DefineByRun:
     """The ``space`` section as an Optuna define-by-run function (picklable, so Tuner.restore
     restores it). Order matters: ``when`` and ``times`` refer to parameters declared above."""
@@ -422,7 +608,7 @@ def trial_train_config(base: Dict[str, Any], params: Dict[str, Any]) -> Dict[str
     return cfg
 
 
-def build_search_alg(spec: TuneSpec):
+def build_search_alg(spec: TuneSpec) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -433,7 +619,7 @@ def build_search_alg(spec: TuneSpec):
                         sampler=sampler, **extra)
 
 
-def build_scheduler(spec: TuneSpec):
+def build_scheduler(spec: TuneSpec) -> Any:
     from ray.tune import schedulers
 
     kwargs = {k: v for k, v in spec.scheduler.items() if k != "type"}
@@ -441,4 +627,4 @@ def build_scheduler(spec: TuneSpec):
 
 
 def is_finite(x: Any) -> bool:
-    return _is_num(x) and math.isfinite(x)
+    return is_number(x) and math.isfinite(x)

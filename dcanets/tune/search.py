@@ -2,7 +2,7 @@
 
 The driver validates the YAML (every problem with its path) and the plugin names before Ray
 starts, then runs ``tune.Tuner`` with ``OptunaSearch`` (define-by-run space, so ``when:`` and
-``times:`` conditions work) and the declared scheduler. Each trial is ``dcanets.engine.loop.train`` in
+``times:`` conditions work) and the declared scheduler. Each trial is ``dcanets.engine.train`` in
 a Ray worker that imports dcanets itself (plugin registration happens per process), reports
 every epoch with a checkpoint, and resumes from it after ``--resume``. MLflow logging lives in
 the driver (``dcanets.tune.tracking``). Outputs: one progress line per trial epoch, a table of the
@@ -74,7 +74,7 @@ def trial(params: Dict[str, Any], base: Dict[str, Any]) -> None:
 
     def on_epoch(m: Dict[str, Any]) -> None:
         path = m.pop("checkpoint", None)
-        m.update(node_id=node, pid=os.getpid())
+        m.update(node_id=node, pid=os.getpid(), gpu_ids=",".join(map(str, ray.get_gpu_ids())))
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)) if path else None)
 
     try:
@@ -205,10 +205,11 @@ class ProgressLines(Callback):
 
 def _collect(grid, spec: tune_config.TuneSpec) -> List[Dict[str, Any]]:
     """One dict per trial: id, status, params, the per-epoch history and the best metric value."""
+    from dcanets import _compat
+
     out = []
-    # statuses live on the Trial objects; ResultGrid lists results in the same order
-    trials = grid._experiment_analysis.trials
-    for res, trial in zip(grid, trials):
+    # statuses live on the Trial objects, which ResultGrid does not expose (see _compat)
+    for res, trial in zip(grid, _compat.result_grid_trials(grid)):
         status = trial.status
         df = res.metrics_dataframe
         # an epoch re-run after an interruption appears twice in Tune's log: keep the last one

@@ -181,3 +181,27 @@ def test_batch_loader_normalizes_and_reshuffles_per_epoch():
     loader.set_epoch(1)
     assert not torch.equal(batches[0][1], next(iter(loader))[1])
     assert loader.data_seconds > 0
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
+    import pickle
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    marker = tmp_path / "pwned"
+    for i in range(1, 6):
+        (base / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [0]}))
+    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]}))
+    with pytest.raises(ValueError, match="cannot read CIFAR batch .*refusing posix.system"):
+        data.load(str(tmp_path))
+    assert not marker.exists()

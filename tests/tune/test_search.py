@@ -1,5 +1,5 @@
-"""``dcanets tune``: schema errors with YAML paths, the define-by-run space, and real searches
-(Ray trials, Optuna, MLflow SQLite): end to end, interrupted by SIGINT, then resumed.
+"""``dcanets tune``: real searches (Ray trials, Optuna, MLflow SQLite): end to end, interrupted by
+SIGINT, then resumed. The YAML schema has its own tests in ``test_schema.py``.
 
 One local Ray instance is shared by the whole module (Ray takes seconds to start); the
 interrupted search runs in a subprocess that joins it with ``--address``.
@@ -11,36 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-
-from dcanets.tune import schema as tune_config
-
-TINY = {
-    "name": "tiny",
-    "train": {"data": "digits", "limit": 300, "epochs": 2, "batch_size": 64, "model": "cifar_resnet20",
-              "sched": "none"},
-    "space": {"lr": {"type": "loguniform", "low": 0.01, "high": 0.2}},
-    "search_alg": {"sampler": {"type": "TPESampler", "seed": 0, "n_startup_trials": 2}},
-    "scheduler": {"type": "ASHAScheduler", "grace_period": 1, "reduction_factor": 2},
-    "tune_config": {"metric": "val_acc", "mode": "max", "num_samples": 3, "max_concurrent_trials": 2},
-    "resources": {"cpu": 1},
-}
-
-
-def write_config(tmp_path: Path, **overrides) -> Path:
-    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
-    for key, value in overrides.items():
-        doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
-        if isinstance(value, dict):  # None removes a key
-            doc[key] = {k: v for k, v in doc[key].items() if v is not None}
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
 
 
 def runs_of(uri: str):
@@ -52,107 +26,6 @@ def runs_of(uri: str):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, parents, children
-
-
-# ------------------------------------------------------------------------------ schema
-def test_every_problem_is_reported_with_its_yaml_path(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text(textwrap.dedent("""
-        train: {data: missing/cifar.tar, epochs: 0, modle: x, opt_kwargs: {rho: -1}}
-        space:
-          lr: {type: loguniform, low: 0, high: 0.1}
-          opt_kwargs.rho: {type: uniform, low: 0.1, high: 0.9, times: opt_kwargs.lam}
-          opt_kwargs.lam: {type: uniform, low: -1.0, high: 2.0}
-          momentum: {type: gaussian}
-        scheduler: {type: ASHAScheduler, grace_perod: 1, metric: val_acc}
-        tune_config: {metric: accuracy, num_samples: 0}
-        resources: {cpu: 0, gpus: 1}
-        trackin: {}
-    """))
-    with pytest.raises(ValueError) as info:
-        tune_config.load(path)
-    msg = str(info.value)
-    expected = [
-        "space.lr.low: must be > 0 for loguniform",
-        "space.opt_kwargs.rho.times: must name a parameter declared above it",
-        "space.momentum.type: must be one of",
-        "train.epochs: must be an integer >= 1",
-        "train.modle: not a TrainConfig field",
-        "train.opt_kwargs.rho: must be >= 0, got -1",
-        "space.opt_kwargs.lam.low: must be > 0",
-        "train.data: data path not found",
-        "scheduler.grace_perod: not an argument of ASHAScheduler",
-        "scheduler.metric: set it in tune_config",
-        "tune_config.metric: must be one of",
-        "tune_config.num_samples: must be an integer >= 1",
-        "resources.cpu: must be > 0",
-        "resources.gpus: unknown key",
-        "trackin: unknown key",
-    ]
-    for line in expected:
-        assert line in msg, f"missing {line!r} in:\n{msg}"
-    assert "15 problem(s)" in msg
-
-
-def test_unknown_model_and_optimizer_are_named_before_ray_starts(tmp_path):
-    path = write_config(tmp_path, train={"opt": "sgdd", "model": None},
-                        space={"model": {"type": "choice", "values": ["cifar_resnet20", "cifar_negnet2O"]}})
-    spec = tune_config.load(path)
-    with pytest.raises(ValueError) as info:
-        tune_config.check_registries(spec)
-    msg = str(info.value)
-    assert "space.model.values[1]: unknown model 'cifar_negnet2O'" in msg and "cifar_negnet20" in msg
-    assert "train.opt: unknown opt 'sgdd'" in msg
-
-
-def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "set.tar").write_bytes(b"")
-    (tmp_path / "cfg").mkdir()
-    spec = tune_config.load(write_config(tmp_path / "cfg", train={"data": "../data/set.tar"}))
-    assert spec.train["data"] == str((tmp_path / "data" / "set.tar").resolve())
-
-
-def test_shipped_configs_validate():
-    root = Path(__file__).resolve().parents[2] / "tune_configs"
-    names = sorted(p.name for p in root.glob("*.yaml"))
-    assert {"quickstart.yaml", "negnet_vs_resnet_cifar10.yaml", "dca_rho_lambda.yaml",
-            "double_resnet_mnist.yaml"} <= set(names)
-    for name in names:
-        try:
-            spec = tune_config.load(root / name)
-        except ValueError as exc:  # a machine without ../shared/data: only the data paths may fail
-            problems = str(exc).splitlines()[1:]
-            assert problems and all("data path not found" in p for p in problems), str(exc)
-            continue
-        assert spec.space and spec.train["epochs"] >= 1
-        tune_config.check_registries(spec)
-
-
-def test_define_by_run_conditions_and_fractions():
-    import optuna
-
-    space = {
-        "opt": {"type": "choice", "values": ["sgd", "dcacounter"]},
-        "opt_kwargs.lam": {"type": "loguniform", "low": 1.0, "high": 10.0, "when": {"opt": "dcacounter"}},
-        "opt_kwargs.rho": {"type": "uniform", "low": 0.1, "high": 0.5, "times": "opt_kwargs.lam",
-                           "when": {"opt": "dcacounter"}},
-    }
-    fn = tune_config.DefineByRun(space)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
-    for _ in range(12):
-        values = fn(study.ask())
-        seen.add(values["opt"])
-        if values["opt"] == "sgd":
-            assert set(values) == {"opt"}
-        else:
-            lam, rho = values["opt_kwargs.lam"], values["opt_kwargs.rho"]
-            assert 0.1 * lam <= rho <= 0.5 * lam  # rho as a fraction of lam
-    assert seen == {"sgd", "dcacounter"}
-    cfg = tune_config.trial_train_config({"opt_kwargs": {"eps": 1}}, {"opt_kwargs.rho:fraction": 0.2,
-                                                                      "opt_kwargs.rho": 0.5, "lr": 0.1})
-    assert cfg == {"opt_kwargs": {"eps": 1, "rho": 0.5}, "lr": 0.1}
 
 
 # ------------------------------------------------------------------------------ real searches
@@ -167,7 +40,7 @@ def ray_local():
 
 
 @pytest.mark.slow
-def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monkeypatch):
+def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monkeypatch, write_config):
     from dcanets.cli import main
     from dcanets.engine import TrainConfig
 
@@ -210,7 +83,8 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
 
 
 @pytest.mark.slow
-def test_trial_cut_by_the_time_budget_before_its_first_report_keeps_its_params(ray_local, tmp_path, capsys):
+def test_trial_cut_by_the_time_budget_before_its_first_report_keeps_its_params(ray_local, tmp_path, capsys,
+                                                                                write_config):
     from dcanets.cli import main
 
     # one epoch over all digits takes seconds: the 2 s budget ends the trial before it reports
@@ -225,7 +99,7 @@ def test_trial_cut_by_the_time_budget_before_its_first_report_keeps_its_params(r
 
 
 @pytest.mark.slow
-def test_interrupted_search_ends_runs_and_resumes_without_losing_trials(ray_local, tmp_path, capsys):
+def test_interrupted_search_ends_runs_and_resumes_without_losing_trials(ray_local, tmp_path, capsys, write_config):
     """SIGINT to a running `dcanets tune` (a subprocess joined to the shared Ray): no MLflow run
     stays RUNNING; `--resume` then finishes the search and keeps the completed trial."""
     from dcanets.cli import main

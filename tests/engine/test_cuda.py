@@ -1,0 +1,81 @@
+"""The engine's CUDA path: mixed precision, GPU-resident data, agreement with the CPU, exact resume.
+
+Every test here is marked ``cuda`` and skipped, with its reason, on a machine without a GPU;
+``pytest -m cuda`` runs just these where one is present.
+"""
+import math
+
+import pytest
+import torch
+
+from dcanets.engine import TrainConfig, train
+from dcanets.engine import data as data_mod
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is not run")]
+
+
+@pytest.fixture(autouse=True)
+def _fp32_cuda(tmp_path, monkeypatch):
+    """Full fp32 matmuls/convolutions (no TF32) so CPU and GPU runs are comparable."""
+    monkeypatch.setenv("DCANETS_CACHE", str(tmp_path / "cache"))
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = old
+
+
+def tiny(**kw):
+    base = dict(model="cifar_resnet20", data="synthetic:256", limit=256, batch_size=32, epochs=2, lr=0.05)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_amp_training_runs_on_the_gpu_and_learns():
+    final = train(tiny(model="cifar_negnet20", epochs=4, amp=True, data="digits", limit=512))
+    assert final["device"].startswith("cuda") and final["amp"] is True
+    hist = final["history"]
+    assert all(math.isfinite(m["train_loss"]) for m in hist)
+    assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    assert final["val_acc"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_fp32_gpu_steps_agree_with_the_cpu():
+    cpu = train(tiny(device="cpu", amp=False, epochs=1))
+    gpu = train(tiny(device="cuda", amp=False, epochs=1))
+    assert gpu["device"].startswith("cuda") and gpu["amp"] is False
+    assert gpu["train_loss"] == pytest.approx(cpu["train_loss"], rel=1e-3)
+    assert gpu["val_loss"] == pytest.approx(cpu["val_loss"], rel=1e-2)
+
+
+def test_resume_on_the_gpu_continues_the_uninterrupted_run(tmp_path):
+    cfg = tiny(device="cuda", amp=True, epochs=3, augment=True, output=str(tmp_path / "run"))
+    whole = train(tiny(device="cuda", amp=True, epochs=3, augment=True))
+
+    def crash(m):
+        if m["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch=crash)
+    resumed = train(cfg, resume=tmp_path / "run")
+    assert resumed["epoch"] == 3
+    # the same batches, augmentations, loss scale and lr steps: equal up to GPU reduction order
+    for got, want in zip(resumed["history"], whole["history"]):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-3)
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-9)
+
+
+@pytest.mark.parametrize("opt", ["dcal2", "dcacounter", "dcaprox"])
+def test_decompositions_step_on_the_gpu(opt):
+    """Closure-stepped decompositions run in full precision (GradScaler cannot drive a closure)."""
+    final = train(tiny(model="cifar_plainnet20", opt=opt, lr=0.02, epochs=1, amp=True))
+    assert final["device"].startswith("cuda") and math.isfinite(final["train_loss"])
+
+
+def test_small_decoded_sets_live_on_the_gpu():
+    images = data_mod.synthetic(64, num_classes=3, size=8, channels=3, seed=0)
+    loader = data_mod.BatchLoader(images, 16, [0.5] * 3, [0.25] * 3, device="cuda", seed=0)
+    assert loader.images.device.type == "cuda"
+    x, y = next(iter(loader))
+    assert x.device.type == "cuda" and x.dtype == torch.float32 and y.device.type == "cuda"

@@ -1,0 +1,226 @@
+"""The ``dcanets tune`` YAML schema: every problem with its YAML path, the train section and the
+sampled bounds checked as ``dcanets train`` checks them, the defaults the search reads, the
+define-by-run space, and ``dcanets tune --schema``."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from dcanets.cli import main
+from dcanets.tune import schema as tune_config
+
+
+def problems(path: Path) -> str:
+    with pytest.raises(ValueError) as info:
+        tune_config.load(path)
+    return str(info.value)
+
+
+def test_every_problem_is_reported_with_its_yaml_path(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent("""
+        train: {data: missing/cifar.tar, epochs: 0, modle: x, opt_kwargs: {rho: -1}}
+        space:
+          lr: {type: loguniform, low: 0, high: 0.1}
+          opt_kwargs.rho: {type: uniform, low: 0.1, high: 0.9, times: opt_kwargs.lam}
+          opt_kwargs.lam: {type: uniform, low: -1.0, high: 2.0}
+          momentum: {type: gaussian}
+        scheduler: {type: ASHAScheduler, grace_perod: 1, metric: val_acc}
+        tune_config: {metric: accuracy, num_samples: 0}
+        resources: {cpu: 0, gpus: 1}
+        trackin: {}
+    """))
+    with pytest.raises(ValueError) as info:
+        tune_config.load(path)
+    msg = str(info.value)
+    expected = [
+        "space.lr.low: must be > 0 for loguniform",
+        "space.opt_kwargs.rho.times: must name a parameter declared above it",
+        "space.momentum.type: must be one of",
+        "train.epochs: must be an integer >= 1",
+        "train.modle: not a TrainConfig field",
+        "train.opt_kwargs.rho: must be >= 0, got -1",
+        "space.opt_kwargs.lam.low: must be > 0",
+        "train.data: data path not found",
+        "scheduler.grace_perod: not an argument of ASHAScheduler",
+        "scheduler.metric: set it in tune_config",
+        "tune_config.metric: must be one of",
+        "tune_config.num_samples: must be an integer >= 1",
+        "resources.cpu: must be > 0",
+        "resources.gpus: unknown key",
+        "trackin: unknown key",
+    ]
+    for line in expected:
+        assert line in msg, f"missing {line!r} in:\n{msg}"
+    assert "15 problem(s)" in msg
+    assert "train.modle: not a TrainConfig field; did you mean: model;" in msg
+    assert "scheduler.grace_perod: not an argument of ASHAScheduler; did you mean: grace_period;" in msg
+    assert "resources.gpus: unknown key; did you mean: gpu; allowed: cpu, gpu" in msg
+    assert "got 'opt_kwargs.lam'; it is declared below: move it above" in msg
+
+
+def test_unknown_model_and_optimizer_are_named_before_ray_starts(tmp_path, write_config):
+    path = write_config(tmp_path, train={"opt": "sgdd", "model": None},
+                        space={"model": {"type": "choice", "values": ["cifar_resnet20", "cifar_negnet2O"]}})
+    spec = tune_config.load(path)
+    with pytest.raises(ValueError) as info:
+        tune_config.check_registries(spec)
+    msg = str(info.value)
+    assert "space.model.values[1]: unknown model 'cifar_negnet2O'" in msg and "cifar_negnet20" in msg
+    assert "train.opt: unknown opt 'sgdd'" in msg
+
+
+def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path, write_config):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "set.tar").write_bytes(b"")
+    (tmp_path / "cfg").mkdir()
+    spec = tune_config.load(write_config(tmp_path / "cfg", train={"data": "../data/set.tar"}))
+    assert spec.train["data"] == str((tmp_path / "data" / "set.tar").resolve())
+
+
+def test_shipped_configs_validate_and_match_the_json_schema():
+    root = Path(__file__).resolve().parents[2] / "tune_configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"quickstart.yaml", "negnet_vs_resnet_cifar10.yaml", "dca_rho_lambda.yaml",
+            "double_resnet_mnist.yaml"} <= set(names)
+    validator = jsonschema.Draft202012Validator(tune_config.json_schema())
+    for name in names:
+        assert not [e.message for e in validator.iter_errors(yaml.safe_load((root / name).read_text()))], name
+        try:
+            spec = tune_config.load(root / name)
+        except ValueError as exc:  # a machine without ../shared/data: only the data paths may fail
+            problems = str(exc).splitlines()[1:]
+            assert problems and all("data path not found" in p for p in problems), str(exc)
+            continue
+        assert spec.space and spec.train["epochs"] >= 1
+        tune_config.check_registries(spec)
+
+
+def test_define_by_run_conditions_and_fractions():
+    import optuna
+
+    space = {
+        "opt": {"type": "choice", "values": ["sgd", "dcacounter"]},
+        "opt_kwargs.lam": {"type": "loguniform", "low": 1.0, "high": 10.0, "when": {"opt": "dcacounter"}},
+        "opt_kwargs.rho": {"type": "uniform", "low": 0.1, "high": 0.5, "times": "opt_kwargs.lam",
+                           "when": {"opt": "dcacounter"}},
+    }
+    fn = tune_config.DefineByRun(space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        values = fn(study.ask())
+        seen.add(values["opt"])
+        if values["opt"] == "sgd":
+            assert set(values) == {"opt"}
+        else:
+            lam, rho = values["opt_kwargs.lam"], values["opt_kwargs.rho"]
+            assert 0.1 * lam <= rho <= 0.5 * lam  # rho as a fraction of lam
+    assert seen == {"sgd", "dcacounter"}
+    cfg = tune_config.trial_train_config({"opt_kwargs": {"eps": 1}}, {"opt_kwargs.rho:fraction": 0.2,
+                                                                      "opt_kwargs.rho": 0.5, "lr": 0.1})
+    assert cfg == {"opt_kwargs": {"eps": 1, "rho": 0.5}, "lr": 0.1}
+
+
+def test_fixed_train_values_are_checked_as_dcanets_train_checks_them(tmp_path, write_config):
+    msg = problems(write_config(tmp_path, train={"lr": 0, "sched": "linear", "warmup_epochs": 2,
+                                                  "batch_size": "many", "augment": "maybe"},
+                                space={"lr": None, "momentum": {"type": "uniform", "low": 0.5, "high": 0.9}}))
+    assert "train.lr: must be > 0, got 0" in msg
+    assert "train.sched: must be one of 'cosine', 'step' or 'none', got 'linear'" in msg
+    assert "train.warmup_epochs: must be < epochs (2), got 2" in msg
+    assert "train.batch_size: must be an integer >= 1, got 'many'" in msg
+    assert "train.augment: must be true or false, got 'maybe'" in msg
+    assert "5 problem(s)" in msg
+
+
+def test_sampled_bounds_and_choices_are_checked_as_train_config_values(tmp_path, write_config):
+    space = {"lr": {"type": "uniform", "low": 0, "high": 0.1},
+             "amp_dtype": {"type": "choice", "values": ["auto", "fp8"]},
+             "warmup_epochs": {"type": "uniform", "low": 0.5, "high": 3},
+             "opt_kwargs.lam": {"type": "loguniform", "low": 1, "high": 10},
+             "opt_kwargs.rho": {"type": "uniform", "low": -0.5, "high": 0.5, "times": "opt_kwargs.lam"}}
+    msg = problems(write_config(tmp_path, space=space))
+    assert "space.lr.low: must be > 0, got 0" in msg
+    assert "space.amp_dtype.values[1]: must be one of 'auto', 'bfloat16' or 'float16', got 'fp8'" in msg
+    assert "space.warmup_epochs.high: must be < epochs (2), got 3" in msg
+    assert "3 problem(s)" in msg  # a scaled parameter samples a factor: its bounds are not rho's
+
+
+def test_space_parameters_are_typed_and_their_names_suggested(tmp_path, write_config):
+    space = {"lrr": {"type": "uniform", "low": 0.1, "high": 0.2},
+             "momentum": {"type": "uniform", "low": 0.9, "high": 0.5, "stepp": 1},
+             "batch_size": {"type": "int", "low": 16.5, "high": 64},
+             "opt": {"type": "choice", "values": [], "times": "momentum"},
+             "seed": {"type": "choice", "values": [0, 1], "when": {"optt": "sgd"}}}
+    msg = problems(write_config(tmp_path, space=space))
+    assert "space.lrr: must be a TrainConfig field or opt_kwargs/model_kwargs.<key>; did you mean: lr;" in msg
+    assert "space.momentum.high: must be > low (0.9)" in msg
+    assert "space.momentum.stepp: unknown key; did you mean: step;" in msg
+    assert "space.batch_size.low: must be an integer, got 16.5" in msg
+    assert "space.opt.values: must not be empty" in msg
+    assert "space.opt.times: only numeric parameters can be scaled by another" in msg
+    assert "space.seed.when.optt: must name a parameter declared above it in space; did you mean: opt" in msg
+
+
+def test_sections_reject_wrong_types_and_unknown_keys(tmp_path, write_config):
+    msg = problems(write_config(tmp_path, resources={"cpu": True}, tune_config={"num_samples": 2.5, "mod": "max"},
+                                search_alg={"type": "BayesOpt"}, scheduler={"type": "pbt"},
+                                tracking={"enabled": "sometimes"}, name="my search"))
+    assert "resources.cpu: must be a number, got True" in msg
+    assert "tune_config.num_samples: must be an integer >= 1, got 2.5" in msg
+    assert "tune_config.mod: not a ray.tune.TuneConfig argument; did you mean: mode;" in msg
+    assert "search_alg.type: only OptunaSearch is supported, got 'BayesOpt'" in msg
+    assert "scheduler.type: must be one of ASHAScheduler, FIFOScheduler, MedianStoppingRule" in msg
+    assert "tracking.enabled: must be true or false, got 'sometimes'" in msg
+    assert "name: letters, digits, '_', '.', '-' only (it names the output folder), got 'my search'" in msg
+    path = tmp_path / "list.yaml"
+    path.write_text("train: {epochs: 1}\nspace: {lr: {type: uniform, low: 0.1, high: 0.2}}\nscheduler: [asha]\n")
+    assert "scheduler: must be a mapping, got ['asha']" in problems(path)
+
+
+def test_defaults_and_dict_shapes_the_search_reads(tmp_path, write_config):
+    spec = tune_config.load(write_config(tmp_path, name=None, scheduler={"type": "asha", "grace_period": None},
+                                         search_alg={"sampler": None}, tune_config={"metric": "val_loss", "mode": None},
+                                         train={"epochs": "3"}))
+    assert spec.name == "search" and spec.path == (tmp_path / "search.yaml").resolve()
+    assert spec.train == {"data": "digits", "limit": 300, "epochs": 3, "batch_size": 64, "model": "cifar_resnet20",
+                          "sched": "none"}
+    assert spec.space == {"lr": {"type": "loguniform", "low": 0.01, "high": 0.2}}
+    assert spec.search_alg == {"type": "OptunaSearch", "sampler": {"type": "TPESampler", "seed": 0}}
+    assert spec.scheduler == {"type": "ASHAScheduler", "reduction_factor": 2, "time_attr": "epoch", "max_t": 3}
+    assert spec.tune_config == {"metric": "val_loss", "mode": "min", "num_samples": 3, "reuse_actors": True,
+                                "max_concurrent_trials": 2}
+    assert (spec.metric, spec.mode) == ("val_loss", "min")
+    assert spec.resources == {"cpu": 1, "gpu": 0}
+    assert spec.tracking == {"uri": None, "experiment": None, "enabled": True}
+    assert spec.raw["scheduler"] == {"type": "asha", "reduction_factor": 2}
+    tune_config.build_scheduler(spec)
+    tune_config.build_search_alg(spec)
+
+
+def test_num_samples_flag_must_be_at_least_one(tmp_path, write_config, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["tune", str(write_config(tmp_path)), "--num-samples", "0"])
+    assert info.value.code == 2
+    assert "argument --num-samples: must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_schema_flag_prints_the_json_schema_without_a_config(capsys):
+    assert main(["tune", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    defs = schema["$defs"]
+    assert defs["TrainSection"]["required"] == ["epochs"]
+    assert defs["TrainSection"]["properties"]["lr"]["exclusiveMinimum"] == 0
+    assert "description" in defs["TrainSection"]["properties"]["warmup_epochs"]
+    assert set(schema["properties"]["space"]["additionalProperties"]["discriminator"]["mapping"]) == {
+        "loguniform", "uniform", "int", "choice"}
+    validator = jsonschema.Draft202012Validator(schema)
+    bad = {"train": {"epochs": 0, "lrr": 1}, "space": {"lr": {"type": "gaussian"}}}
+    assert len(list(validator.iter_errors(bad))) == 3
