@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from common import median, parse_args, progress, write_result, figure_path
+from common import figure_path, median, parse_args, progress, write_result
 from dcanets.dca import exact_trs, minimize, random_trs, trs_problem
 
 METHODS = {"projective": ("projective", False), "proximal": ("proximal", False),

@@ -9,8 +9,17 @@ both decompositions of paper 000 (``trs_problem``, exact ``exact_trs``), ``abs_q
 from .classic import abs_quadratic, abs_quadratic_critical_points, max_distance_box
 from .problem import DCProblem, SubproblemError
 from .solver import DCAResult, minimize
-from .trust_region import (TRSSolution, exact_trs, project_ball, project_ellipsoid, random_trs,
-                           trs_multiplier, trs_objective, trs_optimality, trs_problem)
+from .trust_region import (
+                           TRSSolution,
+                           exact_trs,
+                           project_ball,
+                           project_ellipsoid,
+                           random_trs,
+                           trs_multiplier,
+                           trs_objective,
+                           trs_optimality,
+                           trs_problem,
+)
 
 __all__ = [
     "DCProblem", "DCAResult", "SubproblemError", "minimize",

@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcanets.analysis.curvature import (advise, extreme_eigenvalues, hvp, lanczos, loss_hessian_operator,
-                               power_iteration)
+from dcanets.analysis.curvature import advise, extreme_eigenvalues, hvp, lanczos, loss_hessian_operator, power_iteration
 
 
 def _sym(eigs):

@@ -2,9 +2,16 @@
 import numpy as np
 import pytest
 
-from dcanets.analysis.stability import (matrix_product_safe_step, matrix_product_unstable_step, scalar_product_max_step,
-                               scalar_product_rate, scalar_product_safe_step, scalar_product_step_bound,
-                               simulate_matrix_product, simulate_scalar_product)
+from dcanets.analysis.stability import (
+    matrix_product_safe_step,
+    matrix_product_unstable_step,
+    scalar_product_max_step,
+    scalar_product_rate,
+    scalar_product_safe_step,
+    scalar_product_step_bound,
+    simulate_matrix_product,
+    simulate_scalar_product,
+)
 
 SCALAR_CASES = [(2.0, 5, 1.0), (0.5, 4, 2.0), (1.5, 10, 0.5), (-3.0, 3, 1.0)]
 

@@ -2,8 +2,15 @@
 import numpy as np
 import pytest
 
-from dcanets.dca import (DCProblem, abs_quadratic, abs_quadratic_critical_points, max_distance_box,
-                         minimize, trs_problem, random_trs)
+from dcanets.dca import (
+    DCProblem,
+    abs_quadratic,
+    abs_quadratic_critical_points,
+    max_distance_box,
+    minimize,
+    random_trs,
+    trs_problem,
+)
 
 
 def assert_monotone(history, rtol=1e-12):

@@ -7,8 +7,7 @@ relative, i.e. (F_dca − F*)/max(1, |F*|).
 import numpy as np
 import pytest
 
-from dcanets.dca import (exact_trs, minimize, project_ellipsoid, random_trs, trs_objective,
-                         trs_optimality, trs_problem)
+from dcanets.dca import exact_trs, minimize, project_ellipsoid, random_trs, trs_objective, trs_optimality, trs_problem
 
 SIZES = [2, 5, 20, 50, 200]
 KKT_TOL = 1e-6

@@ -8,9 +8,8 @@ import yaml
 
 from dcanets import cli
 from dcanets.cli import train as train_cli
-from dcanets.engine import data
+from dcanets.engine import TrainConfig, data, train
 from dcanets.engine import loop as engine
-from dcanets.engine import TrainConfig, train
 
 TIMING = {"epoch_seconds", "images_per_s", "data_seconds", "train_seconds", "wall_seconds", "checkpoint"}
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
