@@ -89,8 +89,12 @@ def step_fn(name: str, variant: Dict[str, Any], batch: int, steps: int, device: 
     return run
 
 
-def variants(device: torch.device, quick: bool) -> List[Dict[str, Any]]:
-    combos = [(False, False), (True, False)] if quick else [(False, False), (True, False), (False, True), (True, True)]
+COMPILED = ("cifar_resnet20",)  # compile warm-up is 0.5-2 min per model and variant: measured where the goal is
+
+
+def variants(device: torch.device, quick: bool, model: str = "cifar_resnet20") -> List[Dict[str, Any]]:
+    with_compile = not quick and model in COMPILED
+    combos = [(False, False), (True, False)] + ([(False, True), (True, True)] if with_compile else [])
     amps = [False, True] if device.type == "cuda" else [False]
     out = []
     for amp in amps:
@@ -106,7 +110,7 @@ def bare_steps(models: List[str], device: torch.device, args, budget: Dict[str, 
     rows = []
     for name in models:
         fpi = flops_per_image(name, 8)
-        vs = variants(device, args.quick)
+        vs = variants(device, args.quick, name)
         progress(f"bare step {name}: {len(vs)} variants x {budget['rounds']} rounds x {budget['steps']} steps")
         fns = {v["name"]: step_fn(name, v, budget["batch"], budget["steps"], device) for v in vs}
         times = alternate(fns, budget["rounds"])
@@ -121,7 +125,7 @@ def bare_steps(models: List[str], device: torch.device, args, budget: Dict[str, 
 def end_to_end(models: List[str], device: torch.device, args, budget: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for name in models:
-        for v in variants(device, args.quick):
+        for v in variants(device, args.quick, name):
             progress(f"engine epoch {name} {v['name']}")
             cfg = TrainConfig(model=name, data=f"synthetic:{budget['images']}", epochs=budget["epochs"],
                               batch_size=budget["batch"], lr=0.05, device=str(device), amp=v["amp"],
