@@ -15,8 +15,9 @@ Three experiments, each one command, all through the one training engine
 Every run checkpoints each epoch under ``--runs`` (git-ignored), so re-running the same command
 resumes unfinished runs and skips finished ones; the JSON and PNG in benchmarks/results/ are
 rewritten after every experiment (``--out results/_pilot.json`` writes
-``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). ``--quick`` (CI): 128 training images, 1 epoch, one seed;
-without ``../shared/data/cifar10/train.tar`` (and no ``--data``) it trains on a generated CIFAR-like stand-in.
+``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). ``--quick`` (CI): 128 training
+images, 1 epoch, one seed; without ``../shared/data/cifar10/train.tar`` (and no ``--data``) it
+trains on a generated CIFAR-like stand-in.
 """
 from __future__ import annotations
 

@@ -194,7 +194,8 @@ def repro_block(quick: bool) -> str:
     doc = json.loads(path.read_text())
     rows = ["| run | " + " | ".join(f"max abs Δ {k}" for k in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, diffs in doc["max_abs_difference"].items():
-        rows.append(f"| {name} | " + " | ".join(f"{diffs[k]:.1e}" if diffs[k] else "0 (bitwise)" for k in METRICS) + " |")
+        cells = (f"{diffs[k]:.1e}" if diffs[k] else "0 (bitwise)" for k in METRICS)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -71,8 +71,10 @@ def _stand_in(relpath: str, missing: str, images: int) -> str:
     os.environ["DCANETS_CACHE"] = str(tmp / "cache")
     gen = data.synthetic(images, shape["num_classes"], shape["size"], shape["channels"], seed=0)
     tar = data.write_image_tar(gen, tmp / f"{shape['like'].lower().replace('-', '')}_standin.tar", shape["ext"])
-    what = (f"{images} generated {shape['size']}x{shape['size']} {'RGB' if shape['channels'] == 3 else 'grayscale'} "
-            f"{'JPEG' if shape['ext'] == 'jpg' else shape['ext'].upper()}s, {shape['num_classes']} classes, {shape['like']}-like")
+    colour = "RGB" if shape["channels"] == 3 else "grayscale"
+    fmt = "JPEG" if shape["ext"] == "jpg" else shape["ext"].upper()
+    what = (f"{images} generated {shape['size']}x{shape['size']} {colour} {fmt}s, {shape['num_classes']} classes, "
+            f"{shape['like']}-like")
     _GENERATED[str(tar)] = what
     print(f"no {missing}: quick mode on generated stand-in data ({what})", flush=True)
     return str(tar)

@@ -2,8 +2,8 @@
 
 CIFAR-10 training tar (``../shared/data/cifar10/train.tar`` beside the repo, or ``--data``; in quick
 mode a generated CIFAR-like stand-in tar when it is missing), batch 128, pad-4 crop + flip +
-per-channel normalization on whole batches, cifar_resnet20 (and cifar_resnet56 in full mode) trained by the engine (``dcanets.engine.loop``), SGD,
-one torch thread. Reports:
+per-channel normalization on whole batches, cifar_resnet20 (and cifar_resnet56 in full mode)
+trained by the engine (``dcanets.engine.loop``), SGD, one torch thread. Reports:
 
 - the one-time decode of the tar into the cache (cold, into a fresh cache directory) and the
   warm load of that cache file; quick mode decodes only a 2,000-image training subset (+ its
@@ -115,8 +115,9 @@ def pipeline_alone(spec: str, limit: int | None, seed: int, naive_images: int) -
     for k in range(0, len(idx), 128):
         torch.stack([ds[i][0] for i in idx[k:k + 128]])
     naive = len(idx) / (time.perf_counter() - t0)
-    return {"cached_images_timed": n, "cached_images_per_s": round(cached, 1), "naive_pil_images_per_s": round(naive, 1),
-            "speedup": round(cached / naive, 1), "naive_images_timed": len(idx)}
+    return {"cached_images_timed": n, "cached_images_per_s": round(cached, 1),
+            "naive_pil_images_per_s": round(naive, 1), "speedup": round(cached / naive, 1),
+            "naive_images_timed": len(idx)}
 
 
 def plot(rows: list, path: Path) -> None:

@@ -3,7 +3,8 @@
 Three arms with the same data, budget, schedule and seeds, all trained by the one training
 engine ``dcanets.engine.train``: a plain net with SGD, the same plain net with the counter-loss
 DCA optimizer ``dcacounter`` (eq. 12, Newton direction of eq. 19, c = ∇L'_0 at the last
-same-shape block), and the ResNet of the same depth with SGD. Training-loss curves and accuracies go to a table (stdout + JSON) and a PNG.
+same-shape block), and the ResNet of the same depth with SGD. Training-loss curves and accuracies
+go to a table (stdout + JSON) and a PNG.
 No outcome is promised; whatever happens is reported.
 
     python benchmarks/dca_vs_shortcut.py --full    # 56-layer nets on digits, see BUDGET
@@ -71,7 +72,8 @@ def main() -> None:
             final = train(cfg, progress=False)
             results[name].append({k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc",
                                                         "wall_seconds", "history", "train_images")})
-    print(f"| arm | final train loss | train acc | val acc | wall s | (digits, {budget['epochs']} epochs, seeds {list(seeds)}) |")
+    print(f"| arm | final train loss | train acc | val acc | wall s "
+          f"| (digits, {budget['epochs']} epochs, seeds {list(seeds)}) |")
     print("|---|---|---|---|---|---|")
     table = {}
     for name, runs in results.items():

@@ -34,9 +34,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.loglog(branches, [rows[str(i)]["negative_mass"] + 1e-4 for i in branches], "o-", label="Hessian negative mass (+1e-4)")
+    ax.loglog(branches, [rows[str(i)]["negative_mass"] + 1e-4 for i in branches], "o-",
+              label="Hessian negative mass (+1e-4)")
     ax.loglog(branches, [rows[str(i)]["neg_ratio"] + 1e-4 for i in branches], "s-", label="|λmin|/λmax (+1e-4)")
-    ax.loglog(branches, [rows[str(i)]["envelope_gap_mean"] + 1e-4 for i in branches], "^-", label="line envelope gap (+1e-4)")
+    ax.loglog(branches, [rows[str(i)]["envelope_gap_mean"] + 1e-4 for i in branches], "^-",
+              label="line envelope gap (+1e-4)")
     ax.loglog(branches, [2 / i for i in branches], "k--", label="2/I (paper 002 bound)")
     ax.set(xlabel="branches I (total width 64)", title=f"digits n={n}, {steps} Adam steps")
     ax.legend(fontsize=7)

@@ -25,7 +25,8 @@ CANDIDATES = [("adam", 3e-3), ("adam", 1e-3), ("sgd", 0.1)]
 
 
 def extra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="MNIST image-folder tar or directory (default: ../shared/data/mnist/train.tar)")
+    p.add_argument("--data", default=None,
+                   help="MNIST image-folder tar or directory (default: ../shared/data/mnist/train.tar)")
     p.add_argument("--eval-data", default=None, help="held-out image-folder tar/dir evaluated at the end")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="at most this many training images")
@@ -106,9 +107,10 @@ def main() -> None:
     final = train(cfg, on_epoch=on_epoch, resume=resume, progress=False)
     history = final.pop("history", history)  # includes epochs done before a resume
     plot(history, figure_path(name, args.quick))
-    budget = {"data": Path(args.data).name, "epochs": epochs, "train_images": final["train_images"], "val_images": final["val_images"],
-              "batch_size": cfg.batch_size, "seed": cfg.seed, "opt": opt, "lr": lr, "sched": cfg.sched,
-              "weight_decay": 0.0, "augment": False, "wall_seconds": round(final["wall_seconds"], 1)}
+    budget = {"data": Path(args.data).name, "epochs": epochs, "train_images": final["train_images"],
+              "val_images": final["val_images"], "batch_size": cfg.batch_size, "seed": cfg.seed, "opt": opt, "lr": lr,
+              "sched": cfg.sched, "weight_decay": 0.0, "augment": False,
+              "wall_seconds": round(final["wall_seconds"], 1)}
     write_result(name, args.quick, {"budget": budget, "paper": PAPER, "selection": trials,
                                     "history": history, "final": final}, out)
     partial.unlink(missing_ok=True)

@@ -37,7 +37,8 @@ def main() -> None:
         rows.append({"lambda": lam, "L": L, "bound": bound, "empirical": emp, "ratio": emp / bound})
         progress(f"lambda {lam:5.2f} L {L:3d}: bound {bound:.4g} empirical {emp:.4g} ratio {emp / bound:.3f}")
     plot(rows, figure_path("paper003_stability", args.quick))
-    budget = {"iters": iters, "bisection_rounds": rounds, "sigma": 1.0, "start": "balanced equilibrium x (1 + 1e-3 N(0,1))",
+    budget = {"iters": iters, "bisection_rounds": rounds, "sigma": 1.0,
+              "start": "balanced equilibrium x (1 + 1e-3 N(0,1))",
               "converged": "|prod w - lambda| <= 1e-6 max(1, |lambda|) after iters"}
     write_result("paper003_stability", args.quick, {"budget": budget, "rows": rows}, args.out)
 

@@ -18,7 +18,8 @@ def main() -> int:
         t0 = time.perf_counter()
         print(f"== {script.name} {' '.join(mode)}", flush=True)
         code = subprocess.run([sys.executable, str(script), *mode], cwd=HERE).returncode
-        print(f"== {script.name}: {'ok' if code == 0 else f'FAILED ({code})'} in {time.perf_counter() - t0:.1f}s", flush=True)
+        verdict = "ok" if code == 0 else f"FAILED ({code})"
+        print(f"== {script.name}: {verdict} in {time.perf_counter() - t0:.1f}s", flush=True)
         if code:
             failed.append(script.name)
     print(f"{len(scripts) - len(failed)} passed, {len(failed)} failed")

@@ -59,7 +59,8 @@ def main() -> None:
               "max_iter": max_iter, "start": "same uniform random point in the ball for every method",
               "rho": "projective: lambda_max(A); proximal: -lambda_min(A) + 0.1*||A||",
               "boost": "Armijo t0=1, beta=0.5, alpha=1e-4, 12 tries",
-              "statistic": "medians over seeds that reached the target; ratio = median over seeds of time/time_projective"}
+              "statistic": ("medians over seeds that reached the target; "
+                            "ratio = median over seeds of time/time_projective")}
     write_result("trs_decompositions", args.quick, {"budget": budget, "rows": rows}, args.out)
     plot(rows, figure_path("trs_decompositions", args.quick))
 

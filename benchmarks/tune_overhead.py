@@ -68,8 +68,8 @@ def part_overhead(b: Dict[str, Any], tmp: Path) -> Dict[str, Any]:
 
     o = b["overhead"]
     lrs = [0.02 * (1.5 ** i) for i in range(o["trials"])]
-    base = {"model": o.get("model", b["model"]), "data": b["data"], "limit": o["limit"], "epochs": o["epochs"], "batch_size": 64,
-            "sched": "cosine", "seed": 0}
+    base = {"model": o.get("model", b["model"]), "data": b["data"], "limit": o["limit"], "epochs": o["epochs"],
+            "batch_size": 64, "sched": "cosine", "seed": 0}
     torch.set_num_threads(1)  # a trial gets one CPU, and Ray sets OMP_NUM_THREADS=1 in it
 
     def engine_alone():
@@ -87,7 +87,8 @@ def part_overhead(b: Dict[str, Any], tmp: Path) -> Dict[str, Any]:
     progress(f"A. dcanets tune: the same {len(lrs)} trials, one at a time")
     spec = spec_for(tmp, "overhead", base, {"lr": {"type": "loguniform", "low": 0.001, "high": 1.0}},
                     {"type": "TPESampler", "seed": 0}, {"type": "FIFOScheduler"},
-                    {"num_samples": len(lrs), "max_concurrent_trials": 1}, b["mlflow"], points=[{"lr": lr} for lr in lrs])
+                    {"num_samples": len(lrs), "max_concurrent_trials": 1}, b["mlflow"],
+                    points=[{"lr": lr} for lr in lrs])
     t = run_tune(spec, tmp)
     if not b.get("quick"):
         runs.append(engine_alone())
@@ -208,7 +209,8 @@ def main() -> None:
     png = plot(res, args.quick)
     write_result("tune_overhead", args.quick, {
         "budget": {**b, "resources_per_trial": {"cpu": 1}, "ray_cpus": 2,
-                   "note": "quick-mode trials are ~1 s: ratios there measure start-up, not the goal" if args.quick else ""},
+                   "note": ("quick-mode trials are ~1 s: ratios there measure start-up, not the goal"
+                            if args.quick else "")},
         **res, "figure": png.name}, args.out)
 
 

@@ -17,7 +17,25 @@ from dcanets.plugins import (
 
 __version__ = "0.1.0"
 
-get_plugin_manager()
+
+def _started_as_command() -> bool:
+    """Whether this process is the ``dcanets`` command (``dcanets ...`` or ``python -m dcanets[.cli]``)."""
+    import os
+    import sys
+
+    if os.path.basename(sys.argv[0]).split(".")[0] == "dcanets":
+        return True
+    argv = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b in ("dcanets", "dcanets.cli") for a, b in zip(argv, argv[1:]))
+
+
+try:
+    get_plugin_manager()
+except PluginError:
+    # The command reports a broken plugin in one line (and `dcanets --help` still works): it calls
+    # get_plugin_manager() again, which raises the same error. Anywhere else the import fails.
+    if not _started_as_command():
+        raise
 
 __all__ = [
     "hookimpl", "PluginError", "get_plugin_manager", "list_models", "list_decompositions",

@@ -10,9 +10,12 @@ on its own so that an error can name the plugin that raised it.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pluggy
+
+if TYPE_CHECKING:
+    import timm.optim
 
 hookspec = pluggy.HookspecMarker("dcanets")
 hookimpl = pluggy.HookimplMarker("dcanets")
@@ -32,10 +35,11 @@ def dcanets_register_models() -> Sequence[Callable]:
     Called once per process. Every implementation's list is registered; a name that clashes
     with timm or with another plugin is an error naming both.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this
 
 
 @hookspec
-def dcanets_register_decompositions() -> Sequence["timm.optim.OptimInfo"]:  # noqa: F821
+def dcanets_register_decompositions() -> Sequence[timm.optim.OptimInfo]:
     """Return DC decompositions of a training loss, as optimizers for timm's registry.
 
     Each item is a ``timm.optim.OptimInfo`` whose ``opt_class`` is a ``torch.optim.Optimizer``
@@ -47,3 +51,4 @@ def dcanets_register_decompositions() -> Sequence["timm.optim.OptimInfo"]:  # no
     Called once per process. Every implementation's list is registered; a name timm or another
     plugin already has is an error naming both.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this

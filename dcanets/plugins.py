@@ -59,6 +59,7 @@ class Registered:
 
 
 _pm: Optional[pluggy.PluginManager] = None
+_load_error: Optional[PluginError] = None  # why loading failed: raised again by every later call
 _registered: Dict[Tuple[str, str], Registered] = {}
 
 
@@ -220,14 +221,20 @@ def unregister_plugin(name: str) -> None:
 
 def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide manager, created and loaded on first use: built-ins, then entry points."""
-    global _pm
+    global _pm, _load_error
+    if _load_error is not None:  # a half-loaded registry is never handed out
+        raise _load_error
     if _pm is None:
         pm = pluggy.PluginManager(GROUP)
         pm.add_hookspecs(hookspecs)
-        _load_builtins(pm)
-        _load_entry_points(pm)
-        _pm = pm  # set before pushing so a plugin that imports dcanets does not recurse
-        _push(pm, pm.get_plugins())
+        try:
+            _load_builtins(pm)
+            _load_entry_points(pm)
+            _pm = pm  # set before pushing so a plugin that imports dcanets does not recurse
+            _push(pm, pm.get_plugins())
+        except PluginError as exc:
+            _load_error = exc
+            raise
     return _pm
 
 

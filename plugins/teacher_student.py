@@ -31,7 +31,8 @@ class NonOverlappingStudent(nn.Module):
         super().__init__()
         self.num_patches, self.patch_size, self.skip_prior = num_patches, patch_size, skip_prior
         self.num_classes = num_classes
-        self.register_buffer("shortcut", torch.full((patch_size,), (1.0 / math.sqrt(patch_size)) if skip_prior else 0.0))
+        self.register_buffer("shortcut",
+                             torch.full((patch_size,), (1.0 / math.sqrt(patch_size)) if skip_prior else 0.0))
         w0 = torch.zeros(patch_size) if skip_prior else torch.randn(patch_size) / math.sqrt(patch_size)
         self.w = nn.Parameter(w0)  # paper 001: w_0 = 0 with the prior
         self.a = nn.Parameter(torch.randn(num_patches) / math.sqrt(num_patches))

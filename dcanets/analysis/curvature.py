@@ -33,6 +33,7 @@ def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
         if not pairs:
             return [torch.zeros_like(p) for p in params]
         dot = sum((g * v).sum() for g, v in pairs)
+        assert isinstance(dot, torch.Tensor)  # pairs is not empty, so the sum is a tensor, not 0
         out = torch.autograd.grad(dot, params, allow_unused=True)
     return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, out)]
 
@@ -102,7 +103,8 @@ class FrozenBuffers:
     forward passes (Hessian probes, a DCA step's additional loss evaluations) leave no trace."""
 
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
-        self.model, self.saved = model, []
+        self.model = model
+        self.saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> "FrozenBuffers":
         if self.model is not None:

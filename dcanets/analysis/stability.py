@@ -80,7 +80,7 @@ def scalar_product_rate(lam: float, L: int, step: float, sigma: float = 1.0) -> 
 
 def _spectral_radius(lam_R: ArrayLike, positive: bool) -> float:
     """λ(R) from a number (taken as the spectral radius), a vector of eigenvalues or R itself."""
-    arr = np.asarray(lam_R, dtype=np.float64)
+    arr: np.ndarray = np.asarray(lam_R, dtype=np.float64)
     if arr.ndim == 0:
         return _positive("lam_R", float(arr))
     if arr.ndim == 2:

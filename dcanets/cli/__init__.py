@@ -2,8 +2,10 @@
 
 Each command has its module in this package, exposing ``add_arguments(parser)`` and
 ``run(args) -> int``. Only the chosen command's module is imported, so ``dcanets models`` does
-not pay for importing Ray. Errors a user can fix (ValueError, FileNotFoundError, PluginError)
-end in one line on stderr and exit status 2; ``DCANETS_DEBUG=1`` shows the traceback instead.
+not pay for importing Ray. Every error a user can fix ends in one line on stderr saying what to
+fix, and exit status 2: a bad flag (argparse), a bad value or file (ValueError, OSError), a broken
+plugin (PluginError; ``dcanets --help`` still works then). ``DCANETS_DEBUG=1`` shows the traceback
+instead. Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List, Optional
+import warnings
+from typing import List, NoReturn, Optional
 
 # command -> (module exposing add_arguments/run, one-line help)
 COMMANDS = {
@@ -20,12 +23,21 @@ COMMANDS = {
     "train": ("dcanets.cli.train", "train one timm model with any timm optimizer (DCA ones included)"),
     "tune": ("dcanets.cli.tune", "search hyper-parameters with Ray Tune + Optuna, logged to MLflow"),
     "curvature": ("dcanets.cli.curvature", "estimate Hessian extremes of a model's loss and advise lr, rho, lambda"),
-    "shortcut-prior": ("dcanets.cli.shortcut_prior", "teacher-student, convex relaxation, deep linear and multi-branch experiments (papers 001, 002)"),
+    "shortcut-prior": ("dcanets.cli.shortcut_prior", "teacher-student, convex relaxation, deep linear and "
+                       "multi-branch experiments (papers 001, 002)"),
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error first (``dcanets train: error: argument --lr: ...``), then
+    where to look, instead of the whole usage block before the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(argv: List[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dcanets", description="Shortcut networks through DCA: models, DC optimizers, searches.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -37,22 +49,53 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """The engine's data warnings (a truncated tar) as ``dcanets train: warning: ...``, every time."""
+    from dcanets.engine.data import DataWarning
+
+    default = warnings.showwarning  # callers wrap this in warnings.catch_warnings(), which restores both
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"dcanets {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", DataWarning)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # [Errno 13] ...: 'x'
+        return f"{exc.strerror}: '{exc.filename}'"
+    return " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message held
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
     from dcanets.plugins import PluginError
 
     try:
-        return int(args._run(args) or 0)
+        args = build_parser(argv).parse_args(argv)
+    except PluginError as exc:  # a command module imported a broken plugin while adding its flags
+        print(f"dcanets: error: {_error_text(exc)}", file=sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():
+            _one_line_warnings(args.command)
+            from dcanets.plugins import get_plugin_manager
+
+            get_plugin_manager()  # a broken plugin: its one-line PluginError, not a failure halfway through
+            return int(args._run(args) or 0)
     except BrokenPipeError:  # `dcanets models | head`
         return 0
     except KeyboardInterrupt:
         print(f"dcanets {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PluginError) as exc:
+    except (ValueError, OSError, PluginError) as exc:
         if os.environ.get("DCANETS_DEBUG"):
             raise
-        print(f"dcanets {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dcanets {args.command}: error: {_error_text(exc)}", file=sys.stderr)
         return 2
 
 

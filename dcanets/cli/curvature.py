@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.steps < 1:
         raise ValueError(f"--batch and --steps must be >= 1; got {args.batch} and {args.steps}")
     if not timm.models.is_model(args.model):
-        raise ValueError(f"unknown model '{args.model}'; see `dcanets models` or timm.list_models()")
+        from dcanets.plugins import did_you_mean
+
+        raise ValueError(f"unknown model '{args.model}'{did_you_mean(args.model, timm.list_models())}; "
+                         "see `dcanets models` or timm.list_models()")
     x, y, num_classes, in_chans = _batch(args.data, args.batch)
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans)
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model} on {args.data} (batch {len(y)}, {args.steps} Lanczos steps, "
               f"{result['params']} parameters, at initialisation)")
         print(f"  lambda_min = {lam_min:.6g}   lambda_max = {lam_max:.6g}")
-        print(f"  lr <= {result['lr_projective']:.4g}  (1/lambda_max: projective DC valid; dcal2 lam >= {result['lam_dcal2_min']:.4g})")
+        print(f"  lr <= {result['lr_projective']:.4g}  (1/lambda_max: projective DC valid; "
+              f"dcal2 lam >= {result['lam_dcal2_min']:.4g})")
         print(f"  lr <  {result['lr_lyapunov']:.4g}  (2/lambda_max: Lyapunov-stable gradient descent)")
         print(f"  rho >= {result['rho_min']:.4g}  (-lambda_min: convex proximal / counter-loss G)")
     return 0

@@ -6,7 +6,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``models`` and ``plugins``."""
-    parser.add_argument("pattern", nargs="?", default="*", help="fnmatch filter, e.g. 'cifar_neg*'")
+    parser.add_argument("pattern", nargs="?", default="*",
+                        help="fnmatch filter on the model name (models) or the plugin name or module "
+                             "(plugins), e.g. 'cifar_neg*'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,18 +18,36 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "plugins":
         models, decomps = dcanets.list_models(), dcanets.list_decompositions()
+        shown = 0
         for name, module in dcanets.list_plugins():
+            if not (fnmatch.fnmatch(name, args.pattern) or fnmatch.fnmatch(module, args.pattern)):
+                continue
             n_m = sum(p == name for p in models.values())
             n_d = sum(p == name for p in decomps.values())
             print(f"{name:24s} {module:40s} models={n_m} decompositions={n_d}")
-        return 0
+            shown += 1
+        return _none_matched(args, shown, [name for name, _ in dcanets.list_plugins()])
     import timm
 
+    shown = 0
     for name, plugin in dcanets.list_models().items():
         if fnmatch.fnmatch(name, args.pattern):
             cfg = timm.models.get_pretrained_cfg(name)
             size = "x".join(map(str, cfg.input_size)) if cfg else "?"
             print(f"{name:28s} plugin={plugin:18s} input={size}")
-    return 0
+            shown += 1
+    return _none_matched(args, shown, list(dcanets.list_models()))
 
 
+def _none_matched(args: argparse.Namespace, shown: int, names: list) -> int:
+    """Exit 1 with one line when the pattern matched nothing (as grep does), 0 otherwise."""
+    import sys
+
+    from dcanets.plugins import did_you_mean
+
+    if shown:
+        return 0
+    what = "plugin" if args.command == "plugins" else "plugin model"
+    hint = did_you_mean(args.pattern, names) or "; use * and ? as wildcards, e.g. 'cifar_*'"
+    print(f"dcanets {args.command}: no {what} matches '{args.pattern}'{hint}", file=sys.stderr)
+    return 1

@@ -19,15 +19,16 @@ EXPERIMENTS = ("teacher-student", "relaxation", "deep-linear", "multibranch")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", choices=EXPERIMENTS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("experiment", choices=EXPERIMENTS, help="which experiment to run: " + ", ".join(EXPERIMENTS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, teachers and initialisation")
     parser.add_argument("--steps", type=int, default=None, help="GD / training steps (experiment default)")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 8, 32], help="teacher-student: patch counts")
     parser.add_argument("--p", type=int, default=8, help="teacher-student: patch size")
     parser.add_argument("--teachers", type=int, default=50, help="teacher-student: teachers per k")
     parser.add_argument("--tol", type=float, default=1e-2, help="teacher-student: success tolerance")
     parser.add_argument("--noise", type=float, default=0.0, help="relaxation / deep-linear: label noise")
-    parser.add_argument("--init", default="random", help="relaxation: random or opposite")
+    parser.add_argument("--init", default="random", choices=("random", "opposite"),
+                        help="relaxation: random or opposite initialisation")
     parser.add_argument("--depth", type=int, nargs="+", default=[2, 5, 10], help="deep-linear: depths")
     parser.add_argument("--lr", type=float, default=0.02, help="deep-linear: step size")
     parser.add_argument("--branches", type=int, nargs="+", default=[1, 4, 16, 64],
@@ -39,7 +40,17 @@ def _check(args: argparse.Namespace) -> None:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if min(args.k) < 1 or args.p < 1 or args.teachers < 1:
-        raise ValueError("--k, --p and --teachers must be positive")
+        raise ValueError(f"--k, --p and --teachers must be >= 1, got --k {' '.join(map(str, args.k))} "
+                         f"--p {args.p} --teachers {args.teachers}")
+    if min(args.depth) < 1:
+        raise ValueError(f"--depth values must be >= 1, got {' '.join(map(str, args.depth))}")
+    for flag, value in (("--tol", args.tol), ("--lr", args.lr)):
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+    if not 0 <= args.noise < float("inf"):
+        raise ValueError(f"--noise must be a finite number >= 0, got {args.noise}")
+    if args.total_width < 1:
+        raise ValueError(f"--total-width must be >= 1, got {args.total_width}")
     bad = [i for i in args.branches if i < 1 or args.total_width % i]
     if bad:
         raise ValueError(f"--branches {bad} do not divide --total-width {args.total_width}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from pydantic.fields import FieldInfo
 
@@ -33,8 +33,20 @@ def parse_kv(text: str) -> Dict[str, Any]:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"bad key=value item '{item}' in '{text}'; use e.g. 'rho=0.01,lam=10'")
-        out[key.strip()] = yaml.safe_load(val.strip())
+        try:
+            out[key.strip()] = yaml.safe_load(val.strip())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"bad value '{val.strip()}' for '{key.strip()}' in '{text}' ({_yaml_problem(exc)}); "
+                             "quote lists and mappings as JSON, e.g. '{\"k\": [1, 2]}'") from None
     return out
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: what and where (pyyaml's own message spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def _kv_arg(text: str) -> Dict[str, Any]:
@@ -72,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; ``--config`` reads a YAML of fields the flags override."""
     parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (e.g. a search's best.yaml)")
     parser.add_argument("--resume", help="checkpoint (last.pt) or output directory to resume from")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: one line per epoch (epoch, losses, accuracies, lr, seconds)")
     schema = TrainConfig.model_json_schema()
     for name, info in TrainConfig.model_fields.items():
         prop = schema["properties"][name]
@@ -89,39 +102,94 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.update(load_checkpoint(args.resume).get("config", {}))
     if getattr(args, "config", None):
         path = Path(args.config)
+        if path.is_dir():
+            raise ValueError(f"config file '{path}' is a directory; pass a YAML file of TrainConfig fields")
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"invalid YAML in '{path}': {exc}") from None
+            raise ValueError(f"invalid YAML in '{path}': {_yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"'{path}' must hold a mapping of TrainConfig fields")
         values.update(loaded)
     values.update({name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)})
+    if not values.get("output"):  # a run is always saved: resumable, and its metrics kept
+        resumed = Path(args.resume) if getattr(args, "resume", None) else None
+        if resumed is not None:
+            values["output"] = str(resumed if resumed.is_dir() else resumed.parent)
+        else:
+            model = values.get("model") or TrainConfig.model_fields["model"].default
+            values["output"] = str(default_output(str(model)))
     return TrainConfig.from_dict(values)
 
 
+def default_output(model: str) -> Path:
+    """``runs/train/<model>-<YYYYmmdd-HHMMSS>``, for a run started without ``--output``."""
+    import re
+    import time
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("._") or "model"
+    return Path("runs") / "train" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def epoch_line(m: Dict[str, Any], epochs: int) -> str:
+    """One line per finished epoch: ``epoch 3/10  train_loss 0.512  train_acc 0.843 ... 4.1s``."""
+    return (f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_acc {m['val_acc']:.4f}  lr {m['lr']:.3g}  {m['epoch_seconds']:.1f}s")
+
+
 def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
     from tqdm import tqdm
 
     cfg = config_from_args(args)
     show = not args.no_progress
-    bar = tqdm(total=cfg.epochs, desc=f"{cfg.model} {cfg.opt}", unit="epoch", disable=not show)
+    bar: Optional[tqdm] = None  # made at the first batch, when the number of batches is known
+    done: Dict[str, int] = {"epoch": 0}
+
+    def on_batch(epoch: int, batch: int, batches: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=cfg.epochs * batches, initial=(epoch - 1) * batches + batch - 1, unit="batch",
+                       desc=f"epoch {epoch}/{cfg.epochs}", dynamic_ncols=True, file=sys.stderr)
+        elif batch == 1:
+            bar.set_description_str(f"epoch {epoch}/{cfg.epochs}", refresh=False)
+        bar.update(1)
 
     def on_epoch(m: Dict[str, Any]) -> None:
-        bar.n = m["epoch"]
-        bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_acc']:.3f}",
-                        val_acc=f"{m['val_acc']:.3f}", lr=f"{m['lr']:.2g}")
-        bar.refresh()
+        done["epoch"] = m["epoch"]
+        line = epoch_line(m, cfg.epochs)
+        if bar is not None:
+            bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m['val_acc']:.3f}", refresh=False)
+            bar.write(line, file=sys.stderr)  # above the bar, which stays at the bottom
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     try:
-        final = train(cfg, on_epoch=on_epoch, resume=args.resume, progress=show)
+        final = train(cfg, on_epoch=on_epoch, resume=args.resume, progress=show,
+                      on_batch=on_batch if show else None)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        checkpoint = Path(str(cfg.output)) / "last.pt"
+        if checkpoint.is_file():
+            print(f"dcanets train: interrupted after epoch {done['epoch'] or 'of the checkpoint'}; resume with: "
+                  f"dcanets train --resume {shlex.quote(str(cfg.output))}", file=sys.stderr)
+        else:
+            print("dcanets train: interrupted before the first epoch ended; no checkpoint to resume from",
+                  file=sys.stderr)
+        return 130
     except BaseException:
-        bar.leave = False  # the error line is what the user needs to see
+        if bar is not None:
+            bar.leave = False  # the error line is what the user needs to see
+            bar.close()
         raise
-    finally:
+    if bar is not None:
         bar.close()
     final.pop("history", None)
     print(json.dumps(final, indent=2, default=float))
+    print(f"dcanets train: saved last.pt and metrics.json in {cfg.output}", file=sys.stderr)
     return 0

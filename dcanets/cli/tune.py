@@ -1,32 +1,48 @@
-"""``dcanets tune CONFIG.yaml``: validate, create or resume the search folder, run, report."""
+"""``dcanets tune CONFIG.yaml``: validate, create or resume the search folder, run, report.
+
+Every way a search can go wrong ends in one line on stderr and a non-zero status: a problem in
+the YAML, the flags, the output folder, the MLflow store or the cluster's resources (status 2,
+before Ray starts any trial), every trial failed (status 1), and an interrupted search (status
+130, with the ``--resume`` command). Ray is imported only after its environment is set up.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from dcanets.tune import schema as tune_config
-from dcanets.tune.report import report, summarize
-from dcanets.tune.search import DEFAULT_OUTPUT, STATE, create_search_dir, run_search
 from dcanets.validation import Count, argparse_type
+
+DEFAULT_OUTPUT = Path("runs") / "tune"
+STATE = "search.json"  # dcanets.tune.search.STATE, without importing Ray for --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.error = _one_line_error.__get__(parser)  # type: ignore[method-assign]
     parser.add_argument("config", nargs="?", type=Path, help="search YAML (see tune_configs/)")
     parser.add_argument("--schema", action="store_true",
                         help="print the JSON Schema of a search file (for editors) and exit")
     parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue an interrupted search from its output folder (Tuner.restore)")
+                        help="continue an interrupted search from its output folder (Tuner.restore), "
+                             "with the config saved there")
     parser.add_argument("--address", help="join a running Ray cluster: 'auto' or 'ray://host:10001'")
     parser.add_argument("--num-cpus", type=argparse_type(Count, "count"), help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+    parser.add_argument("--output", type=Path, default=None,
                         help=f"root folder of searches and of the default MLflow store (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
     parser.add_argument("--num-samples", type=argparse_type(Count, "count"), help="override tune_config.num_samples")
     parser.add_argument("--top", type=argparse_type(Count, "count"), default=5, help="rows in the final table")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     parser.add_argument("--worker-logs", action="store_true", help="forward trial stdout/stderr to the driver")
+
+
+def _one_line_error(parser: argparse.ArgumentParser, message: str):
+    """A wrong flag value ends in one line that names it (argparse would print the usage first)."""
+    parser.exit(2, f"dcanets tune: error: {message} (see dcanets tune --help)\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,30 +52,133 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.resume is None and args.config is None:
         raise ValueError("give a search config (e.g. tune_configs/quickstart.yaml) or --resume DIR")
+    configure_ray_auth(args.address)
+    if args.resume is not None:
+        _check_resume_flags(args)
     exp_dir, spec, state = _prepare(args)
-    result = run_search(spec, exp_dir, state, address=args.address, num_cpus=args.num_cpus,
-                        resume=args.resume is not None, quiet=args.quiet, worker_logs=args.worker_logs)
+
+    from dcanets.tune.report import report, summarize
+    from dcanets.tune.search import SearchInterrupted, run_search
+
+    try:
+        result = run_search(spec, exp_dir, state, address=args.address, num_cpus=args.num_cpus,
+                            resume=args.resume is not None, quiet=args.quiet, worker_logs=args.worker_logs)
+    except SearchInterrupted as exc:  # a second signal, or one before Tune started the trials
+        if exc.started:
+            print(f"dcanets tune: interrupted ({exc.signal_name} received): continue with  "
+                  f"dcanets tune --resume {exp_dir}", file=sys.stderr)
+        else:
+            _discard_unstarted(args, exp_dir)
+            print(f"dcanets tune: interrupted ({exc.signal_name} received) before any trial started; "
+                  f"nothing to resume", file=sys.stderr)
+        return 130
+    except BaseException:
+        _discard_unstarted(args, exp_dir)  # e.g. no node has the resources a trial asks for
+        raise
     report(result, spec, exp_dir, top=args.top)
     summarize(result, spec, exp_dir, state)
-    return 130 if result["status"] == "KILLED" else 0
+    return {"KILLED": 130, "FAILED": 1}.get(result["status"], 0)
+
+
+def configure_ray_auth(address: str | None) -> None:
+    """Token authentication configured rather than left to Ray's default, which warns on every run.
+
+    Ray 2.60 turns token authentication on for a new local cluster when ``RAY_AUTH_MODE`` is unset
+    (and then logs "Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out");
+    joining with ``--address auto`` it does the same when a token exists. Saying so explicitly
+    (``RAY_AUTH_MODE=token``; Ray creates ``~/.ray/auth_token`` if there is none) keeps the same,
+    authenticated, cluster and the warning away. A mode the user set is left alone, and so is an
+    explicit address (Ray then follows the user's settings). Only before Ray is imported: Ray reads
+    the mode once, when it is loaded.
+    """
+    if "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
+        return
+    if address is None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    elif address == "auto" and _ray_token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _ray_token_available() -> bool:
+    """Where Ray looks for a token: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).expanduser().is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """A resumed search runs with what it was started with; flags that would change it are refused."""
+    for flag, value in (("--num-samples", args.num_samples), ("--tracking-uri", args.tracking_uri),
+                        ("--output", args.output)):
+        if value is not None:
+            raise ValueError(f"{flag} cannot change a resumed search (it continues with the settings saved in "
+                             f"{args.resume}); drop {flag}, or start a new search without --resume")
+    if args.config is not None:
+        saved = args.resume.expanduser().resolve() / "config.yaml"
+        given, kept = _yaml_or_none(args.config), _yaml_or_none(saved)
+        if given is None or given != kept:
+            raise ValueError(f"--resume continues a search with its saved config ({saved}), and {args.config} "
+                             f"differs from it: drop {args.config} to resume, or start a new search without --resume")
+
+
+def _yaml_or_none(path: Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def _prepare(args: argparse.Namespace):
     """The experiment folder, the validated spec and the saved state (resume) or new ones."""
     if args.resume is not None:
-        exp_dir = args.resume.expanduser().resolve()
-        state_file = exp_dir / STATE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{exp_dir} is not a dcanets tune output folder (no {STATE})")
-        state = json.loads(state_file.read_text())
-        spec = tune_config.load(exp_dir / "config.yaml", base=Path(state["config_dir"]))
-        tune_config.check_registries(spec)
-        return exp_dir, spec, state
+        return _prepare_resume(args.resume)
     spec = tune_config.load(args.config)
     tune_config.check_registries(spec)  # unknown model/optimizer: one error, before any output or Ray
     if args.num_samples is not None:
         spec.tune_config["num_samples"] = args.num_samples
-    exp_dir, state = create_search_dir(spec, args.output, args.tracking_uri)
+    from dcanets.tune.search import create_search_dir
+
+    root = (args.output or DEFAULT_OUTPUT).expanduser()
+    try:
+        exp_dir, state = create_search_dir(spec, root, args.tracking_uri)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ValueError(f"--output {root}: cannot create the search folder there ({why}); "
+                         "give a writable folder") from None
     return exp_dir, spec, state
 
 
+def _prepare_resume(folder: Path):
+    exp_dir = folder.expanduser().resolve()
+    state_file = exp_dir / STATE
+    if not exp_dir.is_dir():
+        raise ValueError(f"--resume {folder}: no such folder (give the folder a search printed as "
+                         "'outputs: ...', e.g. runs/tune/<name>-<time>)")
+    if not state_file.is_file():
+        raise ValueError(f"--resume {folder}: not a dcanets tune output folder (no {STATE}); give the folder "
+                         "a search printed as 'outputs: ...'")
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or "config_dir" not in state:
+            raise ValueError("no config_dir")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--resume {folder}: {STATE} is unreadable or damaged ({exc}); the search cannot "
+                         "be resumed, start it again") from None
+    if not (exp_dir / "tuner.pkl").is_file():
+        raise ValueError(f"--resume {folder}: the search never started (no Ray Tune state in the folder); "
+                         "start it again without --resume")
+    if state.get("status") == "FINISHED":
+        raise ValueError(f"--resume {folder}: this search already finished; its results are in that folder "
+                         "(start a new search to run more trials)")
+    spec = tune_config.load(exp_dir / "config.yaml", base=Path(state["config_dir"]))
+    tune_config.check_registries(spec)
+    return exp_dir, spec, state
+
+
+def _discard_unstarted(args: argparse.Namespace, exp_dir: Path) -> None:
+    """A new search that stopped before Tune wrote its state leaves no folder behind."""
+    if args.resume is None and not (exp_dir / "tuner.pkl").exists():
+        shutil.rmtree(exp_dir, ignore_errors=True)

@@ -66,7 +66,9 @@ class DCProblem:
 
     def _inner(self, y: Array, x_k: Array) -> Array:
         """Inexact DCA: a descent method warm-started at x_k never increases the model."""
-        res = optimize.minimize(lambda x: self.model(x, y), x_k, jac=lambda x: self.grad_G(x) - y,
+        grad_G = self.grad_G
+        assert grad_G is not None  # __post_init__: without solve_subproblem, grad_G is given
+        res = optimize.minimize(lambda x: self.model(x, y), x_k, jac=lambda x: grad_G(x) - y,
                                 method="L-BFGS-B", bounds=self.bounds, options=self.inner_options)
         if not np.all(np.isfinite(res.x)):
             raise SubproblemError(f"inner solver of {self.name!r} failed: {res.message}")

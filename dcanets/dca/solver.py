@@ -170,11 +170,16 @@ def minimize(problem: DCProblem, x0: Array, *, xtol: float = 1e-10, ftol: float 
     best: Optional[DCAResult] = None
     runs = []
     for k in range(n_restarts + 1):
-        start = x0 if k == 0 else np.asarray(sampler(rng), dtype=np.float64)
+        if k == 0:
+            start = x0
+        else:
+            assert sampler is not None  # checked above: restarts need a sampler
+            start = np.asarray(sampler(rng), dtype=np.float64)
         res = _run(problem, start, xtol, ftol, max_iter, boosted, boost, callback)
         runs.append({"fun": res.fun, "nit": res.nit, "status": res.status})
         if best is None or res.fun < best.fun:
             best = res
+    assert best is not None  # the loop ran at least once
     best.runs = runs
     best.criticality = _criticality(problem, best.x)
     best.time_s = time.perf_counter() - t0

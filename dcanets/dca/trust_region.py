@@ -63,9 +63,9 @@ def secular_root(c: Array, m: Array, r: float, lo: float) -> float:
         den = m[nz] + nu
         if np.any(den <= 0.0):
             return -1.0 / r                       # at the pole ‖x‖ = ∞
-        return 1.0 / np.linalg.norm(c[nz] / den) - 1.0 / r
+        return float(1.0 / np.linalg.norm(c[nz] / den) - 1.0 / r)
 
-    hi = lo + np.linalg.norm(c) / r               # there every |c_i|/(m_i+ν) ≤ ‖c‖/(ν − lo): ‖x‖ ≤ r
+    hi = float(lo + np.linalg.norm(c) / r)        # there every |c_i|/(m_i+ν) ≤ ‖c‖/(ν − lo): ‖x‖ ≤ r
     if phi(lo) >= 0.0:
         return lo
     if phi(hi) <= 0.0:
@@ -83,7 +83,7 @@ def exact_trs(A: Array, b: Array, r: float, deg_tol: float = 1e-10) -> TRSSoluti
     A, b, r = _check_trs(A, b, r)
     lam, Q = np.linalg.eigh(A)
     beta = Q.T @ b
-    scale_a = max(np.abs(lam).max(), 1e-300)
+    scale_a = max(float(np.abs(lam).max()), 1e-300)
     lam1 = lam[0]
     if lam1 > deg_tol * scale_a:                                    # A ≻ 0: maybe interior
         xh = -beta / lam
@@ -92,7 +92,7 @@ def exact_trs(A: Array, b: Array, r: float, deg_tol: float = 1e-10) -> TRSSoluti
     lo = max(0.0, -lam1)
     if lam1 <= deg_tol * scale_a:
         deg = lam - lam1 <= deg_tol * scale_a
-        if np.linalg.norm(beta[deg]) <= deg_tol * max(np.linalg.norm(b), 1e-300) or not b.any():
+        if np.linalg.norm(beta[deg]) <= deg_tol * max(float(np.linalg.norm(b)), 1e-300) or not b.any():
             xh = np.zeros_like(beta)
             xh[~deg] = -beta[~deg] / (lam[~deg] + lo)
             gap = r * r - xh @ xh

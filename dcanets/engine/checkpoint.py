@@ -50,7 +50,8 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
         if not blocked:  # not a pickle torch can read at all
             raise ValueError(f"cannot read checkpoint '{path}': not a torch checkpoint") from None
         raise ValueError(f"refusing to load checkpoint '{path}': it holds objects other than tensors and plain "
-                         f"data, which could run code ({blocked[0]}); only resume from checkpoints dcanets wrote") from None
+                         f"data, which could run code ({blocked[0]}); only resume from checkpoints dcanets "
+                         "wrote") from None
     except Exception as exc:
         raise ValueError(f"cannot read checkpoint '{path}': {type(exc).__name__}: {exc}") from None
 

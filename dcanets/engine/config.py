@@ -88,7 +88,8 @@ class TrainConfig(BaseModel):
     channels_last: bool = Field(True, description="NHWC memory format for inputs and conv weights")
     compile: bool = Field(False, description="torch.compile the training forward (pays off on long runs)")
     augment: Optional[bool] = Field(None, description="pad-4 crop + flip (default: on for RGB data)")
-    output: Optional[PathText] = Field(None, description="directory for last.pt and metrics.json")
+    output: Optional[PathText] = Field(
+        None, description="directory for last.pt and metrics.json (dcanets train: runs/train/<model>-<time> if unset)")
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -196,23 +196,47 @@ def _image_folder(path: Path, indices: Optional[Sequence[int]], progress: bool) 
     reader = _reader(path)
     n_total = len(reader)
     if n_total == 0:
+        if path.is_file() and not _tar_complete(path):
+            raise ValueError(f"tar archive '{path}' is truncated: no image could be read; re-create or re-download it")
         raise ValueError(f"no images found in '{path}'; expected <class>/<image> files")
     names = getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", {})
     classes = [c for c, _ in sorted(names.items(), key=lambda kv: kv[1])]
     idx = list(range(n_total)) if indices is None else [int(i) for i in indices]
 
+    def where(i: int) -> str:
+        """The image's path, as the user would find it: ``dir/class/x.png`` or ``data.tar:class/x.png``."""
+        name = reader._filename(i, absolute=True)
+        return f"{path}:{name}" if path.is_file() else str(name)
+
     def blob(i: int) -> Tuple[bytes, int]:
-        f, target = reader[i]
-        if isinstance(f, (str, Path)):
-            return Path(f).read_bytes(), int(target)
-        return f.read(), int(target)
+        try:
+            f, target = reader[i]
+            if isinstance(f, (str, Path)):
+                return Path(f).read_bytes(), int(target)
+            try:
+                return f.read(), int(target)
+            finally:
+                f.close()
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            raise ValueError(f"cannot read image '{where(i)}': {exc}") from None
+
+    def decode(i: int, data: bytes, gray: Optional[bool]) -> torch.Tensor:
+        try:
+            return _decode(data, _is_gray(data) if gray is None else gray)
+        except Exception as exc:  # PIL and torchvision raise many kinds; the file is what matters
+            if not data:
+                reason = "empty file"
+            elif type(exc).__name__ == "UnidentifiedImageError":  # its message names a BytesIO, not the file
+                reason = "not an image format PIL or torchvision can read, or a damaged file"
+            else:
+                reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            raise ValueError(f"cannot decode image '{where(i)}' ({reason}); remove or replace the file") from None
 
     import warnings
 
     # torchvision 0.29 deprecates its decoders in favour of torchcodec; they are still the fastest here
     warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
-    first_blob = blob(idx[0])[0]
-    first_img = _decode(first_blob, _is_gray(first_blob))
+    first_img = decode(idx[0], blob(idx[0])[0], None)
     gray = first_img.shape[0] == 1
     it = idx
     if progress:
@@ -224,7 +248,7 @@ def _image_folder(path: Path, indices: Optional[Sequence[int]], progress: bool) 
     labels: List[int] = []
     for k, i in enumerate(it):
         data, target = blob(i)
-        out[k] = _fit(_decode(data, gray), first_img.shape[1:])
+        out[k] = _fit(decode(i, data, gray), first_img.shape[1:])
         labels.append(target)
     return ImageData(out, torch.tensor(labels, dtype=torch.int64), classes, str(path))
 
@@ -241,7 +265,7 @@ def _fit(img: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 _READERS: Dict[str, object] = {}
 
 
-def _reader(path: Path) -> object:
+def _reader(path: Path) -> Any:
     """timm's reader for an image folder or tar (indexing a 50k tar takes ~2 s: done once)."""
     from timm.data import create_dataset
 
@@ -249,9 +273,13 @@ def _reader(path: Path) -> object:
     if key not in _READERS:
         try:
             _READERS[key] = create_dataset("", root=str(path)).reader
-        except (RuntimeError, tarfile.TarError, OSError) as exc:
+        except (RuntimeError, tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            if path.is_file() and not _tar_complete(path):
+                detail = "" if isinstance(exc, ValueError) else f" ({exc})"  # timm's ValueErrors say nothing useful
+                raise ValueError(f"cannot read '{path}': the tar archive is truncated or damaged{detail}; "
+                                 "re-create or re-download it") from None
             raise ValueError(f"cannot read image folder '{path}': {exc}; expected <class>/<image> "
-                             "files in a directory or a .tar of one") from exc
+                             "files in a directory or a .tar of one") from None
     return _READERS[key]
 
 
@@ -309,6 +337,55 @@ def _cached(path: Path, indices: Optional[Sequence[int]], decode: Callable[[], I
     return data
 
 
+# ----------------------------------------------------------------------------- checks
+class DataWarning(UserWarning):
+    """Data that can be used but is not what it should be (a truncated tar); the CLI prints one line."""
+
+
+_WARNED: set = set()
+
+
+def _tar_complete(path: Path) -> bool:
+    """Whether an uncompressed tar ends with its end-of-archive marker (two zero blocks).
+
+    A tar cut short at a member boundary reads without any error: Python's tarfile (and timm's
+    readers with it) simply stop at the end of the file, so the missing images would go unnoticed.
+    Compressed tars are not checked here (their decompressor reports a cut stream).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+            if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head == b"\xfd7zXZ\0":  # gzip, bzip2, xz
+                return True
+            if size < 1024 or size % 512:
+                return False
+            fh.seek(size - 1024)
+            return not fh.read(1024).strip(b"\0")
+    except OSError:
+        return False
+
+
+def _check_data(spec: str, path: Optional[Path], data: ImageData, total: Optional[int] = None) -> ImageData:
+    """One line for data a classifier cannot learn from; a warning with counts for a truncated tar."""
+    import warnings
+
+    if path is not None and path.is_file() and not _tar_complete(path):
+        if len(data) == 0:
+            raise ValueError(f"tar archive '{spec}' is truncated: no image could be read; re-create or re-download it")
+        count = len(data) if total is None else total
+        message = (f"tar archive '{spec}' is truncated (no end-of-archive marker): using only the {count} "
+                   f"images in {data.num_classes} classes before the cut; re-create or re-download it for the rest")
+        if message not in _WARNED:  # once per process, however often the set is loaded
+            _WARNED.add(message)
+            warnings.warn(message, DataWarning, stacklevel=3)
+    if data.num_classes < 2:
+        found = f"only the class '{data.classes[0]}'" if data.classes else "no class"
+        raise ValueError(f"data '{spec}' has {found}: a classifier needs at least 2 classes, one "
+                         "<class>/ folder of images each (<root>/<class>/<image>)")
+    return data
+
+
 # ----------------------------------------------------------------------------- entry points
 def _check_path(spec: str) -> Path:
     path = Path(spec).expanduser()
@@ -324,6 +401,7 @@ def _check_path(spec: str) -> Path:
 
 def load(spec: str, indices: Optional[Sequence[int]] = None, progress: bool = True) -> ImageData:
     """Decode a data source (see the module docstring); ``indices`` decodes only those images."""
+    data: Optional[ImageData]
     if spec == "digits":
         data = load_digits_data()
     elif spec == "synthetic" or spec.startswith("synthetic:"):
@@ -341,7 +419,9 @@ def load(spec: str, indices: Optional[Sequence[int]] = None, progress: bool = Tr
         if data is None:
             if indices is not None and _fully_cached(path):  # slice the full decode, do not re-decode
                 return load(spec, progress=progress).subset(torch.as_tensor(list(indices), dtype=torch.long))
-            return _cached(path, indices, lambda: _image_folder(path, indices, progress))
+            decoded = _cached(path, indices, lambda: _image_folder(path, indices, progress))
+            return _check_data(spec, path, decoded, None if indices is None else source_size(spec))
+    assert data is not None
     return data if indices is None else data.subset(torch.as_tensor(list(indices), dtype=torch.long))
 
 
@@ -356,7 +436,7 @@ def source_size(spec: str) -> int:
             return len(data)
     if _fully_cached(path):
         return len(load(spec))
-    return len(_reader(path))  # type: ignore[arg-type]
+    return len(_reader(path))
 
 
 def _fully_cached(path: Path) -> bool:
@@ -397,7 +477,8 @@ def load_split(spec: str, val_fraction: float = 0.1, seed: int = 0, limit: Optio
     n = source_size(spec)
     train, val = split_indices(n, val_fraction, seed, limit, val_limit)
     path_spec = spec not in ("digits",) and not spec.startswith("synthetic")
-    if (limit is None and val_limit is None) or len(train) + len(val) >= n or (path_spec and _fully_cached(Path(spec).expanduser())):
+    if ((limit is None and val_limit is None) or len(train) + len(val) >= n
+            or (path_spec and _fully_cached(Path(spec).expanduser()))):
         full = load(spec, progress=progress)
         return full.subset(train), full.subset(val)
     wanted = torch.cat([train, val])

@@ -9,6 +9,7 @@ runs.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -26,13 +27,17 @@ from dcanets.plugins import did_you_mean
 
 EVAL_BATCH = 1024  # evaluation keeps no activations for backward: large batches, fewer launches
 EpochCallback = Callable[[Dict[str, Any]], None]
+BatchCallback = Callable[[int, int, int], None]  # (epoch 1-based, batch 1-based, batches per epoch)
 
 
 # ----------------------------------------------------------------------------- pieces
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
     return dev
@@ -61,10 +66,14 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.M
     import dcanets  # noqa: F401  (registers plugin models in this process, e.g. a Ray worker)
 
     if not timm.is_model(cfg.model):
-        raise ValueError(f"unknown model '{cfg.model}'{did_you_mean(cfg.model, timm.list_models())}"
+        raise ValueError(f"unknown model '{cfg.model}'{did_you_mean(cfg.model, map(str, timm.list_models()))}"
                          "; `timm.list_models()` and `dcanets models` list the known names")
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg.model_kwargs}
-    return timm.create_model(cfg.model, **kwargs)
+    try:
+        return timm.create_model(cfg.model, **kwargs)
+    except TypeError as exc:  # an unknown kwarg surfaces deep inside the model's constructor
+        raise ValueError(f"model '{cfg.model}' rejected model_kwargs {cfg.model_kwargs}: {exc}; "
+                         "check the names against the model's constructor") from None
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -76,7 +85,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     try:
         info = get_optimizer_info(cfg.opt.lower().split("_")[-1])
     except (ValueError, KeyError):
-        raise ValueError(f"unknown optimizer '{cfg.opt}'{did_you_mean(cfg.opt, list_optimizers())}; "
+        raise ValueError(f"unknown optimizer '{cfg.opt}'{did_you_mean(cfg.opt, map(str, list_optimizers()))}; "
                          "`timm.optim.list_optimizers()` lists the known names") from None
     kwargs: Dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if info.has_momentum:
@@ -84,7 +93,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     try:
         return create_optimizer_v2(model, cfg.opt, **kwargs, **cfg.opt_kwargs)
     except TypeError as exc:
-        raise ValueError(f"optimizer '{cfg.opt}' rejected its arguments {sorted({**kwargs, **cfg.opt_kwargs})}: {exc}") from None
+        raise ValueError(f"optimizer '{cfg.opt}' rejected its arguments {sorted({**kwargs, **cfg.opt_kwargs})}: "
+                         f"{exc}") from None
 
 
 def _second_order(opt: str) -> bool:
@@ -138,9 +148,9 @@ def evaluate(model: torch.nn.Module, loader: data_mod.BatchLoader, amp: bool,
 class _Run:
     """One training run's state: built from a config, stepped epoch by epoch, checkpointable."""
 
-    def __init__(self, cfg: TrainConfig, progress: bool) -> None:
+    def __init__(self, cfg: TrainConfig, progress: bool, on_batch: Optional[BatchCallback] = None) -> None:
         cfg.validate()
-        self.cfg = cfg
+        self.cfg, self.on_batch = cfg, on_batch
         self.device = resolve_device(cfg.device)
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         self.channels_last = bool(cfg.channels_last)
@@ -194,12 +204,15 @@ class _Run:
         loss_sum = correct = torch.zeros((), dtype=torch.float64, device=self.device)
         n = 0
         t0 = time.perf_counter()
-        for x, y in self.train_loader:
+        batches = len(self.train_loader)
+        for k, (x, y) in enumerate(self.train_loader, 1):
             loss, out = self._step(x, y)
             loss_sum = loss_sum + loss.double() * len(y)
             correct = correct + (out.argmax(1) == y).sum()
             n += len(y)
             self.scheduler.step()
+            if self.on_batch is not None:  # counts only: reading the loss here would stall the GPU
+                self.on_batch(self.epoch + 1, k, batches)
         loss_mean, acc = float(loss_sum) / max(n, 1), float(correct) / max(n, 1)  # one wait per epoch
         seconds = time.perf_counter() - t0
         self.epoch += 1
@@ -219,9 +232,9 @@ class _Run:
                 outputs.append(out.detach())
                 return loss.detach()
 
-            loss = opt.step(closure)
-            loss = closure() if loss is None else loss  # optimizers that ignore the closure's value
-            return loss, outputs[0]
+            stepped: Any = opt.step(closure)  # type: ignore[arg-type]  # torch types closures as -> float
+            closure_loss = closure() if stepped is None else stepped  # optimizers that ignore the closure's value
+            return closure_loss, outputs[0]
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             out = self.forward(x)
@@ -248,18 +261,40 @@ class _Run:
         set_rng_state(ckpt["rng"])
 
 
+def prepare_output(output: str | Path) -> Path:
+    """Create the output directory and check it is writable, before any data is decoded."""
+    out_dir = Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output '{output}' is a file, not a directory; pass a directory for last.pt and metrics.json")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".dcanets-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"cannot write to output directory '{output}': {reason}; pass a writable --output") from None
+    return out_dir
+
+
 def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
-          resume: str | Path | None = None, progress: bool = True) -> Dict[str, Any]:
+          resume: str | Path | None = None, progress: bool = True,
+          on_batch: Optional[BatchCallback] = None) -> Dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns the final metrics.
 
     ``on_epoch`` receives after every epoch: epoch (1-based), train_loss, train_acc, val_loss,
     val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint. ``resume`` (a last.pt or
     its directory) restores model, optimizer, scheduler, epoch and RNG so the run continues
     exactly as an uninterrupted one would. ``progress`` shows a bar while a data set is decoded
-    (once; later runs read the cache).
+    (once; later runs read the cache). ``on_batch(epoch, batch, batches)`` is called after every
+    training step (progress bars).
     """
     t_start = time.perf_counter()
-    run = _Run(cfg, progress)
+    cfg.validate()
+    if cfg.eval_data and cfg.eval_data not in ("digits",) and not cfg.eval_data.startswith("synthetic"):
+        data_mod._check_path(cfg.eval_data)  # a missing held-out set fails now, not after the last epoch
+    out_dir = prepare_output(cfg.output) if cfg.output else None
+    run = _Run(cfg, progress, on_batch)
     if resume is not None:
         ckpt = load_checkpoint(resume)
         for key in ("model", "model_kwargs", "data"):
@@ -267,9 +302,6 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
                 raise ValueError(f"checkpoint '{resume}' was trained with {key}={ckpt['config'][key]!r}, "
                                  f"not {getattr(cfg, key)!r}; resume with the same {key}")
         run.load_state_dict(ckpt)
-    out_dir = Path(cfg.output) if cfg.output else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
     metrics: Dict[str, Any] = run.history[-1] if run.history else {}
     while run.epoch < cfg.epochs:
         t0 = time.perf_counter()
@@ -291,7 +323,8 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
             on_epoch(dict(metrics))
         if not math.isfinite(metrics["train_loss"]):  # diverged: more epochs only burn the budget
             break
-    final = dict(metrics, diverged=not math.isfinite(metrics.get("train_loss", 0.0)), best_val_acc=run.best_val_acc, wall_seconds=time.perf_counter() - t_start,
+    final = dict(metrics, diverged=not math.isfinite(metrics.get("train_loss", 0.0)), best_val_acc=run.best_val_acc,
+                 wall_seconds=time.perf_counter() - t_start,
                  num_params=sum(p.numel() for p in run.model.parameters()),
                  train_images=len(run.train_data), val_images=len(run.val_data), augment=run.augment,
                  device=str(run.device), amp=run.amp,

@@ -16,7 +16,7 @@ c > 0 strict, as eq. 7c asks; W, V, b are > 0 too, a subset of the allowed set >
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -106,18 +106,30 @@ class ConvexResNets(nn.Module):
     def layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def _layers(self) -> List[ConvexResidualLayer]:
+        """``self.blocks`` as the layers they are (iterating an ``nn.Sequential`` types them as modules)."""
+        return cast(List[ConvexResidualLayer], list(self.blocks))
+
     # stacked constrained views (L, P, ...) for inspection and tests
     @property
     def W(self) -> torch.Tensor:
-        return torch.stack([blk.W for blk in self.blocks])
+        return torch.stack([blk.W for blk in self._layers])
 
     @property
     def V(self) -> Optional[torch.Tensor]:
-        return None if self.v_identity else torch.stack([blk.V for blk in self.blocks])
+        if self.v_identity:
+            return None
+        vs = []
+        for blk in self._layers:
+            v = blk.V
+            assert v is not None  # every layer has V unless v_identity
+            vs.append(v)
+        return torch.stack(vs)
 
     @property
     def b(self) -> torch.Tensor:
-        return torch.stack([blk.b for blk in self.blocks])
+        return torch.stack([blk.b for blk in self._layers])
 
     @property
     def c(self) -> torch.Tensor:
@@ -134,7 +146,7 @@ class ConvexResNets(nn.Module):
         c, outs = self.c, []
         for k in range(self.num_nets):
             h = x if x.dim() == 2 else x[:, k]
-            for blk in self.blocks:
+            for blk in self._layers:
                 h = blk.forward_one(h, k)
             outs.append(h @ c[k] + self.d[k])
         return torch.stack(outs, dim=1)

@@ -60,7 +60,7 @@ def random_diagonalizable(n: int, lo: float = -1.5, hi: float = 1.5,
     return m @ torch.diag(lam) @ torch.linalg.inv(m)
 
 
-def fit_gd(model: nn.Module, target: torch.Tensor, step: float, iters: int,
+def fit_gd(model: LinearProduct | LinearDouble, target: torch.Tensor, step: float, iters: int,
            blowup: float = 1e8) -> Dict[str, torch.Tensor]:
     """Full-batch gradient descent on 1/2 ||F - R||_F^2 (eq. 4 with Sigma = I).
 
@@ -84,5 +84,6 @@ def fit_gd(model: nn.Module, target: torch.Tensor, step: float, iters: int,
         (0.5 * torch.where(diverged, 0.0, sq).sum()).backward()
         with torch.no_grad():
             for p in model.parameters():
-                p -= step * torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                assert p.grad is not None  # every parameter enters matrix(), so backward() set it
+                p.sub_(step * torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0))
     return {"errors": torch.stack(errors), "diverged": diverged}

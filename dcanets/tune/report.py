@@ -40,9 +40,17 @@ def report(result: Dict[str, Any], spec: tune_config.TuneSpec, exp_dir: Path, to
             + yaml.safe_dump(best, sort_keys=False))
         plot_curves(trials, spec, exp_dir / "curves.png")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.get("timings", {}).items()))
-    print(f"outputs: {exp_dir}  (best.yaml, curves.png, trials.csv; MLflow: {_uri(exp_dir)})")
+    written = [name for name in ("best.yaml", "curves.png", "trials.csv") if (exp_dir / name).exists()]
+    print(f"outputs: {exp_dir}  ({', '.join(written) + '; ' if written else ''}MLflow: {_uri(exp_dir)})")
     if result["status"] == "KILLED":
-        print(f"interrupted: continue with  dcanets tune --resume {exp_dir}", file=sys.stderr)
+        why = f"{result['signal']} received" if result.get("signal") else "trials left unfinished"
+        print(f"dcanets tune: interrupted ({why}): continue with  dcanets tune --resume {exp_dir}",
+              file=sys.stderr)
+    elif result["status"] == "FAILED":
+        errors = result.get("errors") or []
+        first = f"; first error: {errors[0]}" if errors else ""
+        print(f"dcanets tune: error: all {len(trials)} trial(s) failed{first} "
+              f"(each trial's traceback: {exp_dir}/trial_*/error.txt)", file=sys.stderr)
 
 
 def summarize(result: Dict[str, Any], spec, exp_dir: Path, state: Dict[str, Any]) -> None:
@@ -91,17 +99,34 @@ def plot_curves(trials: List[Dict[str, Any]], spec: tune_config.TuneSpec, path: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    keys = (spec.metric, "train_loss")
     for t in trials:
         epochs = [h.get("epoch", i + 1) for i, h in enumerate(t["history"])]
-        for ax, key in zip(axes, (spec.metric, "train_loss")):
-            ax.plot(epochs, [h.get(key) for h in t["history"]], marker="o", ms=3, label=t["trial_id"])
-    for ax, key in zip(axes, (spec.metric, "train_loss")):
+        for ax, key in zip(axes, keys):
+            values = [h.get(key) if tune_config.is_finite(h.get(key)) else float("nan") for h in t["history"]]
+            ax.plot(epochs, values, marker="o", ms=3, label=t["trial_id"])
+    for ax, key in zip(axes, keys):
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
+        if key.endswith("loss"):
+            _loss_axis(ax, [h.get(key) for t in trials for h in t["history"]])
     axes[0].set_title(f"{spec.name}: {len(trials)} trials")
     if len(trials) <= 12:
         axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _loss_axis(ax, values: List[Any]) -> None:
+    """A log axis, clipped at 100x the median loss: one diverged trial (loss 1e6, or inf) stays
+    visible at the top edge instead of flattening every other curve against zero."""
+    import statistics
+
+    finite = sorted(v for v in values if tune_config.is_finite(v) and v > 0)
+    if not finite:
+        return
+    ax.set_yscale("log")
+    top = min(finite[-1] * 1.5, statistics.median(finite) * 100)
+    ax.set_ylim(finite[0] / 1.5, top)

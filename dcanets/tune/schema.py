@@ -306,9 +306,13 @@ class _Problems:
             return None
 
     def raise_if_any(self, source: Path) -> None:
+        """One problem: one line. Several: the first on the first line, then every one, indented."""
+        if len(self.items) == 1:
+            raise ValueError(f"{source}: {self.items[0]}")
         if self.items:
             lines = "\n  ".join(self.items)
-            raise ValueError(f"{source}: {len(self.items)} problem(s) in the tune config:\n  {lines}")
+            raise ValueError(f"{source}: {len(self.items)} problem(s) in the tune config, the first: "
+                             f"{self.items[0]}\n  {lines}")
 
 
 def load(path: str | Path, base: Optional[Path] = None) -> TuneSpec:

@@ -52,6 +52,31 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_uri(uri: str) -> None:
+    """One ValueError line when the MLflow store at ``uri`` cannot be used, before any Ray start
+    (a SQLite store is created here, as the search would create it)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        folder = Path(uri[len(prefix):]).parent
+        if not folder.is_dir():
+            raise ValueError(f"tracking uri {uri}: folder {folder} does not exist (create it, or give another "
+                             "--tracking-uri / tracking.uri)")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"tracking uri {uri}: folder {folder} is not writable (give another --tracking-uri "
+                             "/ tracking.uri, or --output a writable folder)")
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        raise ValueError(f"tracking uri {uri}: MLflow cannot use it: {reason[:300]}") from None
+
+
+# The MLflow 3 UI opens an experiment on its GenAI overview unless the experiment says it holds
+# model training runs; this is the tag (and value) the UI reads for that.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 class SearchTracker(Callback):
     """A Tune callback that mirrors trials into MLflow and records the run ids in ``state_path``."""
 
@@ -77,6 +102,8 @@ class SearchTracker(Callback):
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.experiment, artifact_location=artifact_location(self.uri))
+        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:  # a kind set by the user is kept
+            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         if self.parent_id:  # resumed search: same parent run, running again
             self.client.update_run(self.parent_id, status="RUNNING")
             self._close_stale_children()
@@ -97,6 +124,25 @@ class SearchTracker(Callback):
         for run_id in self._running_children():
             self.client.set_terminated(run_id, child_status)
         self.client.set_terminated(self.parent_id, status)
+        self._save()
+
+    def drop_orphans(self, restorable: set) -> None:
+        """Delete the runs of trials ``Tuner.restore`` will not bring back.
+
+        A driver killed (SIGKILL, power loss) after a trial started but before Tune's next
+        experiment snapshot leaves a run for a trial id that the restored search never sees: the
+        searcher samples that slot again under a new id. Without this, such a search would list
+        one trial run more than it has trials. The run is deleted (MLflow's soft delete:
+        ``mlflow gc`` removes it for good, ``restore_run`` brings it back).
+        """
+        if not restorable:
+            return
+        for trial_id in [t for t in self.state["trials"] if t not in restorable]:
+            entry = self.state["trials"].pop(trial_id)
+            try:
+                self.client.delete_run(entry["run_id"])
+            except Exception:  # already deleted by hand
+                pass
         self._save()
 
     def summarize(self, metrics: Dict[str, float], tags: Dict[str, str], artifacts) -> None:

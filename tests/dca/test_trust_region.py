@@ -40,7 +40,8 @@ def test_exact_solver_satisfies_optimality_and_beats_sampling(n, hard):
 
 
 def test_exact_solver_interior_and_one_dimensional_cases():
-    A = np.diag([2.0, 3.0]); b = np.array([-0.2, 0.3])
+    A = np.diag([2.0, 3.0])
+    b = np.array([-0.2, 0.3])
     sol = exact_trs(A, b, 1.0)
     assert sol.mu == 0.0 and np.allclose(sol.x, -b / np.diag(A))
     assert exact_trs(np.array([[-1.0]]), np.array([0.0]), 2.0).fun == pytest.approx(-2.0)   # hard case, b = 0

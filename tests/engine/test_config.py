@@ -81,7 +81,8 @@ def test_every_field_is_a_flag_with_its_description(capsys):
         assert re.search(rf"{re.escape(flag)}(,? \S+)? {re.escape(info.description)}", text), flag
     assert "--lr X peak learning rate (default: 0.05)" in text
     assert "--sched {cosine,step,none} lr schedule" in text
-    assert text.endswith("--output TEXT directory for last.pt and metrics.json")  # a None default is not shown
+    assert text.endswith("--output TEXT directory for last.pt and metrics.json "
+                         "(dcanets train: runs/train/<model>-<time> if unset)")  # a None default is not shown
 
 
 def test_flags_are_validated_by_the_model(capsys):

@@ -1,6 +1,8 @@
-"""A small valid search file (digits, two epochs) that each test overrides where it needs to."""
+"""A small valid search file (digits, two epochs) that each test overrides where it needs to, and
+a local Ray shared by the tests of one module (Ray takes seconds to start)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,3 +37,16 @@ def _write_config(folder: Path, **overrides: Any) -> Path:
 @pytest.fixture
 def write_config() -> Callable[..., Path]:
     return _write_config
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray with 2 CPUs for the module; yields its address (for ``--address`` subprocesses)."""
+    import ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():  # left by another module
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
