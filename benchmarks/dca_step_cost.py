@@ -64,8 +64,8 @@ def main() -> None:
     arms = {
         "sgd": ("sgd", {}),
         "dcal2": ("dcal2", {}),
-        "dcacounter": ("dcacounter", {}),                                    # c = ∇L'_0: 2 passes
-        "dcacounter c=shortcut": ("dcacounter", {"c": "shortcut"}),          # 1 forward, 2 VJPs
+        "dcacounter c=skip": ("dcacounter", {"c": "skip"}),                  # c = ∇L'_0: 2 passes
+        "dcacounter (c=shortcut, eq. 17)": ("dcacounter", {}),               # 1 forward, 2 VJPs
         "dcacounter c=shortcut beta_every=4": ("dcacounter", {"c": "shortcut", "beta_every": 4}),
         "dcaquasihalf c=shortcut": ("dcaquasihalf", {"c": "shortcut"}),     # a + c in 1 VJP
     }

@@ -2,9 +2,10 @@
 
 Three arms with the same data, budget, schedule and seeds, all trained by the one training
 engine ``dcanets.engine.train``: a plain net with SGD, the same plain net with the counter-loss
-DCA optimizer ``dcacounter`` (eq. 12, Newton direction of eq. 19, c = ∇L'_0 at the last
-same-shape block), and the ResNet of the same depth with SGD. Training-loss curves and accuracies
-go to a table (stdout + JSON) and a PNG.
+DCA optimizer ``dcacounter`` (eq. 12, Newton direction of eq. 19, c of eq. 17 at the last
+same-shape block; the committed full result predates that default and used c = ∇L'_0), and the
+ResNet of the same depth with SGD. Training-loss curves and accuracies go to a table (stdout +
+JSON) and a PNG.
 No outcome is promised; whatever happens is reported.
 
     python benchmarks/dca_vs_shortcut.py --full    # 56-layer nets on digits, see BUDGET

@@ -16,9 +16,12 @@ from dcanets.optim import decompositions as dca
 _DESCRIPTIONS = {
     "dcal2": "DCA with G1 = lam*L2 (paper 000, eq. 9): SGD with lr = 1/lam",
     "dcaprox": "proximal DCA, G = L + rho*L2, K inner gradient steps (needs a closure)",
-    "dcacounter": "DCA with the counter loss L'_-1 (paper 000, eqs. 12, 19; needs a closure)",
-    "dcaquasihalf": "quasi-DCA with L'_1/2 (paper 000, eq. 23; ResNet gradient; needs a closure)",
-    "dcaquasineghalf": "quasi-DCA with L'_-1/2 (paper 000, eq. 26; NegNet; needs a closure)",
+    "dcacounter": "DCA with the counter loss L'_-1 (paper 000, eqs. 12, 19): d = a + beta*c, "
+                  "c the shortcut part of the gradient (eq. 17); needs a closure",
+    "dcaquasihalf": "quasi-DCA with L'_1/2 (paper 000, eqs. 23-25): d = a + c, the one-block "
+                    "shortcut gradient; needs a closure",
+    "dcaquasineghalf": "quasi-DCA with L'_-1/2 (paper 000, eq. 26; NegNet): a projected onto "
+                       "g = -a/2 + 3c/2; needs a closure",
 }
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "train": ("dcanets.cli.train", "train one timm model with any timm optimizer (DCA ones included)"),
     "tune": ("dcanets.cli.tune", "search hyper-parameters with Ray Tune + Optuna, logged to MLflow"),
     "curvature": ("dcanets.cli.curvature", "estimate Hessian extremes of a model's loss and advise lr, rho, lambda"),
+    "fidelity": ("dcanets.cli.fidelity", "cosine of an optimizer's steps with the shortcut network's gradient"),
     "shortcut-prior": ("dcanets.cli.shortcut_prior", "teacher-student, convex relaxation, deep linear and "
                        "multi-branch experiments (papers 001, 002)"),
 }

@@ -4,12 +4,19 @@ A block is a direct child of an ``nn.Sequential`` (a timm/CIFAR stage) that has 
 whose output has the shape of its input: its input is h^{L−1}, its output h^L. A forward hook on
 the block returns ``α·out + (1 − α)·in`` while a counter loss is being evaluated and leaves the
 block alone otherwise, so the model class is never changed and the training closure is reused
-as is: L'_α is the closure's loss run with the hook active. α = 0 skips the block, so the
-gradient of L'_0 is the shortcut gradient c of eq. 17; α = 1 is the ordinary loss.
+as is: L'_α is the closure's loss run with the hook active (``evaluate``).
 
-``where="last"`` mixes at the last same-shape block (the paper's two-layer derivation);
-``where="all"`` mixes at every same-shape block at once (one extra forward/backward; our
-extension to a deep net: paper 000, §3 derives one block, see docs/papers.md).
+α = 0 skips the block: ∇L'_0 is the gradient of the *network with the block removed*,
+∂L/∂h evaluated at h^{L−1} (not at h^L) times ∂h^{L−1}/∂w, plus the head's gradient at the
+features h^{L−1}. That is **not** the c of paper 000, eq. 17 (C = (0, ∂_w F^{L−2}): the
+shortcut's part of the gradient, ∂L/∂h^L·∂h^{L−1}/∂w, zero on the head and on the block).
+Eq. 17's c comes from ``cutting``: one ordinary forward with the graph cut at h^{L−1}, after
+which ``cut["grad_out"]`` = ∂L/∂h^L is the cotangent to pull back through the trunk.
+
+``where="last"`` mixes at the last same-shape block (the paper's one-block derivation; the
+only mode the optimizers accept). ``where="all"`` mixes at every same-shape block at once: a
+different network (every block removed for α = 0), kept here as a building block for analysis;
+the optimizers refuse it (on cifar_plainnet56 it gave ‖c‖/‖a‖ ≈ 0.0013 and β ≈ 3·10⁵).
 
 Shapes are only known once data flows, so the same-shape test happens on the first forward
 pass after ``attach``; a model with no candidate block raises at once, a model whose

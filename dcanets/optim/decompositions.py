@@ -9,12 +9,12 @@ says whether ``optimizer.step`` must be given a closure.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from dcanets.analysis.curvature import FrozenBuffers
-from dcanets.optim.counter import WHERE, CounterLoss
+from dcanets.optim.counter import CounterLoss
 
 
 def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -51,7 +51,12 @@ def prepare(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
 
 Grads = List[Optional[torch.Tensor]]
 SOLVERS = ("newton", "inner")
-C_MODES = ("skip", "shortcut")
+C_MODES = ("shortcut", "skip")          # "shortcut": eq. 17's c (the default); see _CounterDCA
+BETA_POLICIES = ("raise", "clamp")
+WHERE_ALL_REFUSED = (
+    "where='all' is refused: skipping every same-shape block at once is a different network, not "
+    "paper 000's one-block counter loss (on cifar_plainnet56 |c|/|a| = 0.0013, beta = 3e5, a first "
+    "step 92x SGD's); use where='last'")
 
 
 def _check(name: str, value: float, allowed: str, ok: bool) -> None:
@@ -138,7 +143,7 @@ class DCAOptimizer(torch.optim.Optimizer):
         return [g["lr"] for g in self.param_groups for _ in g["params"]]
 
 
-def _sqnorm(vs: Grads) -> float:
+def _sqnorm(vs: Sequence[Optional[torch.Tensor]]) -> float:
     return float(sum((v.double() ** 2).sum() for v in vs if v is not None))
 
 
@@ -271,7 +276,8 @@ class DcaProx(_ClosureDCA):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
-        loss, a = self._first(self._require_closure(closure))
+        closure = self._require_closure(closure)
+        loss, a = self._first(closure)
         d = self._inner_solve(closure, a)
         self._restore_grads(a)
         self._apply(d)
@@ -284,20 +290,37 @@ class DcaProx(_ClosureDCA):
 
 
 class _CounterDCA(DcaProx):
-    """Decompositions built on the counter loss L'_α (paper 000, eqs. 10, 12, 23, 26)."""
+    """Decompositions built on the counter loss L'_α of the last same-shape block (paper 000,
+    eqs. 10, 12, 23, 26).
+
+    ``c`` (solver="newton" only; the inner solver evaluates L'_α itself and never forms c):
+
+    - ``"shortcut"`` (default): c = (∂h^{L−1}/∂w)ᵀ ∂L/∂h^L, paper 000, eq. 17 (C = (0, ∂_w F^{L−2}))
+      with a = ∇L: the identity shortcut's part of the one-block ResNet gradient. It is zero on
+      the block's own parameters and on everything above the block (the head), so a + c is the
+      gradient of the plain net with a gradient-only identity shortcut around that one block.
+      Cost: one forward with the graph cut at h^{L−1}, then two vector–Jacobian products of the
+      trunk (one when the coefficients are constant or reused for ``beta_every`` steps).
+    - ``"skip"``: the vectors come from re-running the closure with the block's output mixed
+      (``CounterLoss.evaluate``): for ``dcacounter`` c = ∇L'_0, the gradient of the network with
+      the block removed, i.e. ∂L/∂h at h^{L−1} (not at h^L) times ∂h^{L−1}/∂w, plus the head's
+      gradient at the features h^{L−1}; that is not eq. 17's c. About 2× an SGD step.
+    """
 
     def __init__(self, params: Iterable, lr: Optional[float] = None, lam: Optional[float] = None,
                  rho: float = 0.0, solver: str = "newton", inner_steps: int = 3,
-                 where: str = "last", c: str = "skip", beta_every: int = 1, **kwargs) -> None:
+                 where: str = "last", c: str = "shortcut", beta_every: int = 1, **kwargs) -> None:
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
-        if where not in WHERE:
-            raise ValueError(f"where must be one of {', '.join(WHERE)}; got {where!r}")
+        if where == "all":
+            raise ValueError(WHERE_ALL_REFUSED)
+        if where != "last":
+            raise ValueError(f"where must be 'last' (the one block of paper 000, eq. 10); got {where!r}")
         if c not in C_MODES:
             raise ValueError(f"c must be one of {', '.join(C_MODES)}; got {c!r}")
         _check("beta_every", beta_every, "an integer >= 1", isinstance(beta_every, int) and beta_every >= 1)
-        if c == "shortcut" and (where != "last" or solver != "newton"):
-            raise ValueError("c='shortcut' works with where='last' and solver='newton' only")
+        if beta_every > 1 and (c != "shortcut" or solver != "newton"):
+            raise ValueError("beta_every > 1 reuses the coefficients of c='shortcut' with solver='newton' only")
         options = dict(kwargs.pop("options", None) or {}, solver=solver, where=where, c=c,
                        beta_every=beta_every)
         super().__init__(params, lr=lr, lam=lam, rho=rho, inner_steps=inner_steps,
@@ -328,24 +351,25 @@ class _CounterDCA(DcaProx):
     def step(self, closure: Optional[Callable] = None):
         closure = self._require_closure(closure)
         counter = self._counter_or_fail()
-        if self.defaults["c"] == "shortcut":
+        if self.defaults["solver"] == "newton" and self.defaults["c"] == "shortcut":
             return self._shortcut_step(closure, counter)
         loss, a = self._first(closure)
         counter.observe()
         if self.defaults["solver"] == "inner":
             d = self._inner_solve(closure, a)
         else:
-            d = self._newton(closure, a)
+            d = self._skip_direction(closure, a)
         self._restore_grads(a)
         self._apply(d)
         return loss
 
-    def _newton(self, closure: Callable, a: Grads) -> Grads:
+    def _skip_direction(self, closure: Callable, a: Grads) -> Grads:
+        """The Newton direction with c="skip" (the counter loss re-evaluated by the closure)."""
         raise NotImplementedError
 
-    # -- c = "shortcut": c = ∂L/∂h^L · ∂h^{L−1}/∂w from one forward pass -----------------------
-    def _coefficients(self, a: Grads, c: Grads) -> tuple:
-        """(s_a, s_c) of the direction d = s_a·a + s_c·c."""
+    # -- c = "shortcut": a and c from one forward pass -------------------------------------------
+    def _coefficients(self, a: Grads, c: Grads, closure: Callable) -> tuple:
+        """(s_a, s_c) of the direction d = s_a·a + s_c·c (and set ``self.diagnostics``)."""
         raise NotImplementedError
 
     def _constant_coefficients(self) -> Optional[tuple]:
@@ -366,22 +390,30 @@ class _CounterDCA(DcaProx):
         h, g_in, g_out = cut["h"], cut["leaf"].grad, cut["grad_out"]
         coef = self._constant_coefficients()
         refresh = coef is None and (self._coef is None or self._nsteps % self.defaults["beta_every"] == 0)
-        with torch.enable_grad():
-            if refresh:
-                trunk_a = torch.autograd.grad(h, params, g_in, retain_graph=True, allow_unused=True)
-                c = list(torch.autograd.grad(h, params, g_out, allow_unused=True))
-                a = _axpy(post, 1.0, list(trunk_a))
-                self._coef = self._coefficients(a, c)
-                d = _axpy([None if x is None else self._coef[0] * x for x in a], self._coef[1], c)
-                grads = a
-            else:
-                s_a, s_c = coef or self._coef
-                trunk = torch.autograd.grad(h, params, s_a * g_in + s_c * g_out, allow_unused=True)
-                d = _axpy([None if x is None else s_a * x for x in post], 1.0, list(trunk))
-                grads = d
-        self.diagnostics = {"s_a": (coef or self._coef)[0], "s_c": (coef or self._coef)[1], "refreshed": refresh}
-        self._nsteps += 1
         counter.cut = {}
+        if refresh:           # otherwise the diagnostics of the step that set the coefficients stay
+            self.diagnostics = {}
+            with torch.enable_grad():
+                trunk_a = torch.autograd.grad(h, params, g_in, retain_graph=True, allow_unused=True)
+                # allow_unused: an entry is None for a parameter h^{L−1} does not depend on
+                # (the block's own weights and the head): c is zero there (eq. 17)
+                c: Grads = list(torch.autograd.grad(h, params, g_out, allow_unused=True))
+            a = _axpy(post, 1.0, list(trunk_a))
+            self._coef = self._coefficients(a, c, closure)
+            d = _axpy([None if x is None else self._coef[0] * x for x in a], self._coef[1], c)
+            grads = a
+        else:
+            used = coef or self._coef
+            assert used is not None  # no refresh: constant coefficients, or the last ones reused
+            s_a, s_c = used
+            with torch.enable_grad():
+                trunk = torch.autograd.grad(h, params, s_a * g_in + s_c * g_out, allow_unused=True)
+            d = _axpy([None if x is None else s_a * x for x in post], 1.0, list(trunk))
+            grads = d
+        used = coef or self._coef
+        assert used is not None  # set above when refreshing
+        self.diagnostics.update({"s_a": used[0], "s_c": used[1], "refreshed": refresh})
+        self._nsteps += 1
         self._restore_grads(grads)
         self._apply(d)
         return loss
@@ -391,89 +423,177 @@ class DcaCounter(_CounterDCA):
     """G2 = L + ½L'_{−1} + ρ/2·L2, H2 = ½L'_{−1} + ρ/2·L2 (paper 000, eq. 12).
 
     solver="newton": one Newton step on the subproblem (eq. 14) with a ⊥ c gives eq. 19,
-    d = a + ‖a‖²/(2‖c‖² + ρ/4)·c, with a = ∇L; ρ is in the units of ‖c‖² (ρ = 0 lets β grow
-    without bound when ‖c‖ is small). solver="inner": K gradient steps on the subproblem.
+    d = a + β·c, β = ‖a‖²/(2‖c‖² + ρ/4), with a = ∇L and c from ``c`` (default "shortcut",
+    eq. 17's c; see ``_CounterDCA``). ρ here sits next to 2‖c‖², i.e. it is in units of a squared
+    gradient norm. solver="inner": K gradient steps on the subproblem (no c).
 
-    c="skip" (default): c = ∇L'_0, the gradient with the block skipped (eq. 17), from a second
-    run of the closure (≈ 2× an SGD step). c="shortcut": c = ∂L/∂h^L·∂h^{L−1}/∂w, the identity
-    shortcut's part of the ResNet gradient (paper 000, eqs. 6 and 17), from one forward pass and two
-    vector–Jacobian products of the trunk; with ``beta_every=K`` β is recomputed every K steps
-    and reused in between, where d is one fused product (SGD cost) and ``p.grad`` holds d."""
+    β explodes when ‖c‖ ≪ ‖a‖ (β ≈ ½‖a‖²/‖c‖² at ρ = 0, and βc is then ≈ ‖a‖²/(2‖c‖) long):
+    β > ``beta_max`` (default 100, i.e. ‖c‖/‖a‖ ≲ 0.07 at ρ = 0) raises a ValueError, or with
+    ``beta_policy="clamp"`` sets β = beta_max (the step is then no longer eq. 19's). With
+    c="shortcut", ``beta_every=K`` recomputes β every K steps and reuses it in between, where d
+    is one fused product (SGD's cost) and ``p.grad`` holds d. ``diagnostics``: ``beta``, and
+    on the steps that compute it ``beta_eq19`` (before clamping) and ``c_over_a`` = ‖c‖/‖a‖."""
+
+    def __init__(self, params: Iterable, lr: Optional[float] = None, lam: Optional[float] = None,
+                 beta_max: float = 100.0, beta_policy: str = "raise", **kwargs) -> None:
+        _check("beta_max", beta_max, "> 0 (float('inf') turns the check off)", beta_max > 0)
+        if beta_policy not in BETA_POLICIES:
+            raise ValueError(f"beta_policy must be one of {', '.join(BETA_POLICIES)}; got {beta_policy!r}")
+        options = dict(kwargs.pop("options", None) or {}, beta_max=float(beta_max), beta_policy=beta_policy)
+        super().__init__(params, lr=lr, lam=lam, options=options, **kwargs)
 
     def _gamma(self) -> Dict[float, float]:
         return {1.0: 1.0, -1.0: 0.5}
 
-    def _newton(self, closure: Callable, a: Grads) -> Grads:
-        c = self._eval(closure, 0.0)
-        denom = 2 * _sqnorm(c) + self.defaults["rho"] / 4
-        beta = _sqnorm(a) / denom if denom > 0 else 0.0          # paper 000, eq. 19
-        self.diagnostics = {"beta": beta}
-        return _axpy(a, beta, c)
+    def _beta(self, a: Grads, c: Grads) -> float:
+        """β of paper 000, eq. 19, checked against ``beta_max``."""
+        a2, c2 = _sqnorm(a), _sqnorm(c)
+        denom = 2 * c2 + self.defaults["rho"] / 4
+        beta = a2 / denom if denom > 0 else 0.0                   # paper 000, eq. 19
+        ratio = (c2 / a2) ** 0.5 if a2 > 0 else 0.0
+        self.diagnostics = {"beta_eq19": beta, "c_over_a": ratio}
+        bmax = self.defaults["beta_max"]
+        if beta > bmax:
+            if self.defaults["beta_policy"] == "raise":
+                raise ValueError(
+                    f"dcacounter: beta = |a|^2/(2|c|^2 + rho/4) = {beta:.3g} exceeds beta_max = {bmax:g} "
+                    f"(|c|/|a| = {ratio:.3g}, so beta*c would be {beta * ratio:.3g}x the gradient a): "
+                    "raise rho, or pass beta_policy='clamp' or a larger beta_max")
+            beta = bmax
+        self.diagnostics["beta"] = beta
+        return beta
 
-    def _coefficients(self, a: Grads, c: Grads) -> tuple:
-        denom = 2 * _sqnorm(c) + self.defaults["rho"] / 4
-        return 1.0, (_sqnorm(a) / denom if denom > 0 else 0.0)     # paper 000, eq. 19
+    def _skip_direction(self, closure: Callable, a: Grads) -> Grads:
+        c = self._eval(closure, 0.0)                                # c = ∇L'_0 (not eq. 17's c)
+        return _axpy(a, self._beta(a, c), c)
+
+    def _coefficients(self, a: Grads, c: Grads, closure: Callable) -> tuple:
+        return 1.0, self._beta(a, c)
 
 
 class _QuasiDCA(_CounterDCA):
-    """Quasi-DC G = L'_α + ρ/2·L2, H = G − L (only G convex). ∂²G is nearly rank one along
-    g = ∇L'_α ≈ αa + (1 − α)c (eq. 25), and the paper's step goes along that line.
+    """Quasi-DC G = L'_α + ρ/2·L2, H = G − L (only G convex; paper 000, eqs. 23–26). The paper
+    models ∂²G as rank one along g = αa + (1 − α)c (eq. 25) and steps along that line.
 
-    direction="paper": d = g/α, the line scaled so that a keeps coefficient 1
-    (α = ½: a + c, the ResNet gradient; α = −½: a − 3c; α = 1 would be SGD).
-    direction="line": d = ⟨a, g⟩/(‖g‖² + ρ/4)·g, the Newton step of eq. 24 restricted to the
-    line, never an ascent direction for L. solver="inner" ignores ``direction``.
-    Defaults: "paper" for α = ½; "line" for α = −½, whose paper direction a − 3c diverges
-    (measured in tests/test_decompositions.py)."""
+    g: with c="shortcut" (default) g = αa + (1 − α)c with eq. 17's c (the vector of eq. 25);
+    with c="skip" g = ∇L'_α, the exact gradient of the counter loss, from a second closure run.
+    The step is d = t·g (w ← w − lr·d); ``direction`` picks t:
+
+    - ``"paper"``: t = 1/α, so a keeps coefficient 1 (α = ½: d = a + c, the one-block ResNet
+      gradient; α = −½: d = a − 3c).
+    - ``"projection"`` (old name ``"line"``): t = ⟨a, g⟩/(‖g‖² + ρ/4), the ridge-regularised
+      projection of a onto the line of g (ρ = 0: the orthogonal projection). Not a Newton step;
+      never an ascent direction for L (⟨a, d⟩ = ⟨a, g⟩²/(‖g‖² + ρ/4) ≥ 0).
+    - ``"newton"``: t = ⟨a, g⟩/(gᵀ∂²L'_α g + ρ/2·‖g‖²), the minimiser of eq. 24's model
+      ⟨a, Δw⟩ + ½Δwᵀ∂²G Δw over the line Δw = −t·g. The curvature gᵀ∂²L'_α g is measured by a
+      central difference of ∇L'_α along g (two extra closure runs, step ``fd_eps``·max(1, ‖w‖))
+      or, with ``kappa=κ``, taken from eq. 25's rank-one model ∂²L'_α = κ·g gᵀ (∂²_hL ≈ κ·∂_hL ∂_hLᵀ,
+      eqs. 15, 22; MSE: κ = 1/(2L)): gᵀ∂²L'_α g = κ‖g‖⁴. lr = 1 takes the full line-Newton step.
+      If gᵀ∂²G g ≤ 0 (G not convex along g) the step raises a ValueError.
+
+    solver="inner" ignores ``direction``. Defaults: "paper" for α = ½; "projection" for α = −½,
+    whose paper direction a − 3c diverged on the test MLP (tests/optim)."""
 
     ALPHA = 0.5
     DIRECTION = "paper"
-    DIRECTIONS = ("paper", "line")
+    DIRECTIONS = ("paper", "projection", "newton")
+    ALIASES = {"line": "projection"}    # the old name of "projection"
 
     def __init__(self, params: Iterable, lr: Optional[float] = None, lam: Optional[float] = None,
-                 direction: Optional[str] = None, **kwargs) -> None:
-        direction = self.DIRECTION if direction is None else direction
+                 direction: Optional[str] = None, kappa: Optional[float] = None,
+                 fd_eps: float = 1e-3, **kwargs) -> None:
+        direction = self.DIRECTION if direction is None else self.ALIASES.get(direction, direction)
         if direction not in self.DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(self.DIRECTIONS)}; got {direction!r}")
-        super().__init__(params, lr=lr, lam=lam, options={"direction": direction}, **kwargs)
+        if kappa is not None:
+            _check("kappa", kappa, "> 0 (the rank-one curvature factor of eq. 25) or None", kappa > 0)
+            if direction != "newton":
+                raise ValueError("kappa is the curvature model of direction='newton' only")
+        _check("fd_eps", fd_eps, "> 0", fd_eps > 0)
+        options = dict(kwargs.pop("options", None) or {}, direction=direction, kappa=kappa,
+                       fd_eps=float(fd_eps))
+        super().__init__(params, lr=lr, lam=lam, options=options, **kwargs)
 
     def _gamma(self) -> Dict[float, float]:
         return {self.ALPHA: 1.0}
 
-    def _newton(self, closure: Callable, a: Grads) -> Grads:
-        g = self._eval(closure, self.ALPHA)
-        if self.defaults["direction"] == "paper":
-            coef = 1.0 / self.ALPHA
-        else:
-            denom = _sqnorm(g) + self.defaults["rho"] / 4
-            coef = _dot(a, g) / denom if denom > 0 else 0.0
-        self.diagnostics = {"coef": coef}
-        return [None if gi is None else coef * gi for gi in g]
+    def _curvature(self, closure: Callable, g: Grads, g2: float) -> float:
+        """gᵀ∂²L'_α g: eq. 25's κ‖g‖⁴, or a central difference of ∇L'_α along g."""
+        kappa = self.defaults["kappa"]
+        if kappa is not None:
+            return kappa * g2 * g2
+        gn = g2 ** 0.5
+        params = self._params()
+        w0 = [p.detach().clone() for p in params]
+        eps = self.defaults["fd_eps"] * max(1.0, _sqnorm(w0) ** 0.5)
+        grads = []
+        for s in (eps, -eps):
+            with torch.no_grad():
+                for p, w, gi in zip(params, w0, g):
+                    if gi is not None:
+                        p.copy_(w.add(gi, alpha=s / gn))
+            grads.append(self._eval(closure, self.ALPHA))
+        with torch.no_grad():
+            for p, w in zip(params, w0):
+                p.copy_(w)
+        diff = _axpy(grads[0], -1.0, grads[1])
+        return _dot(diff, g) * gn / (2 * eps)      # ⟨Δ∇L'_α, u⟩/(2ε)·‖g‖², u = g/‖g‖
+
+    def _line(self, closure: Callable, a: Grads, g: Grads) -> float:
+        """t of d = t·g for ``direction`` (see the class docstring)."""
+        kind, rho = self.defaults["direction"], self.defaults["rho"]
+        if kind == "paper":
+            t = 1.0 / self.ALPHA
+            self.diagnostics = {"coef": t}
+            return t
+        g2, ag = _sqnorm(g), _dot(a, g)
+        if kind == "projection":
+            denom = g2 + rho / 4
+            t = ag / denom if denom > 0 else 0.0
+            self.diagnostics = {"coef": t}
+            return t
+        q = self._curvature(closure, g, g2) if g2 > 0 else 0.0
+        denom = q + rho / 2 * g2                      # gᵀ∂²G g, G = L'_α + ρ/2·L2 (eq. 24)
+        if g2 > 0 and denom <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: G = L'_a + rho/2*L2 is not convex along g "
+                f"(g^T d2L' g = {q:.3g}, |g|^2 = {g2:.3g}): the line-Newton step needs "
+                f"rho > {-2 * q / g2:.3g}")
+        t = ag / denom if g2 > 0 else 0.0
+        self.diagnostics = {"coef": t, "curvature": q}
+        return t
+
+    def _skip_direction(self, closure: Callable, a: Grads) -> Grads:
+        g = self._eval(closure, self.ALPHA)                       # g = ∇L'_α
+        t = self._line(closure, a, g)
+        return [None if gi is None else t * gi for gi in g]
 
     def _constant_coefficients(self) -> Optional[tuple]:
         if self.defaults["direction"] == "paper":      # g/α = a + (1 − α)/α · c
+            self.diagnostics = {"coef": 1.0 / self.ALPHA}
             return 1.0, (1.0 - self.ALPHA) / self.ALPHA
         return None
 
-    def _coefficients(self, a: Grads, c: Grads) -> tuple:
-        al = self.ALPHA                                  # g = αa + (1 − α)c (eq. 11)
+    def _coefficients(self, a: Grads, c: Grads, closure: Callable) -> tuple:
+        al = self.ALPHA                                  # g = αa + (1 − α)c (eq. 25)
         g = _axpy([None if x is None else al * x for x in a], 1.0 - al, c)
-        denom = _sqnorm(g) + self.defaults["rho"] / 4
-        coef = _dot(a, g) / denom if denom > 0 else 0.0
-        return coef * al, coef * (1.0 - al)
+        t = self._line(closure, a, g)
+        return t * al, t * (1.0 - al)
 
 
 class DcaQuasiHalf(_QuasiDCA):
-    """G3 = L'_{1/2} + ρ/2·L2 (paper 000, eq. 23): steps along a + c, the ResNet gradient."""
+    """G3 = L'_{1/2} + ρ/2·L2 (paper 000, eq. 23): by default steps along a + c (eq. 25), the
+    gradient of the plain net with a gradient-only identity shortcut around the last block."""
 
     ALPHA = 0.5
 
 
 class DcaQuasiNegHalf(_QuasiDCA):
-    """G4 = L'_{−1/2} + ρ/2·L2 (paper 000, eq. 26): the decomposition behind NegNet (eq. 27)."""
+    """G4 = L'_{−1/2} + ρ/2·L2 (paper 000, eq. 26): the decomposition behind NegNet (eq. 27).
+    g = −½a + 3/2·c; default direction "projection" (the paper direction a − 3c diverges)."""
 
     ALPHA = -0.5
-    DIRECTION = "line"
+    DIRECTION = "projection"
 
 
 DECOMPOSITIONS: Dict[str, type] = {

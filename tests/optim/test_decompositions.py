@@ -61,6 +61,14 @@ def _closure(model, opt, x, y):
     return closure
 
 
+def _sq(vs):
+    return sum(float((v.double() ** 2).sum()) for v in vs if v is not None)
+
+
+def _dot(us, vs):
+    return sum(float((u.double() * v.double()).sum()) for u, v in zip(us, vs))
+
+
 def _flat_grad(loss, model):
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
@@ -135,7 +143,7 @@ def test_counter_loss_is_the_mixed_output():
 def test_c_is_the_skipped_block_gradient():
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
-    opt = DcaCounter(model.parameters(), lr=0.1)
+    opt = DcaCounter(model.parameters(), lr=0.1, c="skip")
     prepare(opt, model)
     closure = _closure(model, opt, x, y)
     closure()
@@ -157,30 +165,34 @@ def test_c_is_the_skipped_block_gradient():
     assert abs((up - down).item() / (2 * eps) - c[0][0, 0].item()) < 1e-3
 
 
-def test_where_all_skips_every_same_shape_block():
+def test_counterloss_where_all_skips_every_same_shape_block():
+    """CounterLoss(where="all") is the network with every same-shape block removed (α = 0)."""
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
-    opt = DcaCounter(model.parameters(), lr=0.1, where="all")
-    prepare(opt, model)
-    closure = _closure(model, opt, x, y)
-    closure()
-    opt._counter.observe()
-    c = opt._eval(closure, 0.0)
-    want = _flat_grad(F.cross_entropy(model(x, skip=(0, 1)), y), model)
-    for ci, wi in zip(c, want):
-        assert torch.allclose(torch.zeros_like(wi) if ci is None else ci, wi, atol=1e-6)
+    counter = CounterLoss(model, where="all")
+    model(x)
+    counter.observe()
+    with counter.mixing(0.0):
+        got = F.cross_entropy(model(x), y)
+    assert torch.allclose(got, F.cross_entropy(model(x, skip=(0, 1)), y), atol=1e-6)
 
 
-def test_counter_newton_step_is_eq19():
+@pytest.mark.parametrize("name", ["dcacounter", "dcaquasihalf", "dcaquasineghalf"])
+def test_where_all_is_refused_by_the_optimizers(name):
+    with pytest.raises(ValueError, match="where='all' is refused: skipping every same-shape block"):
+        timm.optim.create_optimizer_v2(Net(), name, lr=0.1, where="all")
+
+
+def test_skip_counter_newton_step_is_eq19_with_c_the_skipped_net_gradient():
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
     rho, lr = 0.3, 0.1
     ref = copy.deepcopy(model)
     a = _flat_grad(F.cross_entropy(ref(x), y), ref)
     c = _flat_grad(F.cross_entropy(ref(x, skip=(1,)), y), ref)
-    sq = lambda vs: sum(float((v.double() ** 2).sum()) for v in vs)  # noqa: E731
-    beta = sq(a) / (2 * sq(c) + rho / 4)                          # paper 000, eq. 19
-    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0)
+    beta = _sq(a) / (2 * _sq(c) + rho / 4)                        # paper 000, eq. 19
+    assert _sq(c[-2:]) > 0       # c = ∇L'_0 has a head gradient (at the features h^{L−1})
+    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0, c="skip")
     assert prepare(opt, model)
     loss = opt.step(_closure(model, opt, x, y))
     assert torch.isclose(loss, F.cross_entropy(ref(x), y))
@@ -193,18 +205,19 @@ def test_counter_newton_step_is_eq19():
 
 @pytest.mark.parametrize("name, alpha, direction", [
     ("dcaquasihalf", 0.5, None), ("dcaquasineghalf", -0.5, None),
-    ("dcaquasihalf", 0.5, "line"), ("dcaquasineghalf", -0.5, "paper")])
-def test_quasi_steps_along_counter_gradient(name, alpha, direction):
+    ("dcaquasihalf", 0.5, "projection"), ("dcaquasihalf", 0.5, "line"), ("dcaquasineghalf", -0.5, "paper")])
+def test_skip_quasi_steps_along_the_counter_loss_gradient(name, alpha, direction):
+    """c="skip": g = ∇L'_α from the mixed network; d = g/α or the projection coefficient."""
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
     g = _flat_grad(F.cross_entropy(model(x, mix=alpha), y), model)
     a = _flat_grad(F.cross_entropy(model(x), y), model)
     rho = 0.2
-    line = sum(float((ai * gi).sum()) for ai, gi in zip(a, g)) / (sum(float((gi ** 2).sum()) for gi in g) + rho / 4)
-    kind = direction or ("paper" if alpha > 0 else "line")
-    coef = 1 / alpha if kind == "paper" else line            # paper 000, eqs. 24–25
+    proj = _dot(a, g) / (_sq(g) + rho / 4)
+    kind = direction or ("paper" if alpha > 0 else "projection")
+    coef = 1 / alpha if kind == "paper" else proj
     m = copy.deepcopy(model)
-    opt = timm.optim.create_optimizer_v2(m, name, lr=0.1, rho=rho, momentum=0.0, direction=direction)
+    opt = timm.optim.create_optimizer_v2(m, name, lr=0.1, rho=rho, momentum=0.0, direction=direction, c="skip")
     prepare(opt, m)
     opt.step(_closure(m, opt, x, y))
     assert opt.diagnostics["coef"] == pytest.approx(coef, rel=1e-5)
@@ -260,16 +273,20 @@ def test_closure_optimizers_train(name):
     assert closure().item() < (0.99 if "neghalf" in name else 0.97) * first
 
 
-def test_counter_evaluations_leave_batchnorm_statistics_alone():
+@pytest.mark.parametrize("name, c", [("dcacounter", "skip"), ("dcacounter", "shortcut"),
+                                     ("dcaquasihalf", "shortcut"), ("dcaquasineghalf", "shortcut")])
+def test_counter_evaluations_leave_batchnorm_statistics_alone(name, c):
+    """"BatchNorm running statistics move once per step, as with SGD" (docs/decompositions.md);
+    dcaquasineghalf's projection runs no extra pass, so this holds for every step kind."""
     torch.manual_seed(0)
     model = Net()
     model.stage = nn.Sequential(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Tanh()),
                                 nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Tanh()))
     ref = copy.deepcopy(model)
     x, y = _data()
-    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=1e-12, momentum=0.0, where="all")
+    opt = timm.optim.create_optimizer_v2(model, name, lr=1e-12, momentum=0.0, c=c)
     prepare(opt, model)
-    opt.step(_closure(model, opt, x, y))    # probe + L + L'_0: only one pass may move the stats
+    opt.step(_closure(model, opt, x, y))    # probe + L (+ L'_0): only one pass may move the stats
     ref(x)                                   # one ordinary training forward
     for b, r in zip(model.buffers(), ref.buffers()):
         assert torch.allclose(b.float(), r.float(), atol=1e-6)
@@ -301,7 +318,10 @@ def test_step_before_prepare_is_an_error():
     (dict(), "give lr"),
     (dict(lr=0.1, inner_steps=0), "inner_steps"),
     (dict(lr=0.1, solver="cg"), "solver must be one of newton, inner"),
-    (dict(lr=0.1, where="first"), "where must be one of last, all"),
+    (dict(lr=0.1, where="first"), "where must be 'last'"),
+    (dict(lr=0.1, where="all"), "where='all' is refused"),
+    (dict(lr=0.1, beta_max=0.0), "beta_max must be > 0"),
+    (dict(lr=0.1, beta_policy="ignore"), "beta_policy must be one of raise, clamp"),
 ])
 def test_input_errors_name_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -337,12 +357,14 @@ def _shortcut_c(model, x, y):
     return _flat_grad((g2 * h1).sum(), model)
 
 
-def test_shortcut_c_gives_the_testnet_gradient_in_one_forward():
+def test_default_quasihalf_step_is_the_one_block_testnet_gradient():
+    """a + c (eq. 17's c, the default) = the gradient of the plain net with a gradient-only
+    identity shortcut around the last block (the one-block "TestNet"), in one forward."""
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
     ref = copy.deepcopy(model)
     grad = _flat_grad(F.cross_entropy(ref(x, grad_shortcut=True), y), ref)   # a + c
-    opt = timm.optim.create_optimizer_v2(model, "dcaquasihalf", lr=0.1, momentum=0.0, c="shortcut")
+    opt = timm.optim.create_optimizer_v2(model, "dcaquasihalf", lr=0.1, momentum=0.0)
     prepare(opt, model)
     opt.step(_closure(model, opt, x, y))
     assert opt.diagnostics["s_a"] == 1.0 and opt.diagnostics["s_c"] == 1.0
@@ -358,28 +380,38 @@ def test_shortcut_counter_step_and_reused_beta():
                                          c="shortcut", beta_every=2)
     prepare(opt, model)
     closure = _closure(model, opt, x, y)
+    sq = _sq
     flags = []
+    beta = None
     for k in range(3):
         ref = copy.deepcopy(model)
         a = _flat_grad(F.cross_entropy(ref(x), y), ref)
         c = _shortcut_c(ref, x, y)
-        sq = lambda vs: sum(float((v.double() ** 2).sum()) for v in vs)  # noqa: E731
-        beta = sq(a) / (2 * sq(c) + rho / 4) if k != 1 else beta      # k = 1 reuses step 0's β
+        if k != 1:  # beta_every=2: β is computed at steps 0 and 2; step 1 reuses step 0's β
+            beta = sq(a) / (2 * sq(c) + rho / 4)
+        assert beta is not None
         opt.step(closure)
         flags.append(opt.diagnostics["refreshed"])
         assert opt.diagnostics["s_c"] == pytest.approx(beta, rel=1e-5)
         for p, p0, ai, ci in zip(model.parameters(), ref.parameters(), a, c):
             assert torch.allclose(p, p0 - lr * (ai + beta * ci), atol=1e-6)
+            # p.grad: ∇L(w_k) on the steps that compute β, the direction d on the fused ones
+            want = ai if k != 1 else ai + beta * ci
+            assert torch.allclose(p.grad, want, atol=1e-6)
     assert flags == [True, False, True]
 
 
 def test_shortcut_mode_input_errors():
-    with pytest.raises(ValueError, match="c must be one of skip, shortcut"):
+    with pytest.raises(ValueError, match="c must be one of shortcut, skip"):
         DcaCounter(Net().parameters(), lr=0.1, c="resnet")
-    with pytest.raises(ValueError, match="where='last' and solver='newton'"):
-        DcaCounter(Net().parameters(), lr=0.1, c="shortcut", where="all")
     with pytest.raises(ValueError, match="beta_every"):
         DcaCounter(Net().parameters(), lr=0.1, c="shortcut", beta_every=0)
+    with pytest.raises(ValueError, match="beta_every > 1 reuses the coefficients of c='shortcut'"):
+        DcaCounter(Net().parameters(), lr=0.1, c="skip", beta_every=2)
+    with pytest.raises(ValueError, match="kappa is the curvature model of direction='newton' only"):
+        timm.optim.create_optimizer_v2(Net(), "dcaquasihalf", lr=0.1, kappa=1.0)
+    with pytest.raises(ValueError, match="direction must be one of paper, projection, newton"):
+        timm.optim.create_optimizer_v2(Net(), "dcaquasihalf", lr=0.1, direction="exact")
 
 
 def test_misspelt_option_is_refused_and_rho_is_uniform():
@@ -388,3 +420,247 @@ def test_misspelt_option_is_refused_and_rho_is_uniform():
     DcaL2(Net().parameters(), lr=0.1, rho=0.5)   # every decomposition takes lr, rho, lam
     with pytest.raises(ValueError, match="rho must be >= 0"):
         DcaL2(Net().parameters(), lr=0.1, rho=-0.5)
+
+
+# ---- faithful by default: eq. 17's c, the one-block identity, β guard, quasi-DC coefficients ----
+
+def _eq17_c(model, x, y):
+    """c = (∂h^{L−1}/∂w)ᵀ ∂L/∂h^L through torch.autograd.functional.vjp (paper 000, eq. 17)."""
+    params = dict(model.named_parameters())
+    h2 = model.stage[1](model.stage[0](torch.tanh(model.stem(x))))
+    (v,) = torch.autograd.grad(F.cross_entropy(model.head(h2), y), [h2])
+
+    def h1_of(*ws):
+        p = dict(zip(params, ws))
+        h0 = torch.tanh(F.linear(x, p["stem.weight"], p["stem.bias"]))
+        return torch.tanh(F.linear(h0, p["stage.0.lin.weight"], p["stage.0.lin.bias"]))
+
+    _, vjp = torch.autograd.functional.vjp(h1_of, tuple(params.values()), v)
+    return list(vjp)
+
+
+def test_default_dcacounter_c_is_eq17():
+    """Default c = C ᵀ∂L/∂h^L with C = (0, ∂_w F^{L−2}) (eq. 17): zero on the skipped block and
+    on the head; the step is eq. 19's a + βc."""
+    torch.manual_seed(0)
+    model, (x, y) = Net(), _data()
+    rho, lr = 0.1, 0.1
+    ref = copy.deepcopy(model)
+    a = _flat_grad(F.cross_entropy(ref(x), y), ref)
+    c = _eq17_c(ref, x, y)
+    names = [n for n, _ in ref.named_parameters()]
+    for n, ci in zip(names, c):
+        if n.startswith(("head.", "stage.1.")):
+            assert ci.abs().max() == 0, n
+        else:
+            assert ci.abs().max() > 0, n
+    beta = _sq(a) / (2 * _sq(c) + rho / 4)
+    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0)
+    assert opt.defaults["c"] == "shortcut"
+    prepare(opt, model)
+    opt.step(_closure(model, opt, x, y))
+    assert opt.diagnostics["beta"] == pytest.approx(beta, rel=1e-5)
+    assert opt.diagnostics["c_over_a"] == pytest.approx((_sq(c) / _sq(a)) ** 0.5, rel=1e-5)
+    for n, p, p0, ai, ci in zip(names, model.parameters(), ref.parameters(), a, c):
+        assert torch.allclose((p0 - p) / lr, ai + beta * ci, atol=1e-5), n
+
+
+def _named_grads(model, x, y):
+    loss = F.cross_entropy(model(x), y)
+    names, params = zip(*model.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))
+
+
+def test_one_block_identity_on_cifar_plainnet_and_not_gradnet():
+    """On cifar_plainnet20, a + c (dcaquasihalf's default step) is the gradient of the same net
+    whose last block gets a gradient-only identity shortcut around the whole block (activation
+    included); it is not the gradient of cifar_gradnet20 (gradient-only shortcuts on every block)."""
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_plainnet20")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    testnet = copy.deepcopy(model)
+    blk = testnet.layer3[-1]
+    blk.shortcut_alpha, blk.shortcut_grad_only, blk.act_placement = 1.0, True, "before_add"
+    want = _named_grads(testnet, x, y)
+    gradnet = timm.create_model("cifar_gradnet20")
+    gradnet.load_state_dict(model.state_dict())
+    other = _named_grads(gradnet, x, y)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = timm.optim.create_optimizer_v2(model, "dcaquasihalf", lr=1.0, momentum=0.0, weight_decay=0.0)
+    prepare(opt, model)
+    opt.step(_closure(model, opt, x, y))
+    got = {n: start[n] - p.detach() for n, p in model.named_parameters()}
+    scale = max(float(g.abs().max()) for g in want.values())
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-5 * scale, rtol=1e-4), n
+    flat = lambda d: torch.cat([d[n].flatten() for n in want])  # noqa: E731
+    assert float(F.cosine_similarity(flat(got), flat(other), dim=0)) < 0.99
+
+
+def test_beta_guard_raises_or_clamps():
+    torch.manual_seed(0)
+    model, (x, y) = Net(), _data()
+    ref = copy.deepcopy(model)
+    a, c = _flat_grad(F.cross_entropy(ref(x), y), ref), _eq17_c(ref, x, y)
+    beta = _sq(a) / (2 * _sq(c))
+    cap = beta / 2
+    m = copy.deepcopy(model)
+    opt = timm.optim.create_optimizer_v2(m, "dcacounter", lr=0.1, momentum=0.0, beta_max=cap)
+    prepare(opt, m)
+    with pytest.raises(ValueError, match=r"dcacounter: beta = \|a\|\^2/\(2\|c\|\^2 \+ rho/4\) = .* exceeds "
+                                         r"beta_max = .*beta_policy='clamp'") as err:
+        opt.step(_closure(m, opt, x, y))
+    assert "\n" not in str(err.value)
+    m = copy.deepcopy(model)
+    opt = timm.optim.create_optimizer_v2(m, "dcacounter", lr=0.1, momentum=0.0, beta_max=cap, beta_policy="clamp")
+    prepare(opt, m)
+    opt.step(_closure(m, opt, x, y))
+    assert opt.diagnostics["beta"] == cap and opt.diagnostics["beta_eq19"] == pytest.approx(beta, rel=1e-5)
+    for p, p0, ai, ci in zip(m.parameters(), model.parameters(), a, c):
+        assert torch.allclose(p, p0 - 0.1 * (ai + cap * ci), atol=1e-6)
+
+
+def _hessian_of_counter_loss(model, x, y, alpha):
+    """Dense ∂²L'_α over all parameters (flattened in registration order)."""
+    names, params = zip(*model.named_parameters())
+    shapes = [p.shape for p in params]
+    flat0 = torch.cat([p.detach().flatten() for p in params])
+
+    def loss(flat):
+        ws, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            ws[n] = flat[i:i + k].view(s)
+            i += k
+        out = torch.func.functional_call(model, ws, (x,), {"mix": alpha})
+        return F.cross_entropy(out, y)
+
+    return torch.autograd.functional.hessian(loss, flat0)
+
+
+def _flat(vs):
+    return torch.cat([v.flatten() for v in vs])
+
+
+@pytest.mark.parametrize("name, alpha", [("dcaquasihalf", 0.5), ("dcaquasineghalf", -0.5)])
+@pytest.mark.parametrize("c", ["shortcut", "skip"])
+@pytest.mark.parametrize("direction, kappa", [("projection", None), ("newton", None), ("newton", 0.7)])
+def test_quasi_line_coefficients(name, alpha, c, direction, kappa):
+    """projection: t = ⟨a,g⟩/(‖g‖² + ρ/4); newton: t = ⟨a,g⟩/(gᵀ∂²G g) with G = L'_α + ρ/2·L2
+    (eq. 24 on the line Δw = −t·g): ∂²L'_α the dense autograd Hessian, or eq. 25's κ·g gᵀ."""
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = _data()
+    x = x.double()
+    rho, lr = 0.2, 0.1
+    a = _flat_grad(F.cross_entropy(model(x), y), model)
+    if c == "skip":
+        g = _flat_grad(F.cross_entropy(model(x, mix=alpha), y), model)
+    else:
+        g = [alpha * ai + (1 - alpha) * ci for ai, ci in zip(a, _eq17_c(model, x, y))]
+    fa, fg = _flat(a), _flat(g)
+    n = fg.numel()
+    if direction == "projection":
+        denom = float(fg @ fg) + rho / 4
+        t = float(fa @ fg) / denom
+    else:
+        hess = kappa * torch.outer(fg, fg) if kappa else _hessian_of_counter_loss(model, x, y, alpha)
+        big = hess + rho / 2 * torch.eye(n, dtype=fg.dtype)            # ∂²G
+        denom = float(fg @ big @ fg)
+        t = float(fg @ fa) / denom
+        ts = torch.linspace(t - 1, t + 1, 201, dtype=fg.dtype)          # eq. 24's model on the line
+        model_values = -ts * float(fa @ fg) + 0.5 * ts ** 2 * float(fg @ big @ fg)
+        assert abs(float(ts[model_values.argmin()]) - t) <= 0.01
+    m = copy.deepcopy(model)
+    opt = timm.optim.create_optimizer_v2(m, name, lr=lr, rho=rho, momentum=0.0, direction=direction, c=c,
+                                         kappa=kappa, fd_eps=1e-5)
+    prepare(opt, m)
+    opt.step(_closure(m, opt, x, y))
+    assert opt.diagnostics["coef"] == pytest.approx(t, rel=1e-6)
+    d = _flat([(p0 - p).detach() / lr for p, p0 in zip(m.parameters(), model.parameters())])
+    assert torch.allclose(d, t * fg, atol=1e-9, rtol=1e-7)
+    # never an ascent direction for L while the denominator is > 0: ⟨a, d⟩ = ⟨a, g⟩²/denominator
+    assert denom > 0 and float(fa @ d) == pytest.approx(float(fa @ fg) ** 2 / denom, rel=1e-6)
+
+
+def test_newton_line_step_refuses_a_non_convex_g(monkeypatch):
+    model, (x, y) = Net(), _data()
+    opt = timm.optim.create_optimizer_v2(model, "dcaquasihalf", lr=0.1, rho=0.0, direction="newton")
+    prepare(opt, model)
+    monkeypatch.setattr(opt, "_curvature", lambda closure, g, g2: -1.0)
+    with pytest.raises(ValueError, match="not convex along g .* needs rho > "):
+        opt.step(_closure(model, opt, x, y))
+
+
+def test_line_is_the_old_name_of_projection():
+    opt = timm.optim.create_optimizer_v2(Net(), "dcaquasihalf", lr=0.1, direction="line")
+    assert opt.defaults["direction"] == "projection"
+
+
+@pytest.mark.parametrize("c, diverges", [("skip", True), ("shortcut", False)])
+def test_neghalf_paper_direction_on_the_test_mlp(c, diverges):
+    """docs: the paper direction of dcaquasineghalf (d = g/α, α = −½) diverged on the test MLP
+    with c="skip" (loss 1.05 → 177 in 30 steps, lr 0.3); with eq. 17's c (a − 3c) it did not."""
+    torch.manual_seed(0)
+    model, (x, y) = Net(8), _data(32)
+    opt = timm.optim.create_optimizer_v2(model, "dcaquasineghalf", lr=0.3, weight_decay=1e-4, momentum=0.5,
+                                         direction="paper", c=c)
+    prepare(opt, model)
+    closure = _closure(model, opt, x, y)
+    first = closure().item()
+    for _ in range(30):
+        opt.step(closure)
+    last = closure().item()
+    assert first == pytest.approx(1.05, abs=0.01)
+    assert (last == pytest.approx(177, rel=0.05)) if diverges else (last == pytest.approx(0.81, abs=0.02))
+
+
+@pytest.mark.parametrize("name, kwargs, runs, grad", [
+    ("dcacounter", {}, 1, "a"),
+    ("dcacounter", {"c": "skip"}, 2, "a"),
+    ("dcaquasihalf", {}, 1, "d"),                              # constant (1, 1): p.grad = a + c
+    ("dcaquasihalf", {"c": "skip"}, 2, "a"),
+    ("dcaquasineghalf", {}, 1, "a"),
+    ("dcaquasihalf", {"direction": "newton"}, 3, "a"),
+    ("dcaquasihalf", {"direction": "newton", "c": "skip"}, 4, "a"),
+    ("dcaquasihalf", {"direction": "newton", "kappa": 1.0}, 1, "a"),
+])
+def test_closure_runs_per_step_and_the_gradient_left_in_p_grad(name, kwargs, runs, grad):
+    torch.manual_seed(0)
+    model, (x, y) = Net(), _data()
+    opt = timm.optim.create_optimizer_v2(model, name, lr=0.1, momentum=0.0, rho=1.0, **kwargs)
+    prepare(opt, model)
+    inner = _closure(model, opt, x, y)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return inner()
+
+    opt.step(closure)                    # the first step also learns the block order
+    calls.clear()
+    before = copy.deepcopy(model)
+    a = _flat_grad(F.cross_entropy(before(x), y), before)
+    opt.step(closure)
+    assert len(calls) == runs
+    for p, p0, ai in zip(model.parameters(), before.parameters(), a):
+        want = ai if grad == "a" else (p0 - p).detach() / 0.1
+        assert torch.allclose(p.grad, want, atol=1e-6)
+
+
+def test_beta_guard_fires_on_the_convex_resnets_of_paper_003():
+    from dcanets.papers.p003_convex import ConvexResNets
+    torch.manual_seed(0)
+    nets = ConvexResNets(4, num_nets=3, layers=2, hidden=5)
+    x, y = torch.rand(32, 4), torch.rand(32, 3)
+    opt = timm.optim.create_optimizer_v2(nets, "dcacounter", lr=0.05, beta_max=float("inf"))
+    prepare(opt, nets)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(nets(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.diagnostics["beta"] > 1e3 and opt.diagnostics["c_over_a"] < 0.03

@@ -71,7 +71,10 @@ def _optimizer_names():
 def test_every_registered_optimizer_keeps_convexity(name):
     nets = ConvexResNets(4, num_nets=3, layers=2, hidden=5)
     try:
-        opt = timm.optim.create_optimizer_v2(nets, name, lr=0.05)
+        # dcacounter's eq. 19 β is ~3e4 on these nets (|c|/|a| ~ 0.004), which it refuses by
+        # default; clamping keeps it stepping, which is what this test is about
+        kwargs = {"beta_policy": "clamp"} if name == "dcacounter" else {}
+        opt = timm.optim.create_optimizer_v2(nets, name, lr=0.05, **kwargs)
     except (ImportError, AssertionError) as err:
         if not any(word in str(err) for word in ("CUDA", "apex", "APEX", "bitsandbytes")):
             raise
