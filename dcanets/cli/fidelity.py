@@ -78,29 +78,6 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, seed: int
         yield x[idx].to(device), y[idx].to(device)
 
 
-def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, bool]:
-    """The optimizer, and whether it is second order (backward with a graph)."""
-    from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
-
-    from dcanets.plugins import did_you_mean
-
-    try:
-        info = get_optimizer_info(args.opt.lower().split("_")[-1])
-    except (ValueError, KeyError):
-        raise ValueError(f"unknown optimizer '{args.opt}'{did_you_mean(args.opt, map(str, list_optimizers()))}; "
-                         "`timm.optim.list_optimizers()` lists the known names") from None
-    kwargs: Dict[str, Any] = dict(lr=args.lr, weight_decay=args.weight_decay)
-    if info.has_momentum:
-        kwargs["momentum"] = args.momentum
-        if args.momentum == 0 and info.defaults and info.defaults.get("nesterov"):
-            kwargs["nesterov"] = False      # timm's "sgd" is Nesterov SGD, which needs momentum > 0
-    kwargs.update(args.opt_kwargs)
-    try:
-        return create_optimizer_v2(model, args.opt, **kwargs), bool(info.second_order)
-    except TypeError as exc:
-        raise ValueError(f"optimizer '{args.opt}' rejected its arguments {sorted(kwargs)}: {exc}") from None
-
-
 def _fmt(v: Optional[float]) -> str:
     return "   n/a" if v is None or v != v else f"{v:6.3f}"
 
@@ -162,11 +139,13 @@ def run(args: argparse.Namespace) -> int:
     x, y, num_classes, in_chans = _data(args.data)
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans, **args.model_kwargs).to(device)
-    optimizer, second_order = _optimizer(model, args)
+    from dcanets.engine.loop import create_optimizer, second_order
+
+    optimizer = create_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay, args.opt_kwargs)
     t0 = time.perf_counter()
     reports = fidelity_over_training(model, optimizer, _batches(x, y, args.batch, args.steps, args.seed, device),
                                      every=args.every, reference=args.reference, seed=args.seed,
-                                     create_graph=second_order)
+                                     create_graph=second_order(args.opt))
     seconds = time.perf_counter() - t0
     budget = (f"{args.model} on {args.data}, {args.opt} lr={args.lr} momentum={args.momentum} "
               f"wd={args.weight_decay} {args.opt_kwargs or ''}, batch {min(args.batch, len(y))}, "

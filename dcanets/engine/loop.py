@@ -77,27 +77,39 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.M
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """``create_optimizer_v2`` by registry name; momentum only for optimizers that take it."""
+    """The optimizer ``cfg`` names, built by :func:`create_optimizer`."""
+    return create_optimizer(model, cfg.opt, cfg.lr, cfg.momentum, cfg.weight_decay, dict(cfg.opt_kwargs))
+
+
+def create_optimizer(model: torch.nn.Module, opt: str, lr: float, momentum: float, weight_decay: float,
+                     opt_kwargs: Dict[str, Any]) -> torch.optim.Optimizer:
+    """``create_optimizer_v2`` by registry name; momentum only for optimizers that take it.
+
+    timm's ``sgd`` is Nesterov SGD, which torch refuses without momentum: with ``momentum=0`` it
+    becomes plain SGD instead of an error.
+    """
     from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
     import dcanets  # noqa: F401  (registers the decompositions into timm's optimizer registry)
 
     try:
-        info = get_optimizer_info(cfg.opt.lower().split("_")[-1])
+        info = get_optimizer_info(opt.lower().split("_")[-1])
     except (ValueError, KeyError):
-        raise ValueError(f"unknown optimizer '{cfg.opt}'{did_you_mean(cfg.opt, map(str, list_optimizers()))}; "
+        raise ValueError(f"unknown optimizer '{opt}'{did_you_mean(opt, map(str, list_optimizers()))}; "
                          "`timm.optim.list_optimizers()` lists the known names") from None
-    kwargs: Dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    kwargs: Dict[str, Any] = dict(lr=lr, weight_decay=weight_decay)
     if info.has_momentum:
-        kwargs["momentum"] = cfg.momentum
+        kwargs["momentum"] = momentum
+        if momentum == 0 and info.defaults and info.defaults.get("nesterov"):
+            kwargs["nesterov"] = False
     try:
-        return create_optimizer_v2(model, cfg.opt, **kwargs, **cfg.opt_kwargs)
+        return create_optimizer_v2(model, opt, **{**kwargs, **opt_kwargs})
     except TypeError as exc:
-        raise ValueError(f"optimizer '{cfg.opt}' rejected its arguments {sorted({**kwargs, **cfg.opt_kwargs})}: "
+        raise ValueError(f"optimizer '{opt}' rejected its arguments {sorted({**kwargs, **opt_kwargs})}: "
                          f"{exc}") from None
 
 
-def _second_order(opt: str) -> bool:
+def second_order(opt: str) -> bool:
     from timm.optim import get_optimizer_info
 
     return bool(get_optimizer_info(opt.lower().split("_")[-1]).second_order)
@@ -172,7 +184,7 @@ class _Run:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
         self.needs_closure = prepare(self.optimizer, self.model)
-        self.create_graph = _second_order(cfg.opt)
+        self.create_graph = second_order(cfg.opt)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         # GradScaler cannot drive closure-stepped optimizers: those run in full precision
         if self.needs_closure:
