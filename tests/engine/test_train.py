@@ -203,3 +203,10 @@ def test_compiled_forward_matches_eager():
 def test_compile_with_a_closure_decomposition_is_refused():
     with pytest.raises(ValueError, match="compile=True cannot be combined with opt='dcacounter'"):
         train(tiny(model="cifar_plainnet20", opt="dcacounter", compile=True, epochs=1))
+
+
+def test_momentum_zero_with_timms_nesterov_sgd_is_plain_sgd():
+    """torch refuses Nesterov without momentum; the engine asks timm for plain SGD instead."""
+    opt = engine.create_optimizer(torch.nn.Linear(2, 2), "sgd", 0.1, 0.0, 0.0, {})
+    assert opt.param_groups[0]["nesterov"] is False and opt.param_groups[0]["momentum"] == 0.0
+    assert math.isfinite(train(tiny(momentum=0.0, epochs=1))["train_loss"])

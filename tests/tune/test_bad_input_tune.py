@@ -17,15 +17,14 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 import yaml
-
-from tests.tune.conftest import _write_config
+from tune_files import write_config_file
 
 
 def resume_dir(tmp_path: Path, **state: Any) -> Path:
     """An output folder as a started search leaves it (Tune's state faked: nothing reads it first)."""
     d = tmp_path / "runs" / "tiny-20260101-000000"
     d.mkdir(parents=True)
-    cfg = _write_config(tmp_path)
+    cfg = write_config_file(tmp_path)
     (d / "config.yaml").write_text(cfg.read_text())
     (d / "search.json").write_text(json.dumps({"config_dir": str(tmp_path), "trials": {}, **state}))
     (d / "tuner.pkl").write_bytes(b"")
@@ -33,7 +32,7 @@ def resume_dir(tmp_path: Path, **state: Any) -> Path:
 
 
 def _yaml(**overrides: Any) -> Callable[[Path], List[str]]:
-    return lambda tmp: [str(_write_config(tmp, **overrides)), "--output", str(tmp / "out")]
+    return lambda tmp: [str(write_config_file(tmp, **overrides)), "--output", str(tmp / "out")]
 
 
 def _text(text: str) -> Callable[[Path], List[str]]:
@@ -45,23 +44,23 @@ def _text(text: str) -> Callable[[Path], List[str]]:
 
 def _args(*argv: str) -> Callable[[Path], List[str]]:
     def make(tmp: Path) -> List[str]:
-        cfg = str(_write_config(tmp))
+        cfg = str(write_config_file(tmp))
         return [a.format(tmp=tmp, cfg=cfg) for a in argv]
     return make
 
 
 def _file_as_output(tmp: Path) -> List[str]:
     (tmp / "afile").write_text("x")
-    return [str(_write_config(tmp)), "--output", str(tmp / "afile")]
+    return [str(write_config_file(tmp)), "--output", str(tmp / "afile")]
 
 
 def _readonly_output(tmp: Path) -> List[str]:
     if os.geteuid() == 0:  # root writes into read-only folders, but not into /proc
-        return [str(_write_config(tmp)), "--output", "/proc/dcanets-tune-out"]
+        return [str(write_config_file(tmp)), "--output", "/proc/dcanets-tune-out"]
     ro = tmp / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    return [str(_write_config(tmp)), "--output", str(ro / "sub")]
+    return [str(write_config_file(tmp)), "--output", str(ro / "sub")]
 
 
 def _resume(**state: Any) -> Callable[[Path], List[str]]:
@@ -226,7 +225,7 @@ def test_cases_cover_every_section_of_the_file():
 ])
 def test_the_real_command_prints_one_line(argv, what, tmp_path):
     """The same through `python -m dcanets tune`: status 2, one line, nothing else from Python."""
-    cfg = _write_config(tmp_path)
+    cfg = write_config_file(tmp_path)
     args = [a.format(tmp=tmp_path, cfg=cfg) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "dcanets", "tune", *args], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)

@@ -38,14 +38,15 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # artifacts must not land in the caller's directory
 
-    # timm's sgd is Nesterov: momentum 0 makes a trial crash, which must end as a FAILED run
-    # weight_decay = fraction * lr: the sampled fraction is logged too, under a name MLflow accepts
-    space = {"momentum": {"type": "choice", "values": [0.0, 0.9]},
+    # the CIFAR nets refuse shortcut_type 'bogus' when built: that trial crashes, which must end
+    # as a FAILED run; weight_decay = fraction * lr: the sampled fraction is logged too, under a
+    # name MLflow accepts
+    space = {"model_kwargs.shortcut_type": {"type": "choice", "values": ["bogus", "pad"]},
              "weight_decay": {"type": "loguniform", "low": 1e-3, "high": 1e-2, "times": "lr"}}
     cfg = write_config(tmp_path, space=space,
                        search_alg={"points_to_evaluate": [
-                           {"lr": 0.05, "momentum": 0.0, "weight_decay:fraction": 0.01},
-                           {"lr": 0.05, "momentum": 0.9, "weight_decay:fraction": 0.01}]})
+                           {"lr": 0.05, "model_kwargs.shortcut_type": "bogus", "weight_decay:fraction": 0.01},
+                           {"lr": 0.05, "model_kwargs.shortcut_type": "pad", "weight_decay:fraction": 0.01}]})
     assert main(["tune", str(cfg), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "tiny: 3 trials" in out and "FAILED" in out
@@ -57,7 +58,8 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert len(children) == 3
     for c in children:
-        assert c.info.status == ("FAILED" if float(c.data.params["momentum"]) == 0.0 else "FINISHED")
+        failed = c.data.params["model_kwargs.shortcut_type"] == "bogus"
+        assert c.info.status == ("FAILED" if failed else "FINISHED")
     assert "FAILED" in {c.info.status for c in children} and "FINISHED" in {c.info.status for c in children}
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     ok = [c for c in children if c.info.status == "FINISHED"]
@@ -218,8 +220,9 @@ def test_sigkill_then_resume_leaves_no_running_or_orphan_run(ray_local, tmp_path
 def test_a_search_whose_trials_all_fail_exits_1_with_one_line(ray_local, tmp_path, capfd, write_config):
     from dcanets.cli import main
 
-    # timm's sgd is Nesterov: momentum 0 makes every trial crash in the engine
-    cfg = write_config(tmp_path, scheduler=FIFO, space={"momentum": {"type": "choice", "values": [0.0]}},
+    # the CIFAR nets refuse shortcut_type 'bogus' when built: every trial crashes in the engine
+    cfg = write_config(tmp_path, scheduler=FIFO,
+                       space={"model_kwargs.shortcut_type": {"type": "choice", "values": ["bogus"]}},
                        tune_config={"num_samples": 2})
     assert main(["tune", str(cfg), "--output", str(tmp_path / "out"), "--quiet"]) == 1
     out, err = capfd.readouterr()
