@@ -320,25 +320,51 @@ class FidelityProbe:
         self.stage_of = stage_names(model)
         self.label = reference if isinstance(reference, str) else ",".join(reference)
 
-    def measure(self, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-                step: Optional[int] = None) -> FidelityReport:
-        model = self.model
-        ref, ref_loss = reference_gradient(model, inputs, targets, self.reference, self.loss_fn, self.seed)
+    def begin(self, inputs: torch.Tensor, targets: torch.Tensor) -> "PendingMeasurement":
+        """The passes before a step: g_ref (and ∇L for the baseline) at the current weights, and
+        the weights themselves. Take the step, then :meth:`finish`. ``measure`` is these two around
+        :func:`optimizer_step`; a training loop with its own step (``dcanets.engine``) calls them
+        around that step."""
+        ref, ref_loss = reference_gradient(self.model, inputs, targets, self.reference, self.loss_fn, self.seed)
         base, loss = None, None
         if self.baseline:
-            base, loss = _gradient(model, inputs, targets, self.loss_fn, self.params, self.seed)
+            base, loss = _gradient(self.model, inputs, targets, self.loss_fn, self.params, self.seed)
         before = [p.detach().clone() for p in self.params]
-        with _seeded(self.seed, inputs.device):
-            step_loss = optimizer_step(model, optimizer, inputs, targets, self.loss_fn, self.create_graph)
+        return PendingMeasurement(ref, ref_loss, base, loss, before)
+
+    def finish(self, pending: "PendingMeasurement", optimizer: Optional[torch.optim.Optimizer] = None,
+               step: Optional[int] = None, step_loss: Optional[float] = None) -> FidelityReport:
+        """The report of the step taken since :meth:`begin`: Δw = current weights − those at ``begin``."""
         with torch.no_grad():
-            delta = [p.detach() - w for p, w in zip(self.params, before)]
-        loss = step_loss if loss is None else loss
+            delta = [p.detach() - w for p, w in zip(self.params, pending.before)]
+        loss = pending.loss if pending.loss is not None else step_loss
         extra: Dict[str, Any] = {}
-        diagnostics = getattr(_chain(optimizer)[-1], "diagnostics", None)
+        diagnostics = getattr(_chain(optimizer)[-1], "diagnostics", None) if optimizer is not None else None
         if isinstance(diagnostics, dict):
             extra["diagnostics"] = {k: float(v) for k, v in diagnostics.items() if isinstance(v, (int, float))}
-        return _report(self.names, self.stage_of, delta, ref, base, loss=loss, forward_gap=abs(ref_loss - loss),
+        gap = abs(pending.ref_loss - loss) if loss is not None else None
+        return _report(self.names, self.stage_of, delta, pending.ref, pending.base,
+                       loss=float("nan") if loss is None else loss, forward_gap=gap,
                        reference=self.label, step=step, extra=extra)
+
+    def measure(self, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+                step: Optional[int] = None) -> FidelityReport:
+        pending = self.begin(inputs, targets)
+        with _seeded(self.seed, inputs.device):
+            step_loss = optimizer_step(self.model, optimizer, inputs, targets, self.loss_fn, self.create_graph)
+        return self.finish(pending, optimizer, step, step_loss)
+
+
+@dataclass
+class PendingMeasurement:
+    """What :meth:`FidelityProbe.begin` computed before the step: g_ref and the twin's loss, ∇L and
+    the loss (None without a baseline), and the weights before the step."""
+
+    ref: List[torch.Tensor]
+    ref_loss: float
+    base: Optional[List[torch.Tensor]]
+    loss: Optional[float]
+    before: List[torch.Tensor]
 
 
 def direction_fidelity(model: nn.Module, optimizer: OptimizerLike, inputs: torch.Tensor, targets: torch.Tensor,

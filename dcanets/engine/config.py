@@ -88,6 +88,10 @@ class TrainConfig(BaseModel):
     channels_last: bool = Field(True, description="NHWC memory format for inputs and conv weights")
     compile: bool = Field(False, description="torch.compile the training forward (pays off on long runs)")
     augment: Optional[bool] = Field(None, description="pad-4 crop + flip (default: on for RGB data)")
+    fidelity_every: Integer = Field(
+        0, ge=0, description="direction-fidelity diagnostic every N training steps (0: off); see docs/fidelity.md")
+    fidelity_reference: Literal["gradnet", "last", "self"] = Field(
+        "gradnet", description="fidelity reference gradient: gradnet (shortcut twin), last (one-block twin) or self")
     output: Optional[PathText] = Field(
         None, description="directory for last.pt and metrics.json (dcanets train: runs/train/<model>-<time> if unset)")
 

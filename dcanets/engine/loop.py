@@ -195,6 +195,21 @@ class _Run:
         self.forward = self._compiled() if cfg.compile else self.model
         self.epoch, self.best_val_acc, self.history = 0, 0.0, []  # type: ignore[var-annotated]
         self.augment = augment
+        self.fidelity = self._fidelity_probe()
+        self.fidelity_reports: List[Any] = []  # this epoch's measurements
+
+    def _fidelity_probe(self) -> Any:
+        """The direction-fidelity probe of ``fidelity_every`` (None when off); a model or reference it
+        cannot measure fails here, before any training step."""
+        if not self.cfg.fidelity_every:
+            return None
+        from dcanets.analysis.fidelity import FidelityProbe
+
+        try:  # seed=None: the passes use the training run's RNG, forked in _measured_step
+            return FidelityProbe(self.model, self.cfg.fidelity_reference, baseline=True, seed=None,
+                                 create_graph=self.create_graph)
+        except ValueError as exc:
+            raise ValueError(f"fidelity_every={self.cfg.fidelity_every}: {exc}") from None
 
     def _loader(self, d: data_mod.ImageData, bs: int, **kw: Any) -> data_mod.BatchLoader:
         return data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed,
@@ -217,8 +232,14 @@ class _Run:
         n = 0
         t0 = time.perf_counter()
         batches = len(self.train_loader)
+        every = int(self.cfg.fidelity_every)
+        self.fidelity_reports = []
         for k, (x, y) in enumerate(self.train_loader, 1):
-            loss, out = self._step(x, y)
+            step = self.epoch * batches + k - 1  # global step: the same after a resume
+            if self.fidelity is not None and step % every == 0:
+                loss, out = self._measured_step(x, y, step)
+            else:
+                loss, out = self._step(x, y)
             loss_sum = loss_sum + loss.double() * len(y)
             correct = correct + (out.argmax(1) == y).sum()
             n += len(y)
@@ -230,6 +251,41 @@ class _Run:
         self.epoch += 1
         return {"train_loss": loss_mean, "train_acc": acc, "train_seconds": seconds,
                 "images_per_s": n / max(seconds, 1e-9), "data_seconds": self.train_loader.data_seconds}
+
+    def _measured_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``_step`` with the direction fidelity of its weight change (:mod:`dcanets.analysis.fidelity`).
+
+        The reference and baseline passes run before the step in fp32 (outside autocast), in train
+        mode, with BatchNorm's running statistics frozen and the RNG forked: they draw the random
+        numbers the step will draw (the same dropout) and leave the RNG state to it, so the training
+        trajectory is the one without the diagnostic. Δw is the real step (under AMP, if on)."""
+        assert self.fidelity is not None
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            pending = self.fidelity.begin(x, y)
+        loss, out = self._step(x, y)
+        self.fidelity_reports.append(self.fidelity.finish(pending, self.optimizer, step))
+        return loss, out
+
+    def fidelity_metrics(self) -> Dict[str, Any]:
+        """This epoch's fidelity: means over its measurements (``fidelity_cos``, ``fidelity_sgd_cos``,
+        ``fidelity_cos_<stage>``; NaN cosines, from a zero step, left out) and the raw list."""
+        if self.fidelity is None:
+            return {}
+
+        def mean(values: List[Optional[float]]) -> float:
+            finite = [v for v in values if v is not None and math.isfinite(v)]
+            return sum(finite) / len(finite) if finite else float("nan")
+
+        reports = self.fidelity_reports
+        out: Dict[str, Any] = {"fidelity_cos": mean([r.cosine for r in reports]),
+                               "fidelity_sgd_cos": mean([r.baseline_cosine for r in reports])}
+        for stage in (reports[0].stages if reports else {}):
+            out[f"fidelity_cos_{stage}"] = mean([r.stages[stage].cosine for r in reports])
+        out["fidelity"] = [{"step": r.step, "cos": d["cosine"], "sgd_cos": d["baseline_cosine"],
+                            "stages": {k: v["cosine"] for k, v in d["stages"].items()}}
+                           for r, d in ((r, r.to_dict()) for r in reports)]
+        return out
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         model, opt = self.model, self.optimizer
@@ -295,7 +351,9 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     """Train ``cfg.model`` on ``cfg.data``; returns the final metrics.
 
     ``on_epoch`` receives after every epoch: epoch (1-based), train_loss, train_acc, val_loss,
-    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint. ``resume`` (a last.pt or
+    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint, and with ``fidelity_every``
+    the epoch's mean direction fidelity: fidelity_cos, fidelity_sgd_cos, fidelity_cos_<stage> (the
+    raw measurements go to the history entry's ``fidelity`` list, see docs/fidelity.md). ``resume`` (a last.pt or
     its directory) restores model, optimizer, scheduler, epoch and RNG so the run continues
     exactly as an uninterrupted one would. ``progress`` shows a bar while a data set is decoded
     (once; later runs read the cache). ``on_batch(epoch, batch, batches)`` is called after every
@@ -328,7 +386,10 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
                    "checkpoint": None}
         if out_dir:
             metrics["checkpoint"] = str(out_dir / "last.pt")
-        run.history.append(dict(metrics))
+        fidelity = run.fidelity_metrics()
+        raw = fidelity.pop("fidelity", None)
+        metrics.update(fidelity)
+        run.history.append(dict(metrics) if raw is None else dict(metrics, fidelity=raw))
         if out_dir:
             save(run.state_dict(), out_dir / "last.pt")
         if on_epoch is not None:

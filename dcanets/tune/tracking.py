@@ -174,8 +174,7 @@ class SearchTracker(Callback):
         if not entry:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: float(v) for k, v in result.items()
-                   if isinstance(v, NUMERIC) and not isinstance(v, bool) and k in _LOGGED}
+        metrics = logged_metrics(result)
         self.client.log_batch(entry["run_id"], metrics=_metric_objs(metrics, step))
         if result.get("checkpoint_path"):
             entry["checkpoint"] = result["checkpoint_path"]
@@ -226,7 +225,16 @@ class SearchTracker(Callback):
 
 
 _LOGGED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s",
-           "data_seconds")
+           "data_seconds", "fidelity_cos", "fidelity_sgd_cos")
+_LOGGED_PREFIXES = ("fidelity_cos_",)  # the per-stage direction fidelity (TrainConfig.fidelity_every)
+
+
+def logged_metrics(result: Dict[str, Any]) -> Dict[str, float]:
+    """The numeric metrics of a trial's result that go to MLflow: the fixed ``_LOGGED`` names and
+    the per-stage ``fidelity_cos_<stage>`` ones (``train: {fidelity_every: N}``); bools and
+    non-numbers (the ``fidelity`` list) are left out."""
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, NUMERIC) and not isinstance(v, bool) and (k in _LOGGED or k.startswith(_LOGGED_PREFIXES))}
 
 
 def _metric_objs(metrics: Dict[str, float], step: int):

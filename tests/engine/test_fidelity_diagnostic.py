@@ -1,0 +1,109 @@
+"""``TrainConfig.fidelity_every``: the direction-fidelity diagnostic of the training engine."""
+import json
+import math
+import typing
+
+import pytest
+import torch
+
+from dcanets.analysis.fidelity import REFERENCES
+from dcanets.engine import TrainConfig, train
+from dcanets.tune.tracking import logged_metrics
+
+TIMING = {"epoch_seconds", "images_per_s", "data_seconds", "train_seconds", "wall_seconds", "checkpoint"}
+STAGES = ("stem", "layer1", "layer2", "layer3", "head")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCANETS_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**kw):
+    base = dict(model="cifar_resnet20", data="digits", limit=96, batch_size=32, epochs=2, lr=0.05,
+                momentum=0.0, weight_decay=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def numbers(history, drop=None):
+    return [{k: v for k, v in m.items() if k not in TIMING and not (drop and k.startswith(drop))} for m in history]
+
+
+def test_references_are_the_fidelity_modules():
+    assert typing.get_args(TrainConfig.model_fields["fidelity_reference"].annotation) == REFERENCES
+    assert TrainConfig().fidelity_every == 0
+    with pytest.raises(ValueError, match="fidelity_every"):
+        TrainConfig(fidelity_every=-1)
+
+
+def test_plain_sgd_against_itself_is_one_and_the_diagnostic_leaves_the_run_unchanged():
+    seen = []
+    on = train(tiny(fidelity_every=1, fidelity_reference="self"), on_epoch=seen.append)
+    off = train(tiny())
+    assert numbers(on["history"], drop="fidelity") == numbers(off["history"])   # same trajectory, bit for bit
+    assert "fidelity_cos" not in off and "fidelity" not in off["history"][0]
+    raw = [m["fidelity"] for m in on["history"]]
+    steps = [r["step"] for epoch in raw for r in epoch]
+    assert steps == list(range(len(steps))) and len(raw[0]) == len(raw[1]) > 0   # every step, global counter
+    for m in seen:
+        assert m["fidelity_cos"] == pytest.approx(1.0, abs=1e-5)
+        assert m["fidelity_sgd_cos"] == pytest.approx(1.0, abs=1e-5)
+        for stage in STAGES:
+            assert m[f"fidelity_cos_{stage}"] == pytest.approx(1.0, abs=1e-5)
+        assert "fidelity" not in m   # the raw list is in the history only
+    assert all(abs(r["cos"] - 1.0) < 1e-5 and set(r["stages"]) == set(STAGES) for epoch in raw for r in epoch)
+
+
+def test_every_n_steps_on_a_global_counter_and_saved_in_metrics_json(tmp_path):
+    out = tmp_path / "run"
+    final = train(tiny(fidelity_every=2, output=str(out)))
+    steps = [r["step"] for m in final["history"] for r in m["fidelity"]]
+    assert steps and all(s % 2 == 0 for s in steps) and steps == sorted(steps) and steps[0] == 0
+    assert steps[-1] > final["history"][0]["fidelity"][-1]["step"]   # the second epoch continues the count
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for m in saved["history"] for r in m["fidelity"]] == steps
+    assert "fidelity_cos_layer1" in saved["final"]
+
+
+def test_dcacounter_on_a_plain_net_gives_finite_cosines():
+    final = train(tiny(model="cifar_plainnet20", opt="dcacounter", fidelity_every=1, epochs=1))
+    m = final["history"][0]
+    values = [m["fidelity_cos"], m["fidelity_sgd_cos"], *(m[f"fidelity_cos_{s}"] for s in STAGES)]
+    values += [r["cos"] for r in m["fidelity"]] + [c for r in m["fidelity"] for c in r["stages"].values()]
+    assert all(math.isfinite(v) and -1.0 < v <= 1.0 + 1e-9 for v in values)
+
+
+def test_a_model_outside_the_shortcut_family_is_refused_before_training():
+    steps = []
+    with pytest.raises(ValueError, match="fidelity_every=1: model ResNet has no blocks of the shortcut family") as e:
+        train(tiny(model="resnet18", fidelity_every=1), on_batch=lambda *a: steps.append(a))
+    assert steps == [] and "\n" not in str(e.value)
+    train(tiny(model="resnet18", fidelity_every=1, fidelity_reference="self", epochs=1))   # its own gradient works
+
+
+def test_resume_with_the_diagnostic_equals_the_uninterrupted_run(tmp_path):
+    cfg = tiny(epochs=3, output=str(tmp_path / "run"), augment=True, fidelity_every=2, momentum=0.9)
+    full = train(tiny(epochs=3, augment=True, fidelity_every=2, momentum=0.9))
+
+    def crash(m):
+        if m["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch=crash)
+    resumed = train(cfg, resume=tmp_path / "run")
+    assert numbers(resumed["history"]) == numbers(full["history"])
+    plain = train(tiny(epochs=3, augment=True, momentum=0.9))
+    assert numbers(full["history"], drop="fidelity") == numbers(plain["history"])
+
+
+def test_tracking_logs_the_fidelity_metrics():
+    result = {"epoch": 1, "train_loss": 0.5, "fidelity_cos": 0.3, "fidelity_sgd_cos": 0.2,
+              "fidelity_cos_layer1": 0.1, "fidelity_cos_stages.0": 0.4, "fidelity": [{"step": 0}],
+              "node_id": "abc", "done": False}
+    assert logged_metrics(result) == {"train_loss": 0.5, "fidelity_cos": 0.3, "fidelity_sgd_cos": 0.2,
+                                      "fidelity_cos_layer1": 0.1, "fidelity_cos_stages.0": 0.4}
