@@ -1,22 +1,12 @@
 """Checkpoints load with ``weights_only=True``: plain data round-trips, a code-running payload is refused."""
-import os
 import random
 
 import numpy as np
 import pytest
 import torch
+from engine_runs import CodeRunningPayload
 
 from dcanets.engine import checkpoint
-
-
-class _Payload:
-    """What a crafted last.pt carries: unpickling it would call ``os.system``."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
@@ -32,7 +22,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"model": {}, "evil": _Payload(marker)}, tmp_path / "last.pt")
+    torch.save({"model": {}, "evil": CodeRunningPayload(marker)}, tmp_path / "last.pt")
     with pytest.raises(ValueError, match="refusing to load checkpoint") as info:
         checkpoint.load_checkpoint(tmp_path / "last.pt")
     assert "\n" not in str(info.value)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from engine_runs import interrupted_then_resumed
 
 from dcanets.engine import TrainConfig, train
 from dcanets.engine import data as data_mod
@@ -52,13 +53,7 @@ def test_resume_on_the_gpu_continues_the_uninterrupted_run(tmp_path):
     cfg = tiny(device="cuda", amp=True, epochs=3, augment=True, output=str(tmp_path / "run"))
     whole = train(tiny(device="cuda", amp=True, epochs=3, augment=True))
 
-    def crash(m):
-        if m["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, on_epoch=crash)
-    resumed = train(cfg, resume=tmp_path / "run")
+    resumed = interrupted_then_resumed(cfg)
     assert resumed["epoch"] == 3
     # the same batches, augmentations, loss scale and lr steps: equal up to GPU reduction order
     for got, want in zip(resumed["history"], whole["history"]):

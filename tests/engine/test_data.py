@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from engine_runs import CodeRunningPayload
 
 from dcanets.engine import data
 
@@ -183,16 +184,6 @@ def test_batch_loader_normalizes_and_reshuffles_per_epoch():
     assert loader.data_seconds > 0
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
     import pickle
 
@@ -200,7 +191,7 @@ def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
     base.mkdir()
     marker = tmp_path / "pwned"
     for i in range(1, 6):
-        (base / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [0]}))
+        (base / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": CodeRunningPayload(marker), b"labels": [0]}))
     (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]}))
     with pytest.raises(ValueError, match="cannot read CIFAR batch .*refusing posix.system"):
         data.load(str(tmp_path))

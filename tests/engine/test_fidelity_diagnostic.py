@@ -4,33 +4,19 @@ import math
 import typing
 
 import pytest
-import torch
+from engine_runs import interrupted_then_resumed, numbers
 
 from dcanets.analysis.fidelity import REFERENCES
 from dcanets.engine import TrainConfig, train
 from dcanets.tune.tracking import logged_metrics
 
-TIMING = {"epoch_seconds", "images_per_s", "data_seconds", "train_seconds", "wall_seconds", "checkpoint"}
 STAGES = ("stem", "layer1", "layer2", "layer3", "head")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCANETS_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**kw):
     base = dict(model="cifar_resnet20", data="digits", limit=96, batch_size=32, epochs=2, lr=0.05,
                 momentum=0.0, weight_decay=0.0)
     return TrainConfig(**{**base, **kw})
-
-
-def numbers(history, drop=None):
-    return [{k: v for k, v in m.items() if k not in TIMING and not (drop and k.startswith(drop))} for m in history]
 
 
 def test_references_are_the_fidelity_modules():
@@ -89,13 +75,7 @@ def test_resume_with_the_diagnostic_equals_the_uninterrupted_run(tmp_path):
     cfg = tiny(epochs=3, output=str(tmp_path / "run"), augment=True, fidelity_every=2, momentum=0.9)
     full = train(tiny(epochs=3, augment=True, fidelity_every=2, momentum=0.9))
 
-    def crash(m):
-        if m["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, on_epoch=crash)
-    resumed = train(cfg, resume=tmp_path / "run")
+    resumed = interrupted_then_resumed(cfg)
     assert numbers(resumed["history"]) == numbers(full["history"])
     plain = train(tiny(epochs=3, augment=True, momentum=0.9))
     assert numbers(full["history"], drop="fidelity") == numbers(plain["history"])

@@ -5,34 +5,20 @@ import math
 import pytest
 import torch
 import yaml
+from engine_runs import interrupted_then_resumed, numbers
 
 from dcanets import cli
 from dcanets.cli import train as train_cli
 from dcanets.engine import TrainConfig, data, train
 from dcanets.engine import loop as engine
 
-TIMING = {"epoch_seconds", "images_per_s", "data_seconds", "train_seconds", "wall_seconds", "checkpoint"}
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
               "images_per_s", "data_seconds", "checkpoint"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(tmp_path, monkeypatch):
-    """One torch thread: on a loaded 2-core machine two threads spin against each other."""
-    monkeypatch.setenv("DCANETS_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**kw):
     base = dict(model="cifar_resnet20", data="digits", limit=96, batch_size=32, epochs=2, lr=0.05)
     return TrainConfig(**{**base, **kw})
-
-
-def numbers(history):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
 
 
 def test_training_reduces_loss_and_reports_every_epoch():
@@ -85,14 +71,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     cfg = tiny(epochs=3, output=str(tmp_path / "run"), augment=True)
     full = train(tiny(epochs=3, augment=True))
 
-    def crash(m):
-        if m["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, on_epoch=crash)
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
-    resumed = train(cfg, resume=tmp_path / "run")
+    resumed = interrupted_then_resumed(cfg)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 3
     assert numbers(resumed["history"]) == numbers(full["history"])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["final"]["epoch"] == 3 and len(saved["history"]) == 3
