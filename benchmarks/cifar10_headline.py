@@ -4,8 +4,9 @@ Three experiments, each one command, all through the one training engine
 (``dcanets.engine.train``) on the CIFAR-10 training tar, split 45k/5k with a fixed seed
 (selection on validation only), pad-4 crop + flip, per-channel normalization:
 
-* ``depth``: He et al. 2015 protocol scaled to the machine: cifar_{plainnet,resnet,negnet}
-  at depths 20 and 56 and the gradient-only cifar_gradnet56; momentum SGD lr 0.1, wd 1e-4.
+* ``depth``: He et al. 2015 protocol at a short budget: cifar_{plainnet,resnet,negnet,actresnet}20
+  and cifar_{plainnet,resnet,negnet,gradnet}56; momentum SGD lr 0.1, wd 5e-4, 1 warm-up epoch,
+  cosine (the one recipe that brings cifar_resnet20 to >= 88% in 40 epochs, used for every arm).
 * ``resnet18``: the 3x3-stem 18-layer nets with the authors' recipe (lr 0.1, momentum 0.9,
   wd 5e-4, cosine, batch 128): cifar_negnet18 against both ResNet baselines (timm's
   post-activation cifar_resnet18 and the authors' act-before-add cifar_actresnet18).
@@ -13,10 +14,13 @@ Three experiments, each one command, all through the one training engine
   cifar_plainnet56 and cifar_resnet56 (``--dca-kwargs`` carries the searched rho/lam).
 
 Every run checkpoints each epoch under ``--runs`` (git-ignored), so re-running the same command
-resumes unfinished runs and skips finished ones; the JSON and PNG in benchmarks/results/ are
-rewritten after every experiment (``--out results/_pilot.json`` writes
+resumes unfinished runs and skips finished ones. Each finished run writes its own result file,
+``results/cifar10_runs/<group>/<run>.json`` (commit it as soon as it exists: runs span sessions
+and machines), and ``--collect`` builds the experiment's JSON and PNG from whichever of those
+files exist, listing the arms still missing; the JSON and PNG in benchmarks/results/ are also
+rewritten after every experiment that trains (``--out results/_pilot.json`` writes
 ``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). ``--quick`` (CI): 128 training
-images, 1 epoch, one seed; without ``../shared/data/cifar10/train.tar`` (and no ``--data``) it
+images, 2 epochs, one seed; without ``../shared/data/cifar10/train.tar`` (and no ``--data``) it
 trains on a generated CIFAR-like stand-in.
 """
 from __future__ import annotations
@@ -27,14 +31,15 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-from common import benchmark_data, figure_path, is_stand_in, parse_args, progress, shared_data, write_result
+from common import RESULTS, benchmark_data, figure_path, is_stand_in, parse_args, progress, shared_data, write_result
 from dcanets.cli.train import parse_kv
 from dcanets.engine import TrainConfig, train
 
 SGD = dict(opt="momentum", lr=0.1, momentum=0.9, sched="cosine", batch_size=128)
-# depth and dca share one recipe (He et al.: wd 1e-4, with a short warm-up so the 56-layer nets
-# can start at lr 0.1); resnet18 is the authors' recipe as published, without warm-up.
-DEPTH = dict(SGD, weight_decay=1e-4, warmup_epochs=0.5)
+# depth and dca share one recipe (He et al.'s SGD at lr 0.1 with wd 5e-4, which suits a 40-epoch
+# cosine budget better than their 1e-4 over 164 epochs, and one warm-up epoch so the 56-layer
+# plain net can start at lr 0.1); resnet18 is the authors' recipe as published, without warm-up.
+DEPTH = dict(SGD, weight_decay=5e-4, warmup_epochs=1)
 RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPTH}
 # folder of each experiment's runs: the dca experiment's SGD arms *are* the depth study's
 # plain56/resnet56 runs (same recipe and budget), so they are trained once
@@ -43,8 +48,8 @@ RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18"}
 # DCA gain cannot be a smaller learning rate in disguise
 CONTROL = "sgd-at-dca-lr"
 ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL)
-    "depth": [(f"cifar_{f}{d}", None) for d in (20, 56) for f in ("plainnet", "resnet", "negnet")]
-             + [("cifar_gradnet56", None)],
+    "depth": [(f"cifar_{f}20", None) for f in ("plainnet", "resnet", "negnet", "actresnet")]
+             + [(f"cifar_{f}56", None) for f in ("plainnet", "resnet", "negnet", "gradnet")],
     "resnet18": [("cifar_resnet18", None), ("cifar_actresnet18", None), ("cifar_negnet18", None)],
     "dca": [("cifar_plainnet56", None), ("cifar_resnet56", None), ("cifar_plainnet56", "dcacounter"),
             ("cifar_plainnet56", "dcaquasihalf"), ("cifar_plainnet56", "dcaquasineghalf"),
@@ -54,11 +59,11 @@ ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL
 
 def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", choices=sorted(ARMS), nargs="+", default=sorted(ARMS))
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--collect", action="store_true",
-                   help="train nothing: gather the finished runs of the command into the result file "
-                        "(arms run with fewer seeds appear with the seeds they have)")
+                   help="train nothing: build the result file from the per-run result files of the command's "
+                        "budget (arms run with fewer seeds appear with the seeds they have, absent arms as missing)")
     p.add_argument("--only", nargs="+", default=["*"], metavar="PATTERN",
                    help="train only runs whose name (model-opt) matches, e.g. '*dcacounter' "
                         "(to split one experiment over processes; the result file is written by an unfiltered call)")
@@ -83,7 +88,12 @@ def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str |
         recipe.update(opt=opt, opt_kwargs=dict(args.dca_kwargs), lr=args.dca_lr or recipe["lr"])
     return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1, split_seed=0,
                        limit=args.limit, val_limit=args.val_limit, epochs=args.epochs, seed=seed,
-                       output=str(args.runs / RUN_GROUP[experiment] / name), **recipe)
+                       output=str(args.runs / group(args, experiment) / name), **recipe)
+
+
+def group(args: argparse.Namespace, experiment: str) -> str:
+    """Runs of one group and budget share a folder (checkpoints and result files alike)."""
+    return f"{RUN_GROUP[experiment]}-e{args.epochs}" + (f"-n{args.limit}" if args.limit else "")
 
 
 def finished(cfg: TrainConfig) -> bool:
@@ -91,8 +101,14 @@ def finished(cfg: TrainConfig) -> bool:
     return record.exists() and json.loads(record.read_text())["final"]["epoch"] >= cfg.epochs
 
 
-def one_run(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train (or resume, or just read) one run; its metrics.json is the record."""
+def result_path(args: argparse.Namespace, experiment: str, cfg: TrainConfig) -> Path:
+    """The run's own result file: one folder per experiment group and budget, one file per run."""
+    folder = f"cifar10_runs{'_quick' if args.quick else ''}"
+    return RESULTS / folder / group(args, experiment) / f"{Path(cfg.output).name}.json"
+
+
+def one_run(cfg: TrainConfig, result: Path, quick: bool) -> Dict[str, Any]:
+    """Train (or resume, or just read) one run, then write its result file."""
     out = Path(cfg.output)
     record = out / "metrics.json"
     if record.exists():
@@ -102,15 +118,37 @@ def one_run(cfg: TrainConfig) -> Dict[str, Any]:
     else:
         progress(f"training {out.name}: {cfg.epochs} epochs")
         train(cfg, resume=out / "last.pt" if (out / "last.pt").exists() else None, progress=False)
-    doc = json.loads(record.read_text())
+    row = summarize(cfg, json.loads(record.read_text()))
+    write_result(result.stem, quick, row, result)
+    return row
+
+
+def summarize(cfg: TrainConfig, doc: Dict[str, Any]) -> Dict[str, Any]:
+    """The row of one finished run: final metrics, speed and curves (its metrics.json is the record)."""
     hist = doc["history"]
     data_share = sum(h["data_seconds"] for h in hist) / sum(h["train_seconds"] for h in hist)
     return {"model": cfg.model, "opt": cfg.opt, "lr": cfg.lr, "seed": cfg.seed, "opt_kwargs": cfg.opt_kwargs,
             "final": {k: doc["final"].get(k) for k in ("val_acc", "best_val_acc", "train_loss", "train_acc",
-                                                       "eval_acc", "num_params", "diverged")},
+                                                       "eval_acc", "num_params", "diverged", "device", "amp")},
             "images_per_s": sum(h["images_per_s"] for h in hist) / len(hist), "data_share": data_share,
-            "wall_seconds": sum(h["epoch_seconds"] for h in hist),
+            "wall_seconds": sum(h["epoch_seconds"] for h in hist), "device_name": _device_name(doc),
             "curves": {k: [h[k] for h in hist] for k in ("train_loss", "val_acc")}}
+
+
+def _device_name(doc: Dict[str, Any]) -> str:
+    import torch
+
+    if str(doc["final"].get("device", "cpu")).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} torch thread(s)"
+
+
+def collected(result: Path) -> Dict[str, Any] | None:
+    """A finished run's row from its result file, with the machine it ran on."""
+    if not result.exists():
+        return None
+    doc = json.loads(result.read_text())
+    return {k: v for k, v in doc.items() if k not in ("benchmark", "mode", "peak_rss_mb")}
 
 
 def _same_budget(saved: Dict[str, Any], cfg: TrainConfig) -> None:
@@ -143,7 +181,7 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.quick:
-        args.limit, args.val_limit, args.epochs, args.seeds = 128, 64, 1, [0]
+        args.limit, args.val_limit, args.epochs, args.seeds = 128, 64, 2, [0]  # 2: past the warm-up epoch
         args.runs = args.runs.parent / "cifar10_quick"
     if args.collect and args.data is None:  # trains nothing, so the data need not be here
         args.data = shared_data("cifar10/train.tar")
@@ -152,7 +190,7 @@ def main() -> None:
     if is_stand_in(args.data):  # runs on generated data never mix with runs on the real set
         args.runs = args.runs.with_name(args.runs.name + "_standin")
     for experiment in args.experiment:
-        rows = []
+        rows, missing = [], []
         for model, opt in ARMS[experiment]:
             if opt == CONTROL and args.dca_lr in (None, RECIPES[experiment]["lr"]):
                 continue  # SGD at the recipe's lr is the plain arm itself
@@ -160,21 +198,27 @@ def main() -> None:
                 cfg = run_config(args, experiment, model, opt, seed)
                 if not any(fnmatch.fnmatch(Path(cfg.output).name.rsplit("-s", 1)[0], p) for p in args.only):
                     continue
-                if args.collect and not finished(cfg):
-                    progress(f"not finished, left out: {Path(cfg.output).name}")
+                result = result_path(args, experiment, cfg)
+                row = collected(result) if args.collect else one_run(cfg, result, args.quick)
+                if row is None:
+                    missing.append(Path(cfg.output).name)
+                    progress(f"not finished, shown as missing: {missing[-1]}")
                     continue
-                rows.append(one_run(cfg))
-                print(f"{experiment:9s} {model:18s} {rows[-1]['opt']:16s} seed {seed}: val_acc "
-                      f"{rows[-1]['final']['val_acc']:.4f}  {rows[-1]['images_per_s']:.0f} img/s  "
-                      f"data {100 * rows[-1]['data_share']:.1f}%", flush=True)
+                rows.append(row)
+                print(f"{experiment:9s} {model:18s} {row['opt']:16s} seed {seed}: val_acc "
+                      f"{row['final']['val_acc']:.4f}  {row['images_per_s']:.0f} img/s  "
+                      f"data {100 * row['data_share']:.1f}%  ({row['device_name']})", flush=True)
+        if args.only != ["*"] and not args.collect:
+            continue  # a part of the experiment: its runs' own files are written, the whole is --collect's
         budget = {"epochs": args.epochs, "seeds": args.seeds, "limit": args.limit, "val_limit": args.val_limit,
-                  "split_seed": 0, "dca_lr": args.dca_lr,
-                  "data": Path(args.data).name, "recipe": RECIPES[experiment], "dca_kwargs": args.dca_kwargs}
+                  "split_seed": 0, "dca_lr": args.dca_lr, "data": Path(args.data).name,
+                  "recipe": RECIPES[experiment], "dca_kwargs": args.dca_kwargs,
+                  "devices": sorted({r["device_name"] for r in rows})}
         name = f"cifar10_{experiment}"
         out = None if args.out is None else args.out.with_name(f"{name}{args.out.stem}.json")
         plot(rows, out.with_suffix(".png") if out else figure_path(name, args.quick),
              f"CIFAR-10 {experiment}, {args.epochs} epochs")
-        write_result(name, args.quick, {"budget": budget, "runs": rows}, out)
+        write_result(name, args.quick, {"budget": budget, "runs": rows, "missing": missing}, out)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
         wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
         rows.append(f"| {name} | {runs[0]['final']['num_params'] / 1e6:.2f}M | {per_seed} | "
                     f"{mean_spread(accs(runs))} | {loss:.3f} | {ips:.0f} | {100 * share:.1f}% | {wall:.1f} |")
+    rows += [f"| {name} | | missing (not trained yet) | | | | | |" for name in doc.get("missing", [])]
     table = "\n".join(rows)
     if baseline:
         table += "\n\n" + gap_lines(doc, baseline)
@@ -123,9 +124,17 @@ def budget_line(doc: Dict[str, Any]) -> str:
     return (f"Budget: {b['epochs']} epochs over {limit} training images, validation on {val} held-out "
             f"images (split seed {b.get('split_seed', 'per run')}), seeds {b['seeds']}; {rec['opt']} lr {rec['lr']}, "
             f"momentum {rec['momentum']}, wd {rec['weight_decay']}, {rec['sched']}, warm-up "
-            f"{rec.get('warmup_epochs', 0)} epochs, batch {rec['batch_size']}{extra}. Machine: "
-            f"{doc['machine']['cores']} cores, torch threads {doc['machine']['torch_threads']}, "
-            f"CUDA {doc['machine']['cuda']}, torch {doc['machine']['torch']}.")
+            f"{rec.get('warmup_epochs', 0)} epochs, batch {rec['batch_size']}{extra}. {_machines(doc)}")
+
+
+def _machines(doc: Dict[str, Any]) -> str:
+    """Where the runs trained: each run's own device (runs of one table may come from several machines)."""
+    devices = doc["budget"].get("devices")
+    if devices:
+        amp = {r["final"].get("amp") for r in doc["runs"]}
+        return f"Trained on: {'; '.join(devices)}" + (" (bfloat16 autocast)." if True in amp else ".")
+    m = doc["machine"]
+    return f"Machine: {m['cores']} cores, torch threads {m['torch_threads']}, CUDA {m['cuda']}, torch {m['torch']}."
 
 
 def tune_table(path: Path) -> str:
@@ -160,14 +169,33 @@ def headline(docs: Dict[str, Dict[str, Any]]) -> str:
               "resnet18": "NegNet18 on par with ResNet18", "dca": "DCA + plain net = SGD + shortcut net"}
     for exp, names in want.items():
         doc = docs.get(exp)
+        if exp == "resnet18" and (gpu := gpu_resnet18()):
+            out.append(f"| {claims[exp]} | {gpu} |")
+            continue
         if not doc:
             continue
         groups = arms(doc)
         cells = "; ".join(f"{n.replace('cifar_', '')} {mean_spread(accs(groups[n]))}" for n in names if n in groups)
         b = doc["budget"]
+        where = "; ".join(b.get("devices", [])) or "CPU"
         out.append(f"| {claims[exp]} | {cells} | {b['epochs']} ep × {b['limit'] or 45000:,} img, "
-                   f"seeds {b['seeds']} |")
+                   f"seeds {b['seeds']}, {where} |")
     return "\n".join(out)
+
+
+def gpu_resnet18() -> str | None:
+    """The 18-layer row from the GPU run of ``tune_configs/negnet18_cifar10_gpu.yaml`` (the larger budget)."""
+    path = RESULTS / "cifar10_gpu_resnet18.json"
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    by: Dict[str, List[float]] = {}
+    for r in sorted(doc["runs"], key=lambda r: r["seed"]):
+        by.setdefault(r["model"], []).append(r["final_val_acc"])
+    cells = "; ".join(f"{m.replace('cifar_', '')} {mean_spread(v)}" for m, v in by.items())
+    b = doc["budget"]
+    return (f"{cells} | {b['epochs']} ep × {b['train_images']:,} img, seeds {b['seeds']}, "
+            f"{doc['machine']['gpu']}")
 
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")

@@ -4,16 +4,21 @@ Trains with the project's one engine (``dcanets.engine.train``) on the MNIST tra
 fixed-seed validation split, logs train/validation accuracy per epoch next to the paper's final
 97.91% (train) / 97.58% (test), and evaluates any held-out image-folder tar given as
 ``--eval-data``. ``--select`` first picks optimizer and learning rate on the validation split
-from a few one-epoch trials on a subset (never on held-out data). The JSON is rewritten after
+from a few one-epoch trials on a subset (never on held-out data). ``--from-search DIR`` trains
+nothing: it records the search of ``tune_configs/mnist_paper003_search.yaml`` (the paper's
+unknowns chosen with ``dcanets tune`` on the validation split) from its output folder DIR: the
+trials table, and the best trial's 12-epoch history as the result. The JSON is rewritten after
 every epoch, so a long run in the background can be watched. Without
 ``../shared/data/mnist/train.tar`` (and no ``--data``), ``--quick`` trains on a generated MNIST-like stand-in.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
+from typing import Any, Dict, List
 
 import torch
 
@@ -36,6 +41,9 @@ def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", action="store_true", help="choose opt/lr on the validation split first")
     p.add_argument("--select-limit", type=int, default=3000)
     p.add_argument("--output", default=None, help="checkpoint directory (resume with the same command)")
+    p.add_argument("--from-search", type=Path, default=None, metavar="DIR",
+                   help="record a finished `dcanets tune` search folder instead of training")
+    p.add_argument("--machine", default=None, help="with --from-search: where the search ran (e.g. the GPU)")
 
 
 def config(args: argparse.Namespace, opt: str, lr: float, epochs: int, limit) -> TrainConfig:
@@ -73,8 +81,53 @@ def plot(history: list, path: Path) -> None:
     ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
 
+def trial_histories(search: Path) -> Dict[str, List[Dict[str, Any]]]:
+    """Per-epoch reports of every trial, from Ray's ``<trial>/result.json`` (one JSON line per epoch)."""
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for path in sorted(search.glob("*/result.json")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            out[lines[0]["trial_id"]] = lines
+    return out
+
+
+def record_search(args: argparse.Namespace) -> None:
+    """The search's trials table and its best trial (final validation accuracy at epoch 12)."""
+    with (args.from_search / "trials.csv").open() as f:
+        table = list(csv.DictReader(f))
+    histories = trial_histories(args.from_search)
+    full = [t for t in table if int(t["epochs"]) == PAPER["epochs"] and t["trial_id"] in histories]
+    if not full:
+        raise SystemExit(f"{args.from_search}: no trial ran all {PAPER['epochs']} epochs")
+    best = max(full, key=lambda t: histories[t["trial_id"]][-1]["val_acc"])
+    keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
+    history = [{k: h[k] for k in keep} for h in histories[best["trial_id"]]]
+    cfg = histories[best["trial_id"]][-1]["config"]
+    plot(history, figure_path("paper003_mnist", False))
+    budget = {"epochs": PAPER["epochs"], "batch_size": 128, "train_images": 54000, "val_images": 6000,
+              "split_seed": 0, "weight_decay": 0.0, "augment": False, "sched": "cosine",
+              "search": "tune_configs/mnist_paper003_search.yaml", "trials": len(table),
+              "trained_on": args.machine or "this machine"}
+    write_result("paper003_mnist", False, {
+        "budget": budget, "paper": PAPER, "best_trial": {"trial_id": best["trial_id"], "params": cfg},
+        "selection": [{k: v if k in ("trial_id", "status", "opt") else _number(v) for k, v in t.items()
+                       if k != "node_id"} for t in table],
+        "history": history, "final": history[-1]})
+    print(f"best trial {best['trial_id']} {cfg}: val_acc {history[-1]['val_acc']:.4f} at epoch 12 "
+          f"(paper test 0.9758), {len(table)} trials")
+
+
+def _number(v: str) -> Any:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
+    if args.from_search:
+        return record_search(args)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     epochs = args.epochs or (1 if args.quick else PAPER["epochs"])
     limit = args.limit or (600 if args.quick else None)
