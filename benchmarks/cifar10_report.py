@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from common import RESULTS, parse_args, write_result
+from common import RESULTS, fill_block, parse_args, write_result
 
 HERE = Path(__file__).resolve().parent
 REPORT, README = HERE / "REPORT.md", HERE.parent / "README.md"
@@ -229,10 +228,7 @@ def repro_block(quick: bool) -> str:
 
 def fill(text: str, name: str, body: str) -> str:
     """Replace the block between ``<!-- cifar10:name -->`` and ``<!-- /cifar10:name -->``."""
-    pattern = re.compile(rf"(<!-- cifar10:{name} -->\n).*?(<!-- /cifar10:{name} -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"marker <!-- cifar10:{name} --> missing")
-    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+    return fill_block(text, f"cifar10:{name}", body)
 
 
 def blocks(docs: Dict[str, Dict[str, Any]], quick: bool) -> Dict[str, str]:

@@ -12,12 +12,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -145,3 +146,57 @@ def median(xs: Sequence[float]) -> float:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def load_images(spec: str, count: int, seed: int) -> Tuple[Any, Any]:
+    """``count`` images of a data source at seeded random positions, as float tensors normalised per
+    channel (statistics of these images), with their labels: the batches of a measurement that
+    needs real images but not a training split."""
+    import torch
+
+    from dcanets.engine import data
+
+    total = data.source_size(spec)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:min(count, total)]
+    images = data.load(spec, indices=sorted(order.tolist()), progress=False)
+    mean, std = data.channel_stats(images.images)
+    x = images.images.float() / 255.0
+    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return x, images.labels
+
+
+def fill_block(text: str, marker: str, body: str, inline: bool = False) -> str:
+    """Replace what lies between ``<!-- marker -->`` and ``<!-- /marker -->`` in a Markdown page with
+    ``body`` (on lines of its own; ``inline=True``: within one line, e.g. a table cell), so a page's
+    generated numbers always come from a result file. Stops with one line if the marker is missing."""
+    pattern = re.compile(rf"(<!-- {re.escape(marker)} -->)(.*?)(<!-- /{re.escape(marker)} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"marker <!-- {marker} --> missing")
+    inner = body.strip() if inline else "\n" + body.rstrip() + "\n"
+    return pattern.sub(lambda m: m.group(1) + inner + m.group(3), text)
+
+
+def seeded_batches(x: Any, y: Any, batch: int, seed: int) -> Iterator[Tuple[Any, Any]]:
+    """Endless batches of (x, y), a new seeded permutation each pass (the last partial batch dropped)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            yield x[idx], y[idx]
+
+
+def warm_start(model: Any, data: Iterator[Tuple[Any, Any]], steps: int, sgd: Dict[str, float]) -> float:
+    """``steps`` steps of ``torch.optim.SGD(**sgd)`` in train mode on the next batches; the last loss."""
+    import torch
+
+    from dcanets.analysis.fidelity import optimizer_step
+
+    opt = torch.optim.SGD(model.parameters(), **sgd)
+    loss = float("nan")
+    for _ in range(steps):
+        x, y = next(data)
+        loss = optimizer_step(model, opt, x, y)
+    return loss

@@ -4,30 +4,38 @@ Forward + backward + SGD step, batch 64, 32x32 inputs, CPU. negnet18 vs timm's r
 cifar_negnet56 vs cifar_resnet56, timed alternately in one run; the ratio is
 NegNet images/s over ResNet images/s (goal >= 0.97). A third pair, cifar_negnet56 vs
 cifar_actresnet56 (same activation placement, act(F) +/- s), isolates the sign flip itself
-from the placement of the activation.
+from the placement of the activation. A fourth, ``cifar_negnet56:unfused`` vs cifar_resnet56,
+times NegNet's reference block tail (``dcanets_plugins.shortcut.unfused``: autograd's
+``act(F) - s``) instead of the fused one, the cost the fused tail removes.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import timm
 import torch
 
 import dcanets  # noqa: F401
 from common import alternate, median, parse_args, progress, write_result
+from dcanets_plugins.shortcut import unfused
 
 PAIRS = [("negnet18", "resnet18"), ("cifar_negnet56", "cifar_resnet56"),
-         ("cifar_negnet56", "cifar_actresnet56")]
+         ("cifar_negnet56", "cifar_actresnet56"), ("cifar_negnet56:unfused", "cifar_resnet56")]
 
 
-def step_fn(name: str, batch: int, steps: int):
+def step_fn(spec: str, batch: int, steps: int):
+    """``spec``: a timm name, or ``name:unfused`` for the shortcut family's reference block tail."""
+    name, _, how = spec.partition(":")
     model = timm.create_model(name, num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
 
     def run() -> None:
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        with unfused() if how == "unfused" else nullcontext():
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
     run()  # warm-up
     return run
 

@@ -3,7 +3,10 @@
 Importing the package loads every ``dcanets`` plugin (built-in and third-party) and registers
 their models and decompositions into timm, so ``timm.create_model("negnet18")`` and
 ``timm.optim.create_optimizer_v2(model, "<decomposition>")`` work after ``import dcanets``.
+``dcanets.load_model("runs:/<run_id>/best_model")`` rebuilds the best model of a ``dcanets tune``
+search.
 """
+from dcanets.engine.export import load_model
 from dcanets.hookspecs import hookimpl
 from dcanets.plugins import (
     PluginError,
@@ -39,5 +42,5 @@ except PluginError:
 
 __all__ = [
     "hookimpl", "PluginError", "get_plugin_manager", "list_models", "list_decompositions",
-    "list_plugins", "register_plugin", "unregister_plugin", "__version__",
+    "list_plugins", "register_plugin", "unregister_plugin", "load_model", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""Every use of a private (``_``-prefixed) name of timm, Ray or MLflow, in one file.
+"""Every use of a private (``_``-prefixed) name of PyTorch, timm, Ray or MLflow, in one file.
 
 A library may rename its private names in any release. Keeping each use here, behind a small
 function that says why no public API serves, means a new release breaks in one known place and
@@ -6,15 +6,60 @@ function that says why no public API serves, means a new release breaks in one k
 inside plugin loading. Anything a public API can do does not belong here.
 
 Today: timm's ``register_model`` and optimizer registry have no inverse and the optimizer registry
-has no public register function; Ray's ``ResultGrid`` does not expose its trials' statuses. MLflow
-is used through public APIs only.
+has no public register function; Ray's ``ResultGrid`` does not expose its trials' statuses, and
+``Tuner`` does not expose the callbacks ``Tuner.restore`` unpickled; PyTorch's autograd engine does
+not say publicly whether the running backward pass will execute a given graph node, nor whether a
+``torch.func`` transform or forward-mode AD is active, and ``nn.Module`` does not say whether it
+has forward hooks. MLflow is used through public APIs only.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, List
 
 if TYPE_CHECKING:
+    import torch
     from timm.optim import OptimInfo
+
+
+def will_engine_execute_node(node: "torch.autograd.graph.Node") -> bool:
+    """Whether the backward pass now running will execute ``node`` (call it from inside a backward).
+
+    ``dcanets.optim.counter.ShortcutTap`` asks it about a private sentinel leaf's AccumulateGrad
+    node to tell a plain ``loss.backward()`` (every leaf accumulates) from ``torch.autograd.grad``
+    or ``backward(inputs=...)`` (only the named inputs do), so curvature and fidelity probes through
+    the same model are not tapped.
+    """
+    import torch
+
+    # torch._C._will_engine_execute_node is what the public torch.autograd.graph.register_multi_grad_hook
+    # uses (PyTorch 2.x); no public function asks the engine this.
+    return bool(torch._C._will_engine_execute_node(node))
+
+
+def autograd_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) or a forward-mode AD level is active.
+
+    ``dcanets_plugins.shortcut``'s fused block tail is an in-place ``autograd.Function`` with a
+    backward only; under these it takes the plain-op path, which every transform supports.
+    """
+    import torch
+
+    # Neither is public: torch.func has no "am I being transformed" query and forward_ad exposes
+    # dual levels only as context managers (PyTorch 2.x: these two names).
+    return bool(torch._C._are_functorch_transforms_active()) or torch.autograd.forward_ad._current_level >= 0
+
+
+def has_forward_hooks(module: "torch.nn.Module") -> bool:
+    """Whether calling ``module`` would run a forward (pre-)hook, its own or a global one.
+
+    The fused block tail applies the block's ReLU without calling the module; where a hook
+    watches (or replaces) that module's output it calls the module as before.
+    """
+    from torch.nn.modules import module as nn_module
+
+    # nn.Module keeps its hooks in private dicts and has no public "has hooks" query (PyTorch 2.x).
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 def _optimizer_registry() -> Any:
@@ -63,4 +108,18 @@ def result_grid_trials(grid: Any) -> List[Any]:
     return list(grid._experiment_analysis.trials)
 
 
-__all__ = ["register_optimizer", "unregister_optimizer", "unregister_model", "result_grid_trials"]
+def tuner_callbacks(tuner: Any) -> List[Any]:
+    """The Tune callbacks a ``Tuner`` will run: after ``Tuner.restore``, the copies unpickled from
+    its ``tuner.pkl``; empty under Ray Client (``ray://``), where the Tuner lives on the cluster.
+
+    ``dcanets tune --resume`` from shared storage points the restored MLflow tracker at this
+    session's search folder, which may not be the folder the search started in.
+    """
+    # Tuner keeps its TunerInternal in _local_tuner (Ray 2.x); TunerInternal.get_run_config() is
+    # public, and Tuner.restore accepts no RunConfig or callbacks to replace the pickled ones.
+    local = getattr(tuner, "_local_tuner", None)
+    return list(local.get_run_config().callbacks or []) if local is not None else []
+
+
+__all__ = ["will_engine_execute_node", "autograd_transforms_active", "has_forward_hooks", "register_optimizer",
+           "unregister_optimizer", "unregister_model", "result_grid_trials", "tuner_callbacks"]

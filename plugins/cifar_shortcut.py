@@ -22,7 +22,7 @@ from timm.models import generate_default_cfgs
 
 from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
-from dcanets_plugins.shortcut import check_shortcut_args, family_args, merge
+from dcanets_plugins.shortcut import block_forward, check_shortcut_args, family_args
 
 
 class PadShortcut(nn.Module):
@@ -39,6 +39,8 @@ class PadShortcut(nn.Module):
 
 class CifarBlock(nn.Module):
     """conv3x3-BN-act-conv3x3-BN, merged with the shortcut as the whole family does."""
+
+    last_act = "act2"
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, shortcut_type: str,
                  shortcut_alpha: float = 1.0, act_placement: str = "after_add",
@@ -58,11 +60,12 @@ class CifarBlock(nn.Module):
             self.downsample = PadShortcut(in_chs, out_chs, stride) if shortcut_type == "pad" else nn.Sequential(
                 nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs))
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """F(x): conv3x3-BN-act-conv3x3-BN, up to the addition."""
+        return self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
-        shortcut = (lambda: x) if self.downsample is None else (lambda: self.downsample(x))
-        return merge(branch, shortcut, self.act2, self.shortcut_alpha, self.act_placement,
-                     self.shortcut_grad_only)
+        return block_forward(self, x)
 
 
 class CifarShortcutNet(nn.Module):

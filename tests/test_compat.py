@@ -38,6 +38,54 @@ def test_timm_optimizer_registry_register_and_unregister():
         _compat.unregister_optimizer("dcacompatprobe")  # a missing name is ignored
 
 
+def test_torch_will_engine_execute_node():
+    """True for a leaf the running backward accumulates into, False for one it skips (``inputs=``)."""
+    sentinel, x = torch.zeros((), requires_grad=True), torch.ones((), requires_grad=True)
+    seen = []
+
+    def record(grad):
+        seen.append(_compat.will_engine_execute_node(torch.autograd.graph.get_gradient_edge(sentinel).node))
+        return grad
+
+    with private_api_of("torch", torch.__version__, "torch._C._will_engine_execute_node"):
+        for run in (lambda y: y.backward(), lambda y: y.backward(inputs=[x]),
+                    lambda y: torch.autograd.grad(y, [x])):
+            y = x * 2 + sentinel
+            y.register_hook(record)
+            run(y)
+        assert seen == [True, False, False]
+
+
+def test_torch_autograd_transforms_active():
+    """False in plain autograd; True inside torch.func.grad and inside a forward-AD dual level."""
+    seen = []
+
+    def f(x):
+        seen.append(_compat.autograd_transforms_active())
+        return x.sum()
+
+    what = "torch._C._are_functorch_transforms_active, torch.autograd.forward_ad._current_level"
+    with private_api_of("torch", torch.__version__, what):
+        f(torch.ones(2))
+        torch.func.grad(f)(torch.ones(2))
+        with torch.autograd.forward_ad.dual_level():
+            seen.append(_compat.autograd_transforms_active())
+        assert seen == [False, True, True]
+
+
+def test_torch_has_forward_hooks():
+    """A module's own forward hook and pre-hook count, and so do global module hooks."""
+    module = torch.nn.ReLU()
+    with private_api_of("torch", torch.__version__, "nn.Module._forward_hooks, _forward_pre_hooks, _global_*"):
+        assert not _compat.has_forward_hooks(module)
+        for register in (module.register_forward_hook, module.register_forward_pre_hook,
+                         torch.nn.modules.module.register_module_forward_hook):
+            handle = register(lambda *args: None)
+            assert _compat.has_forward_hooks(module)
+            handle.remove()
+            assert not _compat.has_forward_hooks(module)
+
+
 def test_timm_model_registry_unregister():
     def dcacompat_probe_model(pretrained=False, **kwargs):
         return torch.nn.Linear(2, 1)
@@ -80,3 +128,22 @@ def test_ray_result_grid_trials_carry_status(tmp_path):
     finally:
         if started:
             ray.shutdown()
+
+
+def test_ray_restored_tuner_callbacks(tmp_path):
+    import ray
+    from ray import tune
+
+    class Probe(tune.Callback):
+        def __init__(self, tag: str) -> None:
+            self.tag = tag
+
+    def trainable(config):
+        tune.report({"score": 1.0})
+
+    tune.Tuner(trainable, run_config=tune.RunConfig(name="compat", storage_path=str(tmp_path), verbose=0,
+                                                   callbacks=[Probe("saved")]))
+    with private_api_of("ray", ray.__version__, "Tuner._local_tuner.get_run_config().callbacks"):
+        restored = tune.Tuner.restore(str(tmp_path / "compat"), trainable=trainable)
+        (probe,) = _compat.tuner_callbacks(restored)
+        assert type(probe).__name__ == "Probe" and probe.tag == "saved"

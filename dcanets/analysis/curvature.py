@@ -2,16 +2,17 @@
 
 Why: the DC decompositions are valid only in a curvature range (paper 000, §2 and eqs. 9, 12;
 paper 003, §2): the projective decomposition G1 = λ·L2 needs λ ≥ λ_max(∇²L), i.e. lr ≤ 1/λ_max;
-gradient descent is Lyapunov-stable at a minimum only if lr < 2/λ_max; the proximal and
-counter-loss decompositions need ρ ≥ −λ_min. Measuring λ_min and λ_max on a batch replaces
-guessing lr, λ and ρ.
+gradient descent is Lyapunov-stable at a minimum only if lr < 2/λ_max; the proximal
+decomposition needs ρ ≥ −λ_min (the counter-loss ones a bound of the same kind on their own G).
+Measuring λ_min and λ_max on a batch replaces guessing lr, λ and ρ.
 
 CLI: ``dcanets curvature --model cifar_plainnet20 --data digits --batch 128 --steps 30``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -141,6 +142,101 @@ def loss_hessian_operator(model: torch.nn.Module, loss_fn: Callable, inputs: tor
     return matvec, dim
 
 
+Grads = Sequence[Optional[torch.Tensor]]
+
+
+def flatten(params: Sequence[torch.Tensor], vs: Grads) -> torch.Tensor:
+    """One flat vector of per-parameter tensors (None: zeros of the parameter's size)."""
+    return torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if v is None
+                      else v.detach().reshape(-1) for p, v in zip(params, vs)])
+
+
+@contextmanager
+def displaced(params: Sequence[torch.Tensor], flat: torch.Tensor, step: float) -> Iterator[None]:
+    """The parameters at w + step·``flat`` inside the block, restored exactly on exit (also on an
+    error), so a finite-difference probe leaves the weights bit-identical."""
+    params = list(params)
+    w0 = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, w, d in zip(params, w0, torch.split(flat, [p.numel() for p in params])):
+                p.copy_(w + step * d.view_as(p).to(p))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, w0):
+                p.copy_(w)
+
+
+def gradient_difference_operator(grad_at: Callable[[], Grads], params: Sequence[torch.Tensor],
+                                 eps: float) -> Tuple[Matvec, int]:
+    """v ↦ (∇f(w + εv) − ∇f(w − εv))/(2ε) on flat vectors, and the dimension: ∇²f·v from gradients.
+
+    Why: a training closure runs its own ``backward()`` and returns a detached loss, so it cannot
+    give the graph that :func:`hvp`'s double backward needs; two gradient evaluations can.
+    ``grad_at()`` evaluates ∇f at the current ``params`` (None entries count as zero); the
+    parameters are moved to w ± εv and restored exactly. Exact for a quadratic f up to rounding;
+    otherwise the error is O(ε²·‖∇³f‖), so ``eps`` should be small next to ‖w‖ but large enough
+    that the gradient difference stands above the floating-point noise of one evaluation.
+    """
+    params = list(params)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        out = []
+        for sign in (1.0, -1.0):
+            with displaced(params, v, sign * eps):
+                out.append(flatten(params, grad_at()))
+        return ((out[0] - out[1]) / (2 * eps)).to(v)
+
+    return matvec, sum(p.numel() for p in params)
+
+
+def fd_step(params: Sequence[torch.Tensor], fd_eps: float) -> float:
+    """ε of a central difference: ``fd_eps``·max(1, ‖w‖), relative to the weights' scale."""
+    norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+    return fd_eps * max(1.0, norm)
+
+
+def directional_curvature(grad_at: Callable[[], Grads], params: Sequence[torch.Tensor], direction: Grads,
+                          eps: float) -> float:
+    """ûᵀ∇²f û with û = u/‖u‖ (u = ``direction``; None entries are zero), from one central
+    difference of gradients (two ``grad_at`` calls); 0 when u = 0. On a ReLU network this is a
+    secant: a difference of weights crosses activation kinks that :func:`hvp` does not see."""
+    params = list(params)
+    u = flatten(params, direction)
+    norm = float(u.double().norm())
+    if norm == 0:
+        return 0.0
+    unit = u / norm
+    matvec, _ = gradient_difference_operator(grad_at, params, eps)
+    return float(torch.dot(matvec(unit).double(), unit.double()))
+
+
+def graph_hessian_operator(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[Matvec, int]:
+    """v ↦ ∇²loss·v on flat vectors for a loss already computed with its graph, and the dimension.
+
+    Unlike :func:`loss_hessian_operator`, the forward pass and the first backward (with a graph)
+    run once; every product is one more backward through the kept graph (``retain_graph``), so
+    a Lanczos run costs one forward in all and sees the same dropout masks at every product.
+    Parameters the loss does not use get zeros.
+    """
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    live = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    sizes = [p.numel() for p in params]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        pieces = [c.view_as(p).to(p) for c, p in zip(torch.split(v, sizes), params)]
+        if not live:
+            return torch.zeros_like(v)
+        dot = sum((g * pieces[i]).sum() for i, g in live)
+        assert isinstance(dot, torch.Tensor)  # live is not empty
+        out = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
+        return flatten(params, out).to(v)
+
+    return matvec, sum(sizes)
+
+
 def extreme_eigenvalues(model: torch.nn.Module, loss_fn: Callable, inputs: torch.Tensor,
                         targets: torch.Tensor, steps: int = 30, seed: int = 0) -> Tuple[float, float]:
     """(λ_min, λ_max) of the loss Hessian on one batch, from ``steps`` Lanczos iterations."""
@@ -156,8 +252,10 @@ def advise(lam_min: float, lam_max: float) -> Dict[str, float]:
       λ ≥ λ_max, and DCA with G1 is SGD with lr = 1/λ (paper 000, eq. 9);
     - ``lr_lyapunov`` = 2/λ_max: gradient descent is stable at a minimum only if lr < 2/λ_max
       (paper 003, Prop. 1 in its general form);
-    - ``rho_min`` = max(0, −λ_min): G = L + ρ·L2 is convex when ρ ≥ −λ_min (proximal and
-      counter-loss decompositions).
+    - ``rho_min`` = max(0, −λ_min): the proximal G = L + ρ·L2 is convex when ρ ≥ −λ_min. The
+      counter-loss decompositions (paper 000, eqs. 12, 23, 26) add ρ/2·L2 to a different function
+      (L + ½L'_{−1}, L'_α), so their bound is −2·λ_min of that function's Hessian: their
+      ``rho="auto"`` measures it (docs/decompositions.md).
     With λ_max ≤ 0 the quadratic model has no upper curvature and the lr bounds are infinite.
     """
     if not (math.isfinite(lam_min) and math.isfinite(lam_max)) or lam_min > lam_max:

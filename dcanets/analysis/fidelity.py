@@ -39,7 +39,7 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -250,9 +250,10 @@ def reference_gradient(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                    targets: torch.Tensor, loss_fn: LossFn = F.cross_entropy, create_graph: bool = False) -> float:
     """One ordinary training step: with a closure when ``prepare`` says the optimizer needs one."""
-    from dcanets.optim.decompositions import prepare
+    from dcanets.optim.decompositions import prepare, remember_batch
 
     needs_closure = prepare(optimizer, model)
+    remember_batch(optimizer, inputs, targets, loss_fn)   # a decomposition measuring rho / kappa on it
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -333,10 +334,12 @@ class FidelityProbe:
         return PendingMeasurement(ref, ref_loss, base, loss, before)
 
     def finish(self, pending: "PendingMeasurement", optimizer: Optional[torch.optim.Optimizer] = None,
-               step: Optional[int] = None, step_loss: Optional[float] = None) -> FidelityReport:
-        """The report of the step taken since :meth:`begin`: Δw = current weights − those at ``begin``."""
+               step: Optional[int] = None, step_loss: Optional[float] = None,
+               after: Optional[Sequence[torch.Tensor]] = None) -> FidelityReport:
+        """The report of the step taken since :meth:`begin`: Δw = current weights − those at ``begin``
+        (``after``: the weights after a step taken on a copy of the model, in the same order)."""
         with torch.no_grad():
-            delta = [p.detach() - w for p, w in zip(self.params, pending.before)]
+            delta = [p.detach() - w for p, w in zip(self.params if after is None else after, pending.before)]
         loss = pending.loss if pending.loss is not None else step_loss
         extra: Dict[str, Any] = {}
         diagnostics = getattr(_chain(optimizer)[-1], "diagnostics", None) if optimizer is not None else None
@@ -389,6 +392,36 @@ def direction_fidelity(model: nn.Module, optimizer: OptimizerLike, inputs: torch
     twin = copy.deepcopy(model).train()
     return FidelityProbe(twin, reference, loss_fn, baseline, seed, create_graph).measure(
         optimizer(twin), inputs, targets)
+
+
+def compare_steps(model: nn.Module, optimizers: Mapping[str, Callable[[nn.Module], torch.optim.Optimizer]],
+                  inputs: torch.Tensor, targets: torch.Tensor, reference: Reference = "gradnet",
+                  loss_fn: LossFn = F.cross_entropy, seed: Optional[int] = 0) -> Dict[str, Union[FidelityReport, str]]:
+    """cos(Δw, −g_ref) of one step of each optimizer from the model's current weights, on one batch.
+
+    The reference and baseline passes run once for all of them (that is why this exists: a table
+    of several optimizers at one point costs one g_ref, not one per optimizer); each factory gets
+    its own copy of the model, so hooks an optimizer attaches never reach the next one, and the
+    model itself is not changed. A step that raises ``ValueError`` (a refused β, a G not convex
+    along the step) gives its one-line message instead of a report."""
+    was_training = model.training
+    probe = FidelityProbe(model.train(), reference, loss_fn, True, seed)
+    try:
+        pending = probe.begin(inputs, targets)
+    finally:
+        model.train(was_training)
+    out: Dict[str, Union[FidelityReport, str]] = {}
+    for name, factory in optimizers.items():
+        twin = copy.deepcopy(model).train()
+        optimizer = factory(twin)
+        try:
+            with _seeded(seed, inputs.device):
+                step_loss = optimizer_step(twin, optimizer, inputs, targets, loss_fn)
+        except ValueError as exc:
+            out[name] = str(exc).splitlines()[0]
+            continue
+        out[name] = probe.finish(pending, optimizer, step_loss=step_loss, after=_params(twin)[1])
+    return out
 
 
 def fidelity_over_training(model: nn.Module, optimizer: torch.optim.Optimizer,

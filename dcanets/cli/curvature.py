@@ -64,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  lr <= {result['lr_projective']:.4g}  (1/lambda_max: projective DC valid; "
               f"dcal2 lam >= {result['lam_dcal2_min']:.4g})")
         print(f"  lr <  {result['lr_lyapunov']:.4g}  (2/lambda_max: Lyapunov-stable gradient descent)")
-        print(f"  rho >= {result['rho_min']:.4g}  (-lambda_min: convex proximal / counter-loss G)")
+        print(f"  rho >= {result['rho_min']:.4g}  (-lambda_min: convex proximal G; counter-loss G: rho=auto)")
     return 0

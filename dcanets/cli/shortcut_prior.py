@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p", type=int, default=8, help="teacher-student: patch size")
     parser.add_argument("--teachers", type=int, default=50, help="teacher-student: teachers per k")
     parser.add_argument("--tol", type=float, default=1e-2, help="teacher-student: success tolerance")
+    parser.add_argument("--teacher", default="prior_sphere",
+                        help="teacher-student: distribution of the teacher filter v*: prior_sphere, "
+                             "prior_hemisphere, prior_boundary, generic or angle:<degrees> (docs/shortcut_prior.md)")
     parser.add_argument("--noise", type=float, default=0.0, help="relaxation / deep-linear: label noise")
     parser.add_argument("--init", default="random", choices=("random", "opposite"),
                         help="relaxation: random or opposite initialisation")
@@ -49,6 +52,9 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be a finite number > 0, got {value}")
     if not 0 <= args.noise < float("inf"):
         raise ValueError(f"--noise must be a finite number >= 0, got {args.noise}")
+    from dcanets.papers.p001_teacher_student import teacher_sampler
+
+    teacher_sampler(args.teacher)  # raises ValueError naming the choices
     if args.total_width < 1:
         raise ValueError(f"--total-width must be >= 1, got {args.total_width}")
     bad = [i for i in args.branches if i < 1 or args.total_width % i]
@@ -62,7 +68,7 @@ def _teacher_student(args: argparse.Namespace) -> dict:
     steps = args.steps or VARIANTS["prior"].steps
     variants = {n: dataclasses.replace(c, steps=steps, warmup_steps=min(c.warmup_steps, steps // 3))
                 for n, c in VARIANTS.items()}
-    return success_rates(args.k, args.p, args.teachers, variants, seed=args.seed, tol=args.tol)
+    return success_rates(args.k, args.p, args.teachers, variants, seed=args.seed, tol=args.tol, teacher=args.teacher)
 
 
 def _relaxation(args: argparse.Namespace) -> dict:

@@ -60,7 +60,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-_METAVARS = {"integer": "N", "number": "X", "string": "TEXT"}
+_METAVARS = {"integer": "N", "number": "X", "string": "TEXT", "array": "X,Y,..."}  # arrays: comma-separated
 
 
 def _flag_options(info: FieldInfo, schema: Dict[str, Any]) -> Dict[str, Any]:

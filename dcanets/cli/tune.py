@@ -13,12 +13,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 from dcanets.tune import schema as tune_config
+from dcanets.tune import storage as search_storage
 from dcanets.validation import Count, argparse_type
 
 DEFAULT_OUTPUT = Path("runs") / "tune"
-STATE = "search.json"  # dcanets.tune.search.STATE, without importing Ray for --help
+STATE = search_storage.STATE  # dcanets.tune.search.STATE, without importing Ray for --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,18 +28,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", type=Path, help="search YAML (see tune_configs/)")
     parser.add_argument("--schema", action="store_true",
                         help="print the JSON Schema of a search file (for editors) and exit")
-    parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue an interrupted search from its output folder (Tuner.restore), "
-                             "with the config saved there")
+    parser.add_argument("--resume", metavar="DIR|URI",
+                        help="continue an interrupted search (Tuner.restore) with the config saved with it: its "
+                             "output folder, or its folder in the storage (e.g. s3://bucket/prefix/<name>-<time>)")
+    parser.add_argument("--storage", type=_storage_flag, metavar="DIR|URI",
+                        help="where Ray keeps checkpoints and results, reachable from every node: a shared "
+                             "folder or a URI such as s3://bucket/prefix (overrides storage: in the config)")
     parser.add_argument("--address", help="join a running Ray cluster: 'auto' or 'ray://host:10001'")
     parser.add_argument("--num-cpus", type=argparse_type(Count, "count"), help="CPUs of the local Ray (default: all)")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"root folder of searches and of the default MLflow store (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri; default: "
+                                               "$MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db)")
     parser.add_argument("--num-samples", type=argparse_type(Count, "count"), help="override tune_config.num_samples")
     parser.add_argument("--top", type=argparse_type(Count, "count"), default=5, help="rows in the final table")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     parser.add_argument("--worker-logs", action="store_true", help="forward trial stdout/stderr to the driver")
+
+
+def _storage_flag(text: str) -> str:
+    problem = search_storage.form_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return search_storage.normalize(text)
 
 
 def _one_line_error(parser: argparse.ArgumentParser, message: str):
@@ -58,26 +71,42 @@ def run(args: argparse.Namespace) -> int:
     exp_dir, spec, state = _prepare(args)
 
     from dcanets.tune.report import report, summarize
-    from dcanets.tune.search import SearchInterrupted, run_search
+    from dcanets.tune.search import SearchInterrupted, copy_files, run_search
 
+    location = search_storage.search_location(state, exp_dir)
     try:
         result = run_search(spec, exp_dir, state, address=args.address, num_cpus=args.num_cpus,
                             resume=args.resume is not None, quiet=args.quiet, worker_logs=args.worker_logs)
     except SearchInterrupted as exc:  # a second signal, or one before Tune started the trials
         if exc.started:
             print(f"dcanets tune: interrupted ({exc.signal_name} received): continue with  "
-                  f"dcanets tune --resume {exp_dir}", file=sys.stderr)
+                  f"{location.resume_command()}", file=sys.stderr)
         else:
-            _discard_unstarted(args, exp_dir)
+            _discard_unstarted(args, exp_dir, location)
             print(f"dcanets tune: interrupted ({exc.signal_name} received) before any trial started; "
                   f"nothing to resume", file=sys.stderr)
         return 130
     except BaseException:
-        _discard_unstarted(args, exp_dir)  # e.g. no node has the resources a trial asks for
+        _discard_unstarted(args, exp_dir, location)  # e.g. no node has the resources a trial asks for
         raise
     report(result, spec, exp_dir, top=args.top)
+    copy_files(location, exp_dir, list(search_storage.RESULT_FILES))
     summarize(result, spec, exp_dir, state)
+    _warn_failed_trials(result, spec)
     return {"KILLED": 130, "FAILED": 1}.get(result["status"], 0)
+
+
+def _warn_failed_trials(result: dict, spec: tune_config.TuneSpec) -> None:
+    """One stderr line when a search finished (status 0: its best trial is usable) with some trials
+    failed, e.g. on a node that died: otherwise only their ERROR rows in the table would say so."""
+    failed = [t for t in result["trials"] if t["status"] == "ERROR"]
+    if result["status"] != "FINISHED" or not failed:
+        return
+    first = f"; first error: {result['errors'][0]}" if result.get("errors") else ""
+    retry = ("" if spec.failure_config["max_failures"] else
+             "; failure_config: {max_failures: N} retries a failed trial from its last checkpoint")
+    print(f"dcanets tune: warning: {len(failed)} of {len(result['trials'])} trial(s) failed{first}{retry}",
+          file=sys.stderr)
 
 
 def configure_ray_auth(address: str | None) -> None:
@@ -108,18 +137,23 @@ def _ray_token_available() -> bool:
 
 
 def _check_resume_flags(args: argparse.Namespace) -> None:
-    """A resumed search runs with what it was started with; flags that would change it are refused."""
+    """A resumed search runs with what it was started with; flags that would change it are refused.
+    ``--output`` is accepted with a storage URI: it is where the search folder is made again."""
+    output = None if search_storage.is_uri(args.resume) else args.output
     for flag, value in (("--num-samples", args.num_samples), ("--tracking-uri", args.tracking_uri),
-                        ("--output", args.output)):
+                        ("--output", output), ("--storage", args.storage)):
         if value is not None:
             raise ValueError(f"{flag} cannot change a resumed search (it continues with the settings saved in "
                              f"{args.resume}); drop {flag}, or start a new search without --resume")
-    if args.config is not None:
-        saved = args.resume.expanduser().resolve() / "config.yaml"
-        given, kept = _yaml_or_none(args.config), _yaml_or_none(saved)
-        if given is None or given != kept:
-            raise ValueError(f"--resume continues a search with its saved config ({saved}), and {args.config} "
-                             f"differs from it: drop {args.config} to resume, or start a new search without --resume")
+
+
+def _check_same_config(config: Optional[Path], saved: Path) -> None:
+    if config is None:
+        return
+    given, kept = _yaml_or_none(config), _yaml_or_none(saved)
+    if given is None or given != kept:
+        raise ValueError(f"--resume continues a search with its saved config ({saved}), and {config} "
+                         f"differs from it: drop {config} to resume, or start a new search without --resume")
 
 
 def _yaml_or_none(path: Path):
@@ -134,7 +168,7 @@ def _yaml_or_none(path: Path):
 def _prepare(args: argparse.Namespace):
     """The experiment folder, the validated spec and the saved state (resume) or new ones."""
     if args.resume is not None:
-        return _prepare_resume(args.resume)
+        return _prepare_resume(args)
     spec = tune_config.load(args.config)
     tune_config.check_registries(spec)  # unknown model/optimizer: one error, before any output or Ray
     if args.num_samples is not None:
@@ -143,7 +177,7 @@ def _prepare(args: argparse.Namespace):
 
     root = (args.output or DEFAULT_OUTPUT).expanduser()
     try:
-        exp_dir, state = create_search_dir(spec, root, args.tracking_uri)
+        exp_dir, state = create_search_dir(spec, root, args.tracking_uri, storage=args.storage)
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise ValueError(f"--output {root}: cannot create the search folder there ({why}); "
@@ -151,34 +185,92 @@ def _prepare(args: argparse.Namespace):
     return exp_dir, spec, state
 
 
-def _prepare_resume(folder: Path):
-    exp_dir = folder.expanduser().resolve()
+def _prepare_resume(args: argparse.Namespace):
+    """The search folder (fetched from the storage first when ``--resume`` is a URI), its spec and state."""
+    where = args.resume
+    if search_storage.is_uri(where):
+        exp_dir = _fetch_from_storage(where, (args.output or DEFAULT_OUTPUT).expanduser())
+    else:
+        exp_dir = Path(where).expanduser().resolve()
+    state = _read_state(where, exp_dir)
+    location = search_storage.search_location(state, exp_dir)
+    if not location.exists(search_storage.TUNER_STATE):
+        raise ValueError(f"--resume {where}: the search never started (no Ray Tune state in {location.uri}); "
+                         "start it again without --resume")
+    if state.get("status") == "FINISHED":
+        raise ValueError(f"--resume {where}: this search already finished; its results are in that folder "
+                         "(start a new search to run more trials)")
+    _check_same_config(args.config, exp_dir / "config.yaml")
+    spec = tune_config.load(exp_dir / "config.yaml", base=Path(state["config_dir"]))
+    tune_config.check_registries(spec)
+    if spec.tracking["enabled"]:
+        _check_tracking_store(where, state["tracking_uri"])
+    return exp_dir, spec, state
+
+
+def _read_state(where: str, exp_dir: Path) -> dict:
+    """``search.json`` of a search folder, one line when it is missing or damaged. A folder that
+    holds Ray's state itself (a search folder in a shared storage, given by its path) is where
+    the search is kept, whatever path that storage had on the machine that started it."""
     state_file = exp_dir / STATE
     if not exp_dir.is_dir():
-        raise ValueError(f"--resume {folder}: no such folder (give the folder a search printed as "
-                         "'outputs: ...', e.g. runs/tune/<name>-<time>)")
+        raise ValueError(f"--resume {where}: no such folder (give the folder a search printed as "
+                         "'outputs: ...', e.g. runs/tune/<name>-<time>, or its storage URI)")
     if not state_file.is_file():
-        raise ValueError(f"--resume {folder}: not a dcanets tune output folder (no {STATE}); give the folder "
+        raise ValueError(f"--resume {where}: not a dcanets tune output folder (no {STATE}); give the folder "
                          "a search printed as 'outputs: ...'")
     try:
         state = json.loads(state_file.read_text())
         if not isinstance(state, dict) or "config_dir" not in state:
             raise ValueError("no config_dir")
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--resume {folder}: {STATE} is unreadable or damaged ({exc}); the search cannot "
+        raise ValueError(f"--resume {where}: {STATE} is unreadable or damaged ({exc}); the search cannot "
                          "be resumed, start it again") from None
-    if not (exp_dir / "tuner.pkl").is_file():
-        raise ValueError(f"--resume {folder}: the search never started (no Ray Tune state in the folder); "
-                         "start it again without --resume")
-    if state.get("status") == "FINISHED":
-        raise ValueError(f"--resume {folder}: this search already finished; its results are in that folder "
-                         "(start a new search to run more trials)")
-    spec = tune_config.load(exp_dir / "config.yaml", base=Path(state["config_dir"]))
-    tune_config.check_registries(spec)
-    return exp_dir, spec, state
+    if state.get("storage") and (exp_dir / search_storage.TUNER_STATE).is_file():
+        _save_storage(exp_dir, state, str(exp_dir.parent))
+    return state
 
 
-def _discard_unstarted(args: argparse.Namespace, exp_dir: Path) -> None:
-    """A new search that stopped before Tune wrote its state leaves no folder behind."""
-    if args.resume is None and not (exp_dir / "tuner.pkl").exists():
+def _fetch_from_storage(uri: str, output: Path) -> Path:
+    """``<output>/<name>-<time>/`` made again from a search's storage: config.yaml and search.json,
+    with the storage set to the URI given (this machine may reach it by another endpoint)."""
+    location = search_storage.Location.open(uri)
+    if not location.exists(STATE):
+        raise ValueError(f"--resume {uri}: not a dcanets tune search in the storage (no {STATE} there); give "
+                         "the URI a search printed in its resume command, e.g. s3://bucket/prefix/<name>-<time>")
+    exp_dir = output.resolve() / location.name
+    try:
+        location.get(search_storage.STATE_FILES, exp_dir)
+    except OSError as exc:
+        raise ValueError(f"--output {output}: cannot make the search folder there ({exc.strerror or exc})") from None
+    try:
+        state = json.loads((exp_dir / STATE).read_text())
+    except ValueError as exc:
+        raise ValueError(f"--resume {uri}: {STATE} is unreadable or damaged ({exc}); the search cannot "
+                         "be resumed, start it again") from None
+    _save_storage(exp_dir, state, search_storage.split(uri)[0])
+    return exp_dir
+
+
+def _save_storage(exp_dir: Path, state: dict, root: str) -> None:
+    if state.get("storage") != root:
+        state["storage"] = root
+        (exp_dir / STATE).write_text(json.dumps(state, indent=2))
+
+
+def _check_tracking_store(where: str, uri: str) -> None:
+    """A resumed search reopens its MLflow runs: a SQLite store that is not on this machine (a
+    search resumed from its storage elsewhere) is one line, before Ray starts."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_file():
+        raise ValueError(f"--resume {where}: the search's MLflow store {uri} is not on this machine; resume it "
+                         "where that file is, or give searches resumed elsewhere a tracking server "
+                         "(tracking.uri: http://...) or tracking: {enabled: false}")
+
+
+def _discard_unstarted(args: argparse.Namespace, exp_dir: Path, location: search_storage.Location) -> None:
+    """A new search that stopped before Tune wrote its state leaves no folder behind, in the
+    storage neither."""
+    if args.resume is None and not location.started():
         shutil.rmtree(exp_dir, ignore_errors=True)
+        location.remove()

@@ -7,9 +7,9 @@ help text and checks: the ``dcanets train`` flags are generated from it, the tun
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from typing_extensions import Annotated, TypedDict  # pydantic needs typing_extensions' TypedDict before 3.12
 
 from dcanets.validation import (
@@ -28,6 +28,40 @@ from dcanets.validation import (
 )
 
 UNKNOWN = ("not a TrainConfig field", "valid keys")  # how an unknown key is reported
+# timm's scheduler names (timm.scheduler.create_scheduler_v2) that every supported timm (>= 1.0.15) builds;
+# none and constant both hold lr after the warm-up (see docs/training.md, "Learning-rate schedules")
+Schedule = Literal["cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "none"]
+SCHEDULES = get_args(Schedule)
+
+
+def _listed(value: Any) -> Any:
+    """``'3,6'`` or ``'[3, 6]'`` (a flag) -> ``['3', '6']``; the items are then checked as numbers."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.strip().strip("[]").split(",") if part.strip()]
+    return value
+
+
+Milestones = Annotated[List[Positive], BeforeValidator(_listed)]
+
+
+def _rho(value: Any) -> Any:
+    """A DC decomposition's ρ: ``"auto"`` (measured by the optimizer) or a number >= 0."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        fail(f"must be a number >= 0 or 'auto', got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        fail(f"must be a number >= 0 or 'auto', got {value!r}")
+    if number != number or number in (float("inf"), float("-inf")):
+        fail(f"must be a finite number, got {value!r}")
+    if number < 0:
+        fail(f"must be >= 0, got {value!r}")
+    return number
+
+
+Rho = Annotated[Union[float, Literal["auto"]], BeforeValidator(_rho)]
 
 
 class ConfigError(ValueError):
@@ -45,7 +79,7 @@ class OptKwargs(TypedDict, total=False):
 
     __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
 
-    rho: Annotated[NonNegative, Field(description="DC decomposition: rho >= 0 convexifies")]
+    rho: Annotated[Rho, Field(description="DC decomposition: rho >= 0 (Hessian units) convexifies; 'auto' measures it")]
     lam: Annotated[Positive, Field(description="DC decomposition: lam > 0 weights the L2 term")]
 
 
@@ -73,12 +107,34 @@ class TrainConfig(BaseModel):
     opt_kwargs: OptKwargs = Field(
         default_factory=lambda: OptKwargs(),
         description="extra optimizer kwargs, e.g. 'rho=0.01,lam=10' or JSON (DC decompositions: rho >= 0, lam > 0)")
-    sched: Literal["cosine", "step", "none"] = Field(
-        "cosine", description="lr schedule: cosine (per step, to 0), step (x0.1 at 50% and 75%) or none")
-    # epochs before warmup_epochs: pydantic validates in this order and the warm-up check reads epochs
+    sched: Schedule = Field(
+        "cosine", description="lr schedule, a timm scheduler name (none = constant); fitted into epochs")
+    sched_on_updates: bool = Field(
+        True, description="set the lr after every update (false: once per epoch; plateau is always per epoch)")
+    # epochs before the warm-up and decay fields: pydantic validates in this order and their checks read epochs
     epochs: Count = Field(10, description="training epochs (a search's budget per trial)")
     warmup_epochs: Number = Field(
-        0.0, ge=0, description="linear lr warm-up length in epochs (may be fractional), < epochs")
+        0.0, ge=0, description="linear lr warm-up from warmup_lr to lr over this many epochs, < epochs")
+    warmup_lr: NonNegative = Field(0.0, description="lr at the start of the warm-up")
+    warmup_prefix: bool = Field(
+        True, description="the decay starts after the warm-up (false: it spans all epochs, warm-up included)")
+    min_lr: NonNegative = Field(0.0, description="lr that cosine, tanh and poly anneal to, and plateau's floor")
+    decay_epochs: Optional[Positive] = Field(
+        None, description="step: multiply the lr by decay_rate every this many epochs (unset: at decay_milestones)")
+    decay_milestones: Optional[Milestones] = Field(
+        None, description="multistep, step: epochs (after the warm-up) at which the lr is multiplied by decay_rate "
+                          "(unset: at 50% and 75% of them)")
+    decay_rate: Positive = Field(0.1, description="lr factor of step, multistep and plateau; poly's power")
+    patience_epochs: Integer = Field(
+        10, ge=0, description="plateau: epochs without improvement of eval_metric before the lr decays")
+    eval_metric: Literal["val_acc", "val_loss"] = Field(
+        "val_acc", description="what plateau watches: val_acc (higher is better) or val_loss (lower is better)")
+    cooldown_epochs: NonNegative = Field(
+        0.0, description="cosine, tanh, poly: last epochs held at min_lr (part of epochs)")
+    lr_cycle_limit: Count = Field(
+        1, description="cosine, tanh, poly: number of cycles (warm restarts) sharing the decay epochs")
+    lr_cycle_mul: Positive = Field(1.0, description="cosine, tanh, poly: each cycle this many times the last's length")
+    lr_cycle_decay: Positive = Field(0.5, description="cosine, tanh, poly: each cycle's peak lr this times the last's")
     batch_size: Count = Field(128, description="training batch size")
     seed: Integer = Field(0, description="seed of initialization, shuffling and augmentation")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
@@ -101,13 +157,42 @@ class TrainConfig(BaseModel):
         except ValidationError as exc:  # one line per problem, not pydantic's dump
             raise ConfigError(problems_of(exc, TrainConfig, unknown=UNKNOWN)) from None
 
+    @field_validator("sched")
+    @classmethod
+    def _plateau_has_a_metric(cls, sched: str, info: ValidationInfo) -> str:
+        if sched == "plateau" and info.data.get("val_fraction") == 0:
+            fail("plateau watches a validation metric: needs val_fraction > 0")
+        return sched
+
     @field_validator("warmup_epochs")
     @classmethod
     def _warmup_within_epochs(cls, warmup: float, info: ValidationInfo) -> float:
         epochs = info.data.get("epochs")  # absent when epochs itself is invalid (reported there)
         if epochs is not None and warmup >= epochs:
             fail(f"must be < epochs ({epochs}), got {plain(warmup)}")
+        per_epoch = info.data.get("sched") == "plateau" or info.data.get("sched_on_updates") is False
+        if per_epoch and not float(warmup).is_integer():  # timm's per-epoch warm-up moves in whole epochs
+            fail(f"must be a whole number when the schedule steps per epoch, got {plain(warmup)}")
         return warmup
+
+    @field_validator("decay_milestones")
+    @classmethod
+    def _increasing(cls, milestones: Optional[List[float]]) -> Optional[List[float]]:
+        if milestones is not None and any(b <= a for a, b in zip(milestones, milestones[1:])):
+            fail(f"must be increasing, got {[plain(m) for m in milestones]}")  # timm bisects them
+        return milestones
+
+    @field_validator("cooldown_epochs")
+    @classmethod
+    def _decay_left(cls, cooldown: float, info: ValidationInfo) -> float:
+        epochs, warmup = info.data.get("epochs"), info.data.get("warmup_epochs")
+        if epochs is None or warmup is None:
+            return cooldown
+        prefix = warmup if info.data.get("warmup_prefix", True) else 0.0
+        if cooldown >= epochs - prefix:
+            bound = "epochs - warmup_epochs" if prefix else "epochs"
+            fail(f"must be < {bound} ({plain(epochs - prefix)}), got {plain(cooldown)}")
+        return cooldown
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":

@@ -1,7 +1,7 @@
 """The one training engine: ``dcanets train``, every Ray Tune trial and every reproduction call it.
 
 A model by timm name, an optimizer by timm registry name (the DCA decompositions are registered
-there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a schedule, a fixed-seed
+there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a timm lr schedule by name, a fixed-seed
 train/validation split of a decoded-once data set, checkpoints that resume exactly, and JSON
 metrics. CUDA is used when present, with mixed precision; on CPU a fixed seed gives identical
 runs.
@@ -13,7 +13,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from dcanets.engine import data as data_mod
 from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
 from dcanets.engine.config import TrainConfig
-from dcanets.optim.decompositions import prepare
+from dcanets.optim.decompositions import hooks_model, measured_curvature, prepare, remember_batch
 from dcanets.plugins import did_you_mean
+
+if TYPE_CHECKING:
+    from timm.scheduler.scheduler import Scheduler
 
 EVAL_BATCH = 1024  # evaluation keeps no activations for backward: large batches, fewer launches
 EpochCallback = Callable[[Dict[str, Any]], None]
@@ -115,26 +118,98 @@ def second_order(opt: str) -> bool:
     return bool(get_optimizer_info(opt.lower().split("_")[-1]).second_order)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """A per-step LambdaLR: linear warm-up, then cosine to 0, step (x0.1 at 50% and 75%), or constant.
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
+    """timm's scheduler for ``cfg.sched`` (``create_scheduler_v2``), fitted into ``cfg.epochs``.
 
-    Warm-up is what lets deep nets start at lr 0.1 (He et al. 2015 warm ResNet-110 up at 0.01);
-    the schedule after it spans the remaining steps, so ``epochs`` stays the whole budget.
+    The engine calls it as timm's train.py does: ``step_update(num_updates)`` after every optimizer
+    step and ``step(epoch, metric)`` after every epoch. timm's train.py trains for the epochs the
+    factory returns (the cycles, plus the warm-up with warmup_prefix, plus the cooldown); here
+    ``epochs`` is the whole budget (a search's budget per trial), so the schedule is fitted into it
+    instead: the decay spans the epochs after the warm-up (warmup_prefix) and before the cooldown,
+    and the cycles share them. Warm-up is what lets deep nets start at lr 0.1 (He et al. 2015
+    warmed ResNet-110 up at 0.01).
     """
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-    total = max(1, cfg.epochs * steps_per_epoch - warm)
+    import warnings
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(step - warm, total)
-        if cfg.sched == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * t / total))
-        if cfg.sched == "step":
-            return 0.1 ** sum(t >= total * m for m in (0.5, 0.75))
-        return 1.0
+    from timm.scheduler import create_scheduler_v2
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    per_epoch = cfg.sched == "plateau" or not cfg.sched_on_updates  # timm's plateau only steps per epoch
+    with warnings.catch_warnings():
+        # timm deprecates plateau because timm's own checkpoints lose its counters; ours keep them
+        warnings.filterwarnings("ignore", message="PlateauLRScheduler is deprecated", category=FutureWarning)
+        scheduler, _ = create_scheduler_v2(optimizer, **_factory_kwargs(cfg), step_on_epochs=per_epoch,
+                                           updates_per_epoch=updates_per_epoch)
+    return scheduler
+
+
+def _factory_kwargs(cfg: TrainConfig) -> Dict[str, Any]:
+    """``create_scheduler_v2`` arguments for ``cfg``, in epochs (timm scales them to updates).
+
+    ``none``/``constant`` become what timm's ``constant`` is, a step schedule that never decays
+    (timm's ``none`` would skip the warm-up, and timm 1.0.28 has no ``constant``); ``step``
+    without ``decay_epochs`` decays at the milestones, like ``multistep``.
+    """
+    after_warmup = cfg.epochs - (cfg.warmup_epochs if cfg.warmup_prefix else 0.0)
+    kwargs: Dict[str, Any] = dict(
+        sched=cfg.sched, num_epochs=_first_cycle(after_warmup - cfg.cooldown_epochs, cfg),
+        decay_milestones=list(cfg.decay_milestones or (0.5 * after_warmup, 0.75 * after_warmup)),
+        decay_rate=cfg.decay_rate, patience_epochs=cfg.patience_epochs, min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, warmup_prefix=cfg.warmup_prefix,
+        cycle_mul=cfg.lr_cycle_mul, cycle_decay=cfg.lr_cycle_decay, cycle_limit=cfg.lr_cycle_limit,
+        plateau_mode="min" if cfg.eval_metric == "val_loss" else "max")
+    if cfg.sched in ("none", "constant"):
+        kwargs.update(sched="step", decay_epochs=1, decay_rate=1.0)
+    elif cfg.sched == "step" and cfg.decay_epochs is None:
+        kwargs["sched"] = "multistep"
+    elif cfg.decay_epochs is not None:
+        kwargs["decay_epochs"] = cfg.decay_epochs
+    return kwargs
+
+
+def _first_cycle(epochs: float, cfg: TrainConfig) -> float:
+    """Length of the first of ``lr_cycle_limit`` cycles that fill ``epochs``, each ``lr_cycle_mul``
+    times the last (timm's cycle lengths form that geometric series)."""
+    cycles, mul = cfg.lr_cycle_limit, cfg.lr_cycle_mul
+    return epochs / cycles if mul == 1 else epochs * (mul - 1) / (mul ** cycles - 1)
+
+
+PLATEAU_COUNTERS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")
+
+
+def schedule_state(scheduler: Scheduler, num_updates: int) -> Dict[str, Any]:
+    """The schedule's position, for a checkpoint.
+
+    timm's fixed schedules are functions of the update count (and of the config, which the
+    checkpoint holds), so the count is their whole state. ``plateau`` also has torch's
+    ReduceLROnPlateau counters, inside timm's wrapper, whose own state_dict keeps only ``best``:
+    a resume would restart the patience count.
+    """
+    from timm.scheduler import PlateauLRScheduler
+
+    state: Dict[str, Any] = {"num_updates": num_updates}
+    if isinstance(scheduler, PlateauLRScheduler):
+        state["plateau"] = {key: getattr(scheduler.lr_scheduler, key) for key in PLATEAU_COUNTERS}
+    return state
+
+
+def restore_schedule(scheduler: Scheduler, state: Dict[str, Any], epoch: int, updates_per_epoch: int) -> int:
+    """Put the schedule where ``state`` left it; returns the update count.
+
+    The lr is recomputed from the position (``step_update`` for per-update schedules, ``step`` for
+    per-epoch ones; timm ignores the other call), so a resume with more epochs follows the new
+    schedule. A checkpoint written before the engine used timm holds a LambdaLR state, whose
+    ``last_epoch`` is the same update count.
+    """
+    from timm.scheduler import PlateauLRScheduler
+
+    num_updates = int(state.get("num_updates", state.get("last_epoch", epoch * updates_per_epoch)))
+    if isinstance(scheduler, PlateauLRScheduler) and "plateau" in state:
+        for key, value in state["plateau"].items():
+            setattr(scheduler.lr_scheduler, key, value)
+    scheduler.step_update(num_updates)
+    if epoch > 0:  # as timm's train.py on resume; without a metric plateau only re-applies its warm-up lr
+        scheduler.step(epoch)
+    return num_updates
 
 
 @torch.inference_mode()
@@ -186,6 +261,7 @@ class _Run:
         self.needs_closure = prepare(self.optimizer, self.model)
         self.create_graph = second_order(cfg.opt)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
+        self.num_updates = 0  # optimizer steps so far: the position of a per-update schedule
         # GradScaler cannot drive closure-stepped optimizers: those run in full precision
         if self.needs_closure:
             self.amp = False
@@ -216,10 +292,10 @@ class _Run:
                                     channels_last=self.channels_last, **kw)
 
     def _compiled(self) -> Callable[..., torch.Tensor]:
-        """``torch.compile`` of the training forward; closure-stepped decompositions hook the eager modules."""
-        if self.needs_closure:
-            raise ValueError(f"compile=True cannot be combined with opt='{self.cfg.opt}': its closure re-runs hooked "
-                             "modules eagerly; use compile=False")
+        """``torch.compile`` of the training forward; the counter-loss decompositions hook the eager modules."""
+        if self.needs_closure or hooks_model(self.optimizer):
+            raise ValueError(f"compile=True cannot be combined with opt='{self.cfg.opt}': its hooks run on the eager "
+                             "modules, which a compiled forward bypasses; use compile=False")
         return torch.compile(self.model)
 
     def train_epoch(self) -> Dict[str, Any]:
@@ -235,15 +311,15 @@ class _Run:
         every = int(self.cfg.fidelity_every)
         self.fidelity_reports = []
         for k, (x, y) in enumerate(self.train_loader, 1):
-            step = self.epoch * batches + k - 1  # global step: the same after a resume
-            if self.fidelity is not None and step % every == 0:
-                loss, out = self._measured_step(x, y, step)
+            if self.fidelity is not None and self.num_updates % every == 0:
+                loss, out = self._measured_step(x, y, self.num_updates)
             else:
                 loss, out = self._step(x, y)
             loss_sum = loss_sum + loss.double() * len(y)
             correct = correct + (out.argmax(1) == y).sum()
             n += len(y)
-            self.scheduler.step()
+            self.num_updates += 1  # the global count, restored on resume: timm's lr is a function of it
+            self.scheduler.step_update(num_updates=self.num_updates)
             if self.on_batch is not None:  # counts only: reading the loss here would stall the GPU
                 self.on_batch(self.epoch + 1, k, batches)
         loss_mean, acc = float(loss_sum) / max(n, 1), float(correct) / max(n, 1)  # one wait per epoch
@@ -251,6 +327,12 @@ class _Run:
         self.epoch += 1
         return {"train_loss": loss_mean, "train_acc": acc, "train_seconds": seconds,
                 "images_per_s": n / max(seconds, 1e-9), "data_seconds": self.train_loader.data_seconds}
+
+    def end_epoch(self, val_loss: float, val_acc: float) -> None:
+        """timm's end-of-epoch call (train.py: ``lr_scheduler.step(epoch + 1, eval_metric)``): the next
+        epoch's lr of a per-epoch schedule, and plateau's metric (none without validation images)."""
+        metric = val_loss if self.cfg.eval_metric == "val_loss" else val_acc
+        self.scheduler.step(self.epoch, metric if math.isfinite(metric) else None)
 
     def _measured_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``_step`` with the direction fidelity of its weight change (:mod:`dcanets.analysis.fidelity`).
@@ -289,6 +371,7 @@ class _Run:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         model, opt = self.model, self.optimizer
+        remember_batch(opt, x, y)  # rho="auto" / a measured kappa: curvature on this batch (a no-op otherwise)
         if self.needs_closure:
             outputs: List[torch.Tensor] = []
 
@@ -314,7 +397,7 @@ class _Run:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": schedule_state(self.scheduler, self.num_updates),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "best_val_acc": self.best_val_acc,
                 "history": self.history, "classes": self.train_data.classes,
                 "mean": self.mean, "std": self.std}
@@ -322,9 +405,9 @@ class _Run:
     def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.best_val_acc = int(ckpt["epoch"]), float(ckpt["best_val_acc"])
+        self.num_updates = restore_schedule(self.scheduler, ckpt["scheduler"], self.epoch, len(self.train_loader))
         self.history = list(ckpt["history"])
         set_rng_state(ckpt["rng"])
 
@@ -379,6 +462,7 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
         val_loss, val_acc = (evaluate(run.model, run.val_loader, run.amp, run.amp_dtype) if len(run.val_data)
                              else (float("nan"), float("nan")))
         run.best_val_acc = max(run.best_val_acc, val_acc) if val_acc == val_acc else run.best_val_acc
+        run.end_epoch(val_loss, val_acc)
         metrics = {"epoch": run.epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                    "val_loss": val_loss, "val_acc": val_acc, "lr": run.optimizer.param_groups[0]["lr"],
                    "epoch_seconds": time.perf_counter() - t0, "images_per_s": stats["images_per_s"],
@@ -389,6 +473,7 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
         fidelity = run.fidelity_metrics()
         raw = fidelity.pop("fidelity", None)
         metrics.update(fidelity)
+        metrics.update(measured_curvature(run.optimizer))  # rho="auto" / a measured kappa: the last values
         run.history.append(dict(metrics) if raw is None else dict(metrics, fidelity=raw))
         if out_dir:
             save(run.state_dict(), out_dir / "last.pt")

@@ -25,10 +25,12 @@ candidates all change shape raises on that first pass.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from dcanets._compat import will_engine_execute_node
 
 WHERE = ("last", "all")
 
@@ -147,3 +149,179 @@ class CounterLoss:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+# -- eq. 17's c during an ordinary loss.backward() ------------------------------------------------
+
+def _plain_backward(node: torch.autograd.graph.Node) -> bool:
+    """True inside a ``loss.backward()`` that accumulates into every leaf's ``.grad``; False inside
+    ``torch.autograd.grad`` (a curvature or fidelity probe) or ``backward(inputs=...)``.
+
+    ``node`` is the AccumulateGrad node of a private sentinel leaf that no caller ever names as an
+    input, so the engine executes it only when no ``inputs`` restrict the pass. Only a private
+    PyTorch call answers this (``dcanets._compat.will_engine_execute_node``)."""
+    return will_engine_execute_node(node)
+
+
+class _Forward:
+    """One forward pass through the tapped block: ∂L/∂h^L arrives here during backward."""
+
+    def __init__(self, tap: "ShortcutTap", module: nn.Module) -> None:
+        self.tap, self.module = tap, module
+        self.grad_out: Optional[torch.Tensor] = None
+
+    def keep_grad_out(self, grad: torch.Tensor) -> None:
+        self.grad_out = grad
+
+
+class _TapFn(torch.autograd.Function):
+    """Identity on h^{L−1} (a copy, so an in-place op of the block cannot reach h^{L−1}) whose
+    backward hands the incoming cotangent to ``ShortcutTap.backward``: that is the moment the
+    block and everything above it are done and the trunk below has not run yet."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, sentinel: torch.Tensor, record: _Forward) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        ctx.record = record
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        return ctx.record.tap.backward(ctx.record, h, grad), None, None
+
+
+class ShortcutTap:
+    """Eq. 17's c (or a fused direction) computed during the training loop's own ``loss.backward()``.
+
+    The block's input h^{L−1} passes through ``_TapFn`` and a tensor hook keeps ∂L/∂h^L. When the
+    ordinary backward reaches h^{L−1} with the cotangent g_in (which becomes a's trunk part), the tap
+
+    - separate mode (``ratio()`` is None): pulls ∂L/∂h^L back through the trunk with one extra
+      vector–Jacobian product, c = (∂h^{L−1}/∂w)ᵀ ∂L/∂h^L, and lets g_in continue unchanged, so
+      ``p.grad`` ends as ∇L exactly as without the tap;
+    - fused mode (``ratio()`` = r): replaces g_in by g_in + r·∂L/∂h^L, so ``p.grad`` ends as a + r·c
+      with no extra product (constant or reused coefficients).
+
+    c accumulates over backward passes like ``p.grad`` and restarts when the trunk's ``p.grad`` was
+    reset (None) before the pass, or by ``clear``. ``take`` hands the recorded pass(es) to the step
+    and rescales c per parameter by ‖p.grad now‖/‖p.grad after backward‖, so an unscale
+    (GradScaler) or norm clipping of the gradients between backward and step acts on c too.
+    Only a plain ``loss.backward()`` is tapped (``_plain_backward``)."""
+
+    def __init__(self, counter: CounterLoss, params: List[torch.Tensor],
+                 ratio: Callable[[], Optional[float]]) -> None:
+        self.counter, self.params, self.ratio = counter, params, ratio
+        self.suspended, self.seen_forward = False, False
+        self._sentinel = torch.zeros((), requires_grad=True)
+        self._open: dict = {}                       # id(module) -> its _Forward, pre-hook to hook
+        self.clear()
+        self._grad_hooks: dict = {}                 # index -> post-accumulate-grad hook handle
+        modules = _candidates(counter.model)
+        self._handles = [m.register_forward_pre_hook(self._pre_hook) for m in modules]
+        self._handles += [m.register_forward_hook(self._hook) for m in modules]
+
+    def __deepcopy__(self, memo: dict) -> "ShortcutTap":
+        """A deep copy of the hooked model (a reference net, a fidelity twin) gets inert hooks:
+        the tap serves the optimizer's own model only."""
+        inert = object.__new__(type(self))
+        inert.suspended, inert._open, inert._handles, inert._grad_hooks = True, {}, [], {}
+        memo[id(self)] = inert
+        return inert
+
+    def clear(self) -> None:
+        """Forget what the backward passes since the last step recorded."""
+        self.c: Optional[List[Optional[torch.Tensor]]] = None
+        self.fused: Optional[float] = None
+        self._after: Dict[int, torch.Tensor] = {}   # ‖p.grad‖² at the end of the last backward
+
+    # -- forward ------------------------------------------------------------------------------
+    def _targets(self, module: nn.Module) -> bool:
+        if self.suspended or not torch.is_grad_enabled():
+            return False
+        counter = self.counter
+        if counter._cutting or counter.alpha is not None:
+            return False
+        return counter._probing or module is counter._order[-1]
+
+    def _pre_hook(self, module: nn.Module, inputs: tuple):
+        if not self._targets(module) or not inputs or not isinstance(inputs[0], torch.Tensor):
+            return None
+        self.seen_forward = True
+        record = _Forward(self, module)
+        self._open[id(module)] = record
+        return (_TapFn.apply(inputs[0], self._sentinel, record),) + tuple(inputs[1:])
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        record = self._open.pop(id(module), None)
+        if record is not None and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(record.keep_grad_out)
+
+    # -- backward -----------------------------------------------------------------------------
+    def backward(self, record: _Forward, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The cotangent that continues into the trunk (see the class docstring)."""
+        order = self.counter._order
+        if not order or record.module is not order[-1] or record.grad_out is None \
+                or not _plain_backward(torch.autograd.graph.get_gradient_edge(self._sentinel).node):
+            return grad
+        r = self.ratio()
+        if r is not None:
+            self.fused = r
+            return grad + r * record.grad_out if r != 0 else grad
+        self._accumulate(self._vjp(h, record.grad_out))
+        return grad
+
+    def _vjp(self, h: torch.Tensor, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        """c = (∂h^{L−1}/∂w)ᵀ ∂L/∂h^L; None where h^{L−1} does not depend on the parameter."""
+        live = [i for i, p in enumerate(self.params) if p.requires_grad]
+        c: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        if not h.requires_grad or not live:
+            return c
+        got = torch.autograd.grad(h, [self.params[i] for i in live], grad_out,
+                                  retain_graph=True, allow_unused=True)
+        for i, g in zip(live, got):
+            c[i] = g
+        return c
+
+    def _accumulate(self, c: List[Optional[torch.Tensor]]) -> None:
+        """Add this pass's c to the recorded one, or start afresh if the trunk's gradients were
+        reset since (the trunk's ``.grad`` is accumulated after this, further down the pass)."""
+        trunk = [i for i, ci in enumerate(c) if ci is not None]
+        if self.c is not None and all(self.params[i].grad is not None for i in trunk):
+            self.c = [x if y is None else (y if x is None else x + y) for x, y in zip(self.c, c)]
+        else:
+            self.c = c
+        for i in trunk:
+            if i not in self._grad_hooks:
+                self._grad_hooks[i] = self.params[i].register_post_accumulate_grad_hook(
+                    lambda p, i=i: self._after_backward(i, p))
+
+    def _after_backward(self, i: int, p: torch.Tensor) -> None:
+        if self.c is not None and p.grad is not None:
+            self._after[i] = sqnorm(p.grad)
+
+    # -- the step -----------------------------------------------------------------------------
+    def take(self) -> Tuple[Optional[float], Optional[List[Optional[torch.Tensor]]]]:
+        """(r, None) after fused passes, (None, c) after separate ones, (None, None) if no
+        ``loss.backward()`` went through the block since the last step; then ``clear``."""
+        fused, c, after = self.fused, self.c, self._after
+        self.clear()
+        if fused is not None or c is None:
+            return fused, None
+        for i, ci in enumerate(c):
+            grad = self.params[i].grad
+            if ci is not None and i in after and grad is not None:
+                then = after[i]        # exactly 1 when p.grad is untouched since the backward
+                scale = torch.where(then > 0, (sqnorm(grad) / then).sqrt(), torch.ones_like(then))
+                c[i] = ci * scale.to(ci.dtype)
+        return None, c
+
+    def detach(self) -> None:
+        for h in self._handles + list(self._grad_hooks.values()):
+            h.remove()
+        self._handles, self._grad_hooks = [], {}
+
+
+def sqnorm(v: torch.Tensor) -> torch.Tensor:
+    """‖v‖² in float64, as a 0-dim tensor (no host sync on a GPU)."""
+    return torch.linalg.vector_norm(v.detach(), dtype=torch.float64).square()

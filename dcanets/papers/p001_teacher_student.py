@@ -11,6 +11,11 @@ paper 001 compares against).
 Everything is a tensor with a leading batch dimension ``B`` (one row per teacher), so a whole
 success-rate sweep is a few thousand small tensor operations instead of a Python loop per teacher.
 
+Teacher distributions are named options (:data:`TEACHERS`, :func:`teacher_sampler`; the slides give
+none for their experiment): what decides the prior's fate is the angle between ``v*`` and the
+shortcut direction ``1/sqrt(p)`` where the prior starts the student. Below 90 degrees a long enough warm-up
+leads to success (:func:`frozen_alignment`); at 90 degrees the prior's assumption ends.
+
 Population loss in closed form (derivation, used by :func:`population_loss`): for unit ``u, v``
 at angle ``theta``, ``E[relu(z^T u) relu(z^T v)] = (sin theta + (pi - theta) cos theta) / (2 pi)``
 and ``E[relu(z^T u)] = 1 / sqrt(2 pi)``. Patches are independent, so with
@@ -25,11 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 TWO_PI = 2.0 * math.pi
+FilterSampler = Callable[[int, int, torch.Generator], torch.Tensor]  # (n, p, generator) -> (n, p)
 
 
 @dataclass
@@ -57,15 +63,82 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def sample_teachers(n: int, k: int, p: int, generator: torch.Generator) -> Teachers:
-    """``n`` random teachers satisfying the skip-layer prior of paper 001.
-
-    ``v* = (1/sqrt(p) + w*) / ||1/sqrt(p) + w*||`` with ``w*`` uniform on the unit sphere
-    (paper 001, Assumption "Skip-Layer Prior": ``||w*|| <= 1``, taken at its boundary, which is
-    the hardest case it allows); ``a* ~ N(0, I_k)``.
-    """
+def _prior_sphere(n: int, p: int, generator: torch.Generator) -> torch.Tensor:
+    """``v* = (1/sqrt(p) + w*) / ||.||`` with ``w*`` uniform on the unit sphere: paper 001's
+    Assumption "Skip-Layer Prior" (``||w*|| <= 1``) at ``||w*|| = 1``. The angle to the shortcut
+    direction is half the angle between ``1/sqrt(p)`` and ``w*``, so it stays well below 90 degrees
+    except for the rare ``w*`` near ``-1/sqrt(p)``."""
     w_star = _unit(torch.randn(n, p, generator=generator, dtype=torch.float64))
-    v_star = _unit(ones_direction(p) + w_star)
+    return _unit(ones_direction(p) + w_star)
+
+
+def _prior_hemisphere(n: int, p: int, generator: torch.Generator) -> torch.Tensor:
+    """``v*`` uniform over every unit filter the prior allows for the *normalized* student: some
+    ``w*`` with ``||w*|| <= 1`` and ``1/sqrt(p) + w*`` a positive multiple of ``v*`` exists iff the
+    angle between ``v*`` and ``1/sqrt(p)`` is below 90 degrees (the ray through ``v*`` comes within
+    ``sin(angle)`` of ``1/sqrt(p)``; beyond 90 degrees never within 1). A uniform filter reflected
+    into that half-sphere."""
+    v = _unit(torch.randn(n, p, generator=generator, dtype=torch.float64))
+    e = ones_direction(p)
+    cos = (v @ e)[:, None]
+    return torch.where(cos < 0, v - 2 * cos * e, v)
+
+
+def _generic(n: int, p: int, generator: torch.Generator) -> torch.Tensor:
+    """``v*`` uniform on the unit sphere: the teacher of the "Teacher Network" slide with no prior
+    assumption (half of these teachers violate it)."""
+    return _unit(torch.randn(n, p, generator=generator, dtype=torch.float64))
+
+
+def _at_angle(degrees: float) -> FilterSampler:
+    """``v* = cos(phi) 1/sqrt(p) + sin(phi) xi``, ``xi`` uniform among unit vectors orthogonal to
+    ``1/sqrt(p)``: every teacher at the same angle ``phi`` from where the prior starts the student.
+    ``phi < 90`` satisfies the prior (see :func:`_prior_hemisphere`), ``phi = 90`` is its edge."""
+    phi = math.radians(degrees)
+
+    def sample(n: int, p: int, generator: torch.Generator) -> torch.Tensor:
+        if p < 2:
+            raise ValueError(f"a teacher at a given angle needs p >= 2, got p={p}")
+        e = ones_direction(p)
+        xi = torch.randn(n, p, generator=generator, dtype=torch.float64)
+        xi = _unit(xi - (xi @ e)[:, None] * e)
+        return math.cos(phi) * e + math.sin(phi) * xi
+
+    return sample
+
+
+# named teacher distributions (of v*; a* ~ N(0, I_k) in all). The slides give no experiment
+# distribution, so these span the prior: well inside it, all of it, its edge, and without it.
+TEACHERS: Dict[str, FilterSampler] = {
+    "prior_sphere": _prior_sphere,
+    "prior_hemisphere": _prior_hemisphere,
+    "prior_boundary": _at_angle(90.0),
+    "generic": _generic,
+}
+
+
+def teacher_sampler(name: str) -> FilterSampler:
+    """The sampler of ``v*`` called ``name``: a key of :data:`TEACHERS` or ``"angle:<degrees>"``
+    (every teacher at that angle from the shortcut direction, ``0 <= degrees <= 180``)."""
+    if name in TEACHERS:
+        return TEACHERS[name]
+    if name.startswith("angle:"):
+        try:
+            degrees = float(name.split(":", 1)[1])
+        except ValueError:
+            degrees = math.nan
+        if 0.0 <= degrees <= 180.0:
+            return _at_angle(degrees)
+    raise ValueError(f"unknown teacher distribution {name!r}: use one of {sorted(TEACHERS)} "
+                     "or 'angle:<degrees>' with 0 <= degrees <= 180")
+
+
+def sample_teachers(n: int, k: int, p: int, generator: torch.Generator,
+                    teacher: str = "prior_sphere") -> Teachers:
+    """``n`` random teachers: unit filters ``v*`` from the distribution ``teacher`` (see
+    :func:`teacher_sampler`; the default keeps the prior well satisfied) and ``a* ~ N(0, I_k)``,
+    drawn in that order from ``generator``."""
+    v_star = teacher_sampler(teacher)(n, p, generator)
     a_star = torch.randn(n, k, generator=generator, dtype=torch.float64)
     return Teachers(a_star, v_star)
 
@@ -115,6 +188,24 @@ def spurious_optimum(teachers: Teachers) -> tuple:
     ones = torch.ones(k, k, dtype=teachers.a.dtype)
     a_bar = torch.linalg.solve(ones + (math.pi - 1) * eye, ((ones - eye) @ teachers.a.T)).T
     return a_bar, -teachers.v
+
+
+def frozen_alignment(teachers: Teachers, u: torch.Tensor) -> torch.Tensor:
+    """``a(theta)^T a*`` per teacher, with ``a(theta) = M(0)^{-1} M(theta) a*`` the minimiser over
+    ``a`` while the filter stays at ``u`` (angle ``theta`` to ``v*``).
+
+    Why: a step-size warm-up nearly freezes ``u`` while ``a`` converges, so afterwards ``u`` turns
+    towards ``v*`` iff this is positive (``dL/dcos = -2 a^T a* dg/dcos``). On the all-ones
+    direction and orthogonal to it the two matrices share eigenvectors, so with
+    ``c = 2 pi g(theta) - 1`` it is ``c_par (1^T a*)^2 / k + c_perp ||a*_perp||^2`` with
+    ``c_par = (c + k) / (k + pi - 1)`` and ``c_perp = c / (pi - 1)``: positive for every ``a*``
+    when ``theta < 90`` degrees (``c > 0``), mostly negative beyond it for zero-mean ``a*``.
+    """
+    k = teachers.k
+    c = TWO_PI * pair_kernel((_unit(u) * teachers.v).sum(-1)) - 1.0
+    par2 = teachers.a.sum(-1) ** 2 / k
+    perp2 = (teachers.a * teachers.a).sum(-1) - par2
+    return (c + k) / (k + math.pi - 1) * par2 + c / (math.pi - 1) * perp2
 
 
 def monte_carlo_loss(a: torch.Tensor, u: torch.Tensor, teachers: Teachers, samples: int,
@@ -220,18 +311,76 @@ def normalized_gd(teachers: Teachers, cfg: GDConfig, generator: torch.Generator,
     return GDResult(a, u, population_loss(a, u, teachers), success, spurious, history)
 
 
-def success_rates(k_values: Sequence[int], p: int, n_teachers: int, variants: Dict[str, GDConfig],
-                  seed: int = 0, tol: float = 1e-2) -> Dict[str, Dict[int, Dict[str, float]]]:
-    """Success and spurious rates per variant and k; every variant sees the same teachers."""
-    out: Dict[str, Dict[int, Dict[str, float]]] = {name: {} for name in variants}
+@dataclass
+class SweepCell:
+    """One k of a sweep: the teachers and every variant's result on them."""
+
+    teachers: Teachers
+    results: Dict[str, GDResult]
+
+
+def run_sweep(k_values: Sequence[int], p: int, n_teachers: int, variants: Dict[str, GDConfig],
+              seed: int = 0, tol: float = 1e-2, teacher: str = "prior_sphere") -> Dict[int, SweepCell]:
+    """Every variant on the same ``n_teachers`` teachers and the same ``a_0`` per k, so variants
+    can be compared teacher by teacher (:func:`paired_difference`)."""
+    out: Dict[int, SweepCell] = {}
     for k in k_values:
-        teachers = sample_teachers(n_teachers, k, p, torch.Generator().manual_seed(seed + k))
-        for name, cfg in variants.items():
-            res = normalized_gd(teachers, cfg, torch.Generator().manual_seed(seed + 1000 + k), tol)
-            out[name][k] = {"success": res.success.double().mean().item(),
-                            "spurious": res.spurious.double().mean().item(),
-                            "median_loss": res.loss.median().item()}
+        teachers = sample_teachers(n_teachers, k, p, torch.Generator().manual_seed(seed + k), teacher)
+        out[k] = SweepCell(teachers, {
+            name: normalized_gd(teachers, cfg, torch.Generator().manual_seed(seed + 1000 + k), tol)
+            for name, cfg in variants.items()})
     return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """Wilson score interval of a binomial rate (95 % for z = 1.96); unlike the Wald interval it
+    stays inside [0, 1] and is not empty at 0 or n successes, which is where these rates sit."""
+    if n <= 0:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rate, z2 = successes / n, z * z
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # the interval contains the rate; min/max only undo rounding at 0 and n successes
+    return max(0.0, min(centre - half, rate)), min(1.0, max(centre + half, rate))
+
+
+def summarize(res: GDResult) -> Dict[str, float]:
+    """Success and spurious rates of one run with the success rate's Wilson 95 % interval."""
+    n, wins = res.success.numel(), int(res.success.sum())
+    low, high = wilson_interval(wins, n)
+    return {"success": wins / n, "success_low": low, "success_high": high,
+            "spurious": res.spurious.double().mean().item(), "median_loss": res.loss.median().item(),
+            "teachers": n}
+
+
+def paired_difference(base: torch.Tensor, other: torch.Tensor, confidence: float = 0.95) -> Dict[str, float]:
+    """``rate(other) - rate(base)`` over the same teachers: a paired comparison, far tighter than
+    two separate intervals when both rates are near 1. Only the teachers one variant solved and
+    the other did not (``gained`` by ``other``, ``lost``) carry information: the exact McNemar test
+    is a binomial test of ``gained`` out of ``gained + lost`` at 1/2, and the interval is its
+    Clopper-Pearson interval mapped to the difference, so it excludes 0 exactly when the test
+    rejects at ``1 - confidence`` (a Wald interval would not, with a handful of discordant pairs)."""
+    from scipy.stats import binomtest
+
+    n = base.numel()
+    gained, lost = int((other & ~base).sum()), int((base & ~other).sum())
+    m = gained + lost
+    out = {"difference": (gained - lost) / n, "low": 0.0, "high": 0.0, "gained": gained, "lost": lost,
+           "p_value": 1.0}
+    if m:
+        test = binomtest(gained, m, 0.5)
+        ci = test.proportion_ci(confidence, method="exact")
+        out.update(low=m / n * (2 * ci.low - 1), high=m / n * (2 * ci.high - 1), p_value=float(test.pvalue))
+    return out
+
+
+def success_rates(k_values: Sequence[int], p: int, n_teachers: int, variants: Dict[str, GDConfig],
+                  seed: int = 0, tol: float = 1e-2,
+                  teacher: str = "prior_sphere") -> Dict[str, Dict[int, Dict[str, float]]]:
+    """Success and spurious rates (with Wilson intervals) per variant and k; every variant sees
+    the same teachers, drawn from the distribution ``teacher``."""
+    sweep = run_sweep(k_values, p, n_teachers, variants, seed, tol, teacher)
+    return {name: {k: summarize(sweep[k].results[name]) for k in k_values} for name in variants}
 
 
 def slice_teachers(teachers: Teachers, idx: int) -> Teachers:
@@ -241,6 +390,7 @@ def slice_teachers(teachers: Teachers, idx: int) -> Teachers:
 
 __all__ = [
     "Teachers", "GDConfig", "GDResult", "VARIANTS", "sample_teachers", "pair_kernel",
-    "population_loss", "population_grads", "spurious_optimum", "monte_carlo_loss",
+    "population_loss", "population_grads", "spurious_optimum", "frozen_alignment", "monte_carlo_loss",
     "init_students", "normalized_gd", "outcome", "success_rates", "slice_teachers", "ones_direction",
+    "TEACHERS", "teacher_sampler", "SweepCell", "run_sweep", "summarize", "wilson_interval", "paired_difference",
 ]

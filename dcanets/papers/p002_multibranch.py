@@ -12,8 +12,9 @@ network; two measurable proxies at the trained point (our choice; docs/papers.md
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -34,17 +35,29 @@ def digits_data(n: int = 512, seed: int = 0) -> tuple:
     return x, torch.tensor(data.target)[idx]
 
 
-def train_full_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-                     lr: float = 1e-2) -> float:
-    """Full-batch Adam on cross-entropy; returns the final training loss."""
+def train_to_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target: float,
+                  max_steps: int, lr: float = 1e-2) -> Tuple[float, int]:
+    """Full-batch Adam on cross-entropy until the training loss is at most ``target`` or
+    ``max_steps`` steps are spent; returns (final training loss, steps taken).
+
+    Why a target: nets with more branches train more slowly at the same step count (the 1/I
+    output scale), so comparing them after equal steps compares points of unequal loss."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
+    for step in range(max_steps):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
+        if loss.item() <= target:
+            return loss.item(), step
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return F.cross_entropy(model(x), y).item()
+        return F.cross_entropy(model(x), y).item(), max_steps
+
+
+def train_full_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                     lr: float = 1e-2) -> float:
+    """Full-batch Adam on cross-entropy for exactly ``steps`` steps; returns the final training loss."""
+    return train_to_loss(model, x, y, -math.inf, steps, lr)[0]
 
 
 def convex_envelope_gap(values: torch.Tensor, ts: torch.Tensor) -> float:
@@ -109,27 +122,42 @@ def hessian_negative_share(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
 
 @dataclass
 class BranchReport:
-    """Measurements of one trained model."""
+    """Measurements of one trained model: ``steps`` taken and whether the target loss was
+    ``reached`` (always True without a target)."""
 
     num_branches: int
     train_loss: float
     hessian: Dict[str, float]
     lines: Dict[str, float]
+    steps: int = 0
+    reached: bool = True
+    total_width: int = 0
 
 
 def measure(branches: Sequence[int], total_width: int = 64, depth: int = 1, n: int = 512,
             steps: int = 300, lines: int = 8, lanczos_steps: int = 40, seed: int = 0,
-            radius: float = 3.0) -> List[BranchReport]:
-    """Train ``multibranch_mlp_{depth}h`` for each ``I`` at fixed total width and measure it."""
+            radius: float = 3.0, target_loss: Optional[float] = None,
+            branch_width: Optional[int] = None) -> List[BranchReport]:
+    """Train ``multibranch_mlp_{depth}h`` for each ``I`` and measure it at the trained point.
+
+    ``target_loss``: train each net until its training loss is at most this (``steps`` is then the
+    cap), so every ``I`` is measured at the same loss, not after the same steps. ``branch_width``:
+    every branch gets this width and the total grows as ``I * branch_width`` (paper 002's setting:
+    identical sub-networks, more of them); without it ``total_width`` is split over the branches.
+    With one hidden layer a fixed total width makes every ``I`` the same function class (the
+    hidden layer is dense either way; only the 1/I head scale and the init differ).
+    """
     x, y = digits_data(n, seed)
     reports = []
     for i in branches:
         torch.manual_seed(seed)
-        model = timm.create_model(f"multibranch_mlp_{depth}h", num_branches=i, total_width=total_width)
-        loss = train_full_batch(model, x, y, steps)
+        width = i * branch_width if branch_width else total_width
+        model = timm.create_model(f"multibranch_mlp_{depth}h", num_branches=i, total_width=width)
+        target = -math.inf if target_loss is None else target_loss
+        loss, taken = train_to_loss(model, x, y, target, steps)
         hessian = hessian_negative_share(model, x, y, lanczos_steps, seed)
         line = random_line_gaps(_Bound(model, x), lambda out: F.cross_entropy(out, y), lines, radius=radius, seed=seed)
-        reports.append(BranchReport(i, loss, hessian, line))
+        reports.append(BranchReport(i, loss, hessian, line, taken, loss <= target or target_loss is None, width))
     return reports
 
 
@@ -144,5 +172,5 @@ class _Bound(torch.nn.Module):
         return self.model(self.x)
 
 
-__all__ = ["digits_data", "train_full_batch", "convex_envelope_gap", "random_line_gaps",
+__all__ = ["digits_data", "train_full_batch", "train_to_loss", "convex_envelope_gap", "random_line_gaps",
            "hessian_negative_share", "measure", "BranchReport"]

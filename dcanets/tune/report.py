@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from dcanets.tune import schema as tune_config
+from dcanets.tune.storage import RESULT_FILES, Location, join
 
 
 def short_params(config: Dict[str, Any]) -> str:
@@ -40,17 +41,19 @@ def report(result: Dict[str, Any], spec: tune_config.TuneSpec, exp_dir: Path, to
             + yaml.safe_dump(best, sort_keys=False))
         plot_curves(trials, spec, exp_dir / "curves.png")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.get("timings", {}).items()))
-    written = [name for name in ("best.yaml", "curves.png", "trials.csv") if (exp_dir / name).exists()]
-    print(f"outputs: {exp_dir}  ({', '.join(written) + '; ' if written else ''}MLflow: {_uri(exp_dir)})")
+    written = [name for name in RESULT_FILES if (exp_dir / name).exists()]
+    location = result.get("location") or Location.local(exp_dir)
+    stored = f"copied to the storage {location.uri}; " if location.shared else ""
+    print(f"outputs: {exp_dir}  ({', '.join(written) + '; ' if written else ''}{stored}MLflow: {_uri(exp_dir)})")
     if result["status"] == "KILLED":
         why = f"{result['signal']} received" if result.get("signal") else "trials left unfinished"
-        print(f"dcanets tune: interrupted ({why}): continue with  dcanets tune --resume {exp_dir}",
+        print(f"dcanets tune: interrupted ({why}): continue with  {location.resume_command()}",
               file=sys.stderr)
     elif result["status"] == "FAILED":
         errors = result.get("errors") or []
         first = f"; first error: {errors[0]}" if errors else ""
         print(f"dcanets tune: error: all {len(trials)} trial(s) failed{first} "
-              f"(each trial's traceback: {exp_dir}/trial_*/error.txt)", file=sys.stderr)
+              f"(each trial's traceback: {join(location.uri, 'trial_*/error.txt')})", file=sys.stderr)
 
 
 def summarize(result: Dict[str, Any], spec, exp_dir: Path, state: Dict[str, Any]) -> None:
@@ -71,10 +74,13 @@ def summarize(result: Dict[str, Any], spec, exp_dir: Path, state: Dict[str, Any]
 
 
 def _uri(exp_dir: Path) -> str:
+    """The tracking URI, or for a server the link that opens the experiment on its runs."""
     from dcanets.tune.search import STATE
+    from dcanets.tune.tracking import experiment_url
 
     try:
-        return json.loads((exp_dir / STATE).read_text())["tracking_uri"]
+        state = json.loads((exp_dir / STATE).read_text())
+        return experiment_url(state["tracking_uri"], state.get("experiment_id")) or state["tracking_uri"]
     except (OSError, KeyError, ValueError):
         return "?"
 

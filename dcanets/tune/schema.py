@@ -8,7 +8,9 @@ A search file is data, read top to bottom the way a Ray Tune user would write th
     scheduler:    {type: ASHAScheduler, ...kwargs}      -> ray.tune.schedulers.ASHAScheduler(**kwargs)
     tune_config:  metric, mode, num_samples, ...        -> ray.tune.TuneConfig(**kwargs)
     resources:    {cpu: 1, gpu: 0.5}                    -> tune.with_resources(trainable, ...)
-    tracking:     {uri, experiment}                     -> MLflow (SQLite under the output by default)
+    tracking:     {uri, experiment}                     -> MLflow ($MLFLOW_TRACKING_URI, else SQLite under the output)
+    failure_config: {max_failures: 2}                   -> RunConfig(failure_config=ray.tune.FailureConfig(...))
+    storage:      s3://bucket/prefix or a shared folder -> RunConfig(storage_path, storage_filesystem)
 
 Each section is a pydantic model (``SearchFile`` gathers them for ``dcanets tune --schema``); the
 ``train`` section and every sampled bound are checked by ``TrainConfig`` itself, exactly as
@@ -33,6 +35,7 @@ from typing_extensions import Annotated
 
 from dcanets.engine.config import TrainConfig
 from dcanets.plugins import did_you_mean
+from dcanets.tune import storage as search_storage
 from dcanets.validation import (
     Count,
     Integer,
@@ -217,9 +220,24 @@ class Resources(_Strict):
 
 
 class Tracking(_Strict):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                                 "sqlite:///<output>/mlflow.db; --tracking-uri overrides it)")
     experiment: Optional[str] = Field(None, description="MLflow experiment (default: the search name)")
     enabled: bool = Field(True, description="log to MLflow")
+
+
+class FailureConfigSection(_Strict):
+    """``ray.tune.FailureConfig`` arguments: what a trial that crashed or lost its node does.
+
+    A retried trial resumes from its last epoch checkpoint (every trial reports one per epoch,
+    kept in the search's storage) on whichever node has room: a node that died mid-trial costs
+    the epoch in progress, not the trial. Ray's default, 0, is kept: a trial whose own code
+    fails would fail again on every retry, so retries are asked for (on a cluster whose nodes
+    can go away), not assumed.
+    """
+
+    max_failures: Integer = Field(0, ge=-1, description="retries of a failed trial, each from its last epoch "
+                                                        "checkpoint (a lost node included); -1: no limit")
 
 
 class Header(BaseModel):
@@ -252,6 +270,11 @@ class SearchFile(Header):
     tune_config: TuneConfigSection = Field(default_factory=TuneConfigSection)
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
+    failure_config: FailureConfigSection = Field(default_factory=FailureConfigSection)
+    storage: Optional[str] = Field(
+        None, description="where Ray Tune keeps trial checkpoints and results, reachable from every node: a folder "
+                          "on a shared filesystem or a URI such as s3://bucket/prefix (an S3-compatible server: "
+                          "s3://bucket/prefix?endpoint_override=http://host:9000); default: the search folder")
 
 
 def json_schema() -> Dict[str, Any]:
@@ -274,6 +297,8 @@ class TuneSpec:
     resources: Dict[str, float]
     tracking: Dict[str, Any]
     raw: Dict[str, Any]
+    storage: Optional[str] = None  # a URI, or an absolute path; None: the search folder itself
+    failure_config: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"max_failures": 0})
 
     @property
     def metric(self) -> str:
@@ -344,11 +369,15 @@ def validate(doc: Dict[str, Any], path: Path, base: Optional[Path] = None) -> Tu
     tune_config = _check_tune_config(doc.get("tune_config"), err)
     resources = err.parse(Resources, doc.get("resources"), "resources")
     tracking = err.parse(Tracking, doc.get("tracking"), "tracking")
+    failure = err.parse(FailureConfigSection, doc.get("failure_config"), "failure_config")
+    storage = _check_storage(doc.get("storage"), base or path.parent, err)
     err.raise_if_any(path)
     assert header is not None and resources is not None and tracking is not None  # else raised above
+    assert failure is not None
     return TuneSpec(name=str(header.name), path=path, train=train, space=space, search_alg=search_alg,
                     scheduler=scheduler, tune_config=tune_config, resources=resources.model_dump(),
-                    tracking=tracking.model_dump(), raw=copy.deepcopy(doc))
+                    tracking=tracking.model_dump(), raw=copy.deepcopy(doc), storage=storage,
+                    failure_config=failure.model_dump())
 
 
 def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
@@ -357,6 +386,22 @@ def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
         err.add(key, f"must be a mapping, got {type(value).__name__}")
         return {}
     return dict(value)
+
+
+def _check_storage(raw: Any, base: Path, err: _Problems) -> Optional[str]:
+    """The form of ``storage:`` (reachability is checked before Ray starts, not here); a relative
+    path resolves against the YAML file's folder, like the data paths."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        err.add("storage", f"must be a folder on a shared filesystem or a URI such as s3://bucket/prefix, "
+                           f"got {type(raw).__name__}")
+        return None
+    problem = search_storage.form_problem(raw)
+    if problem:
+        err.add("storage", problem)
+        return None
+    return search_storage.normalize(raw, base)
 
 
 # ------------------------------------------------------------------------------------ train

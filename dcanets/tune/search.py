@@ -10,11 +10,13 @@ best trials, ``best.yaml`` for ``dcanets train --config``, ``curves.png`` and ``
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +25,26 @@ from typing import Any, Dict, List, Optional, Set
 from ray.tune import Callback
 
 from dcanets.tune import schema as tune_config
+from dcanets.tune import storage as search_storage
 from dcanets.tune.report import short_params
 
 DEFAULT_OUTPUT = Path("runs") / "tune"
-STATE = "search.json"  # run ids and the paths a resume needs, next to Ray's experiment state
+STATE = search_storage.STATE  # run ids and the paths a resume needs, next to Ray's experiment state
 
 
-def create_search_dir(spec: tune_config.TuneSpec, root: Path, tracking_uri: Optional[str] = None):
-    """``<root>/<name>-<time>/`` with a copy of the YAML and ``search.json`` (what --resume reads);
-    the MLflow store defaults to ``sqlite:///<root>/mlflow.db``, shared by the searches under root."""
-    from dcanets.tune.tracking import absolute_uri, check_uri, default_uri
+def create_search_dir(spec: tune_config.TuneSpec, root: Path, tracking_uri: Optional[str] = None,
+                      storage: Optional[str] = None):
+    """``<root>/<name>-<time>/`` with a copy of the YAML and ``search.json`` (what --resume reads).
+
+    The MLflow store is the first given of ``tracking_uri`` (``--tracking-uri``), the YAML's
+    ``tracking.uri`` and ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``, shared by
+    the searches under root (``dcanets.tune.tracking.choose_uri``).
+
+    With ``storage`` (a URI or an absolute path; default ``spec.storage``) Ray keeps the search in
+    ``<storage>/<name>-<time>/``: both files are copied there at once, which also checks, before
+    Ray starts, that the storage can be reached and written (one ValueError line otherwise).
+    """
+    from dcanets.tune.tracking import check_uri, choose_uri
 
     root = Path(root).expanduser().resolve()
     stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
@@ -43,18 +55,32 @@ def create_search_dir(spec: tune_config.TuneSpec, root: Path, tracking_uri: Opti
     exp_dir.mkdir(parents=True)
     try:
         shutil.copy(spec.path, exp_dir / "config.yaml")
-        uri = tracking_uri or spec.tracking["uri"]
-        state = {"config_dir": str(spec.path.parent), "config_path": str(spec.path),
-                 "tracking_uri": absolute_uri(uri) if uri else default_uri(root),
+        uri, origin = choose_uri(tracking_uri, spec.tracking["uri"], root)
+        state = {"config_dir": str(spec.path.parent), "config_path": str(spec.path), "tracking_uri": uri,
                  "experiment": spec.tracking["experiment"] or spec.name,
                  "num_samples": spec.tune_config["num_samples"], "trials": {}}
+        if storage or spec.storage:
+            state["storage"] = search_storage.normalize(storage) if storage else spec.storage
         if spec.tracking["enabled"]:
-            check_uri(state["tracking_uri"])  # a store MLflow cannot use: one line, before Ray starts
+            check_uri(uri, origin)  # a store MLflow cannot use: one line, before Ray starts
         (exp_dir / STATE).write_text(json.dumps(state, indent=2))
+        if state.get("storage"):
+            search_storage.Location.open(state["storage"])  # a URI pyarrow cannot open: named as given
+        _claim(search_storage.search_location(state, exp_dir), exp_dir)
     except BaseException:
         shutil.rmtree(exp_dir, ignore_errors=True)
         raise
     return exp_dir, state
+
+
+def _claim(location: search_storage.Location, exp_dir: Path) -> None:
+    """Copy config.yaml and search.json to a shared location that holds no search yet."""
+    if not location.shared:
+        return
+    if location.exists(search_storage.TUNER_STATE):
+        raise ValueError(f"storage {location.uri}: holds a search already; start again (the folder name "
+                         "has the time) or give another storage")
+    location.put(exp_dir, search_storage.STATE_FILES)
 
 
 # ---------------------------------------------------------------------------------------- trial
@@ -107,33 +133,40 @@ def run_search(spec: tune_config.TuneSpec, exp_dir: Path, state: Dict[str, Any],
 
     timings: Dict[str, float] = {}
     tracker, status = None, "FAILED"
+    location = search_storage.search_location(state, exp_dir)
     stop = _Interruption()
     earlier = float(state.get("fit_seconds", 0.0))  # --resume: time spent by the earlier sessions
     t_fit = None
     with stop.catching():  # Ctrl-C / `kill` / batch schedulers: stop the Tune way, then report KILLED
         try:
             t0 = time.perf_counter()
+            store = _open_store_meanwhile(state["tracking_uri"]) if spec.tracking["enabled"] else None
             started_ray = _init_ray(address, num_cpus, worker_logs)
             stop.install()  # again: ray.init puts its own (fatal) SIGTERM handler in the driver
             timings["ray_init"] = time.perf_counter() - t0
             try:
                 check_resources(spec.resources, address)
-                if spec.tracking["enabled"]:
+                if store is not None:
                     t0 = time.perf_counter()
+                    store.result()  # a new SQLite store: MLflow's migrations, run while Ray started
                     tracker = SearchTracker(state["tracking_uri"], state["experiment"], exp_dir / STATE)
                     tracker.start(_flat_params(spec), exp_dir / "config.yaml",
-                                  {"name": exp_dir.name, "config": str(spec.path), "ray_results": str(exp_dir)})
+                                  {"name": exp_dir.name, "config": str(spec.path), "ray_results": location.uri})
                     if resume:  # runs of trials created after Tune's last snapshot: Tune never restores them
-                        tracker.drop_orphans(_restorable_trial_ids(exp_dir))
+                        tracker.drop_orphans(_restorable_trial_ids(location))
                     timings["mlflow_start"] = time.perf_counter() - t0
                 trainable = tune.with_resources(tune.with_parameters(trial, base=spec.train),
                                                 {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
-                callbacks = [c for c in (tracker, None if quiet else ProgressLines(spec, earlier), Outcomes()) if c]
+                callbacks = [c for c in (tracker, None if quiet else ProgressLines(spec, earlier), Outcomes(),
+                                         StateCopies() if location.shared else None) if c]
                 Outcomes.ended = set(state.get("ended_trials", []))  # those of the earlier sessions too
+                StateCopies.target = (exp_dir, location)
                 if resume:
-                    tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
+                    tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
+                                               storage_filesystem=location.ray_filesystem)
+                    _follow_this_folder(tuner, exp_dir / STATE)
                 else:
-                    tuner = _new_tuner(spec, exp_dir, trainable, callbacks)
+                    tuner = _new_tuner(spec, location, trainable, callbacks)
                 ProgressLines.resumed_at = earlier  # the restored copy of the callback continues the clock
                 t_fit = time.perf_counter()
                 grid = tuner.fit()
@@ -143,7 +176,8 @@ def run_search(spec: tune_config.TuneSpec, exp_dir: Path, state: Dict[str, Any],
                 n_ok = sum(t["status"] == "TERMINATED" for t in trials)
                 status = "KILLED" if interrupted else ("FINISHED" if n_ok else "FAILED")
                 return {"status": status, "trials": trials, "seconds": earlier + timings["fit"], "grid": grid,
-                        "timings": timings, "signal": stop.name, "errors": _errors(grid) if n_ok == 0 else []}
+                        "timings": timings, "signal": stop.name, "errors": _errors(grid),
+                        "location": location}
             except KeyboardInterrupt:
                 status = "KILLED"
                 raise
@@ -152,13 +186,31 @@ def run_search(spec: tune_config.TuneSpec, exp_dir: Path, state: Dict[str, Any],
                 if t_fit is not None:
                     _save_state(exp_dir, fit_seconds=earlier + (time.perf_counter() - t_fit), status=status,
                                 ended_trials=sorted(Outcomes.ended))
+                    copy_files(location, exp_dir, [STATE])
                 if tracker and tracker.parent_id:  # a fresh reader of search.json: Tune may hold a restored copy
                     SearchTracker(state["tracking_uri"], state["experiment"], exp_dir / STATE).close(status)
                 if started_ray:
                     ray.shutdown()
                 timings["teardown"] = time.perf_counter() - t0
         except KeyboardInterrupt:
-            raise SearchInterrupted(stop.name or "SIGINT", started=(exp_dir / "tuner.pkl").exists()) from None
+            raise SearchInterrupted(stop.name or "SIGINT", started=location.started()) from None
+
+
+def _open_store_meanwhile(uri: str) -> concurrent.futures.Future:
+    """Open (for a new SQLite file: create) the MLflow store in a thread while Ray starts.
+
+    Creating a SQLite store runs MLflow's schema migrations, 2-7 s of the driver's time on 2 cores,
+    and ``ray.init`` spends most of its 3-7 s waiting for Ray's own processes to come up: done
+    one after the other they were the largest fixed cost of a search after Ray itself. The future
+    raises open_store's one-line ValueError.
+    """
+    from dcanets.tune.tracking import open_store
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcanets-mlflow-store")
+    try:
+        return pool.submit(open_store, uri)
+    finally:
+        pool.shutdown(wait=False)
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -240,23 +292,60 @@ def check_resources(resources: Dict[str, float], address: Optional[str] = None) 
                                         else " or join a bigger cluster with --address"))
 
 
-def _restorable_trial_ids(exp_dir: Path) -> set:
+def _restorable_trial_ids(location: search_storage.Location) -> set:
     """The trials ``Tuner.restore`` brings back: those in Tune's last experiment snapshot."""
     from ray.tune import ExperimentAnalysis
 
     try:
-        return {t.trial_id for t in ExperimentAnalysis(str(exp_dir)).trials}
+        analysis = ExperimentAnalysis(location.path, storage_filesystem=location.ray_filesystem)
+        return {t.trial_id for t in analysis.trials}
     except Exception:  # no snapshot yet: Tuner.restore will say so
         return set()
 
 
+def copy_files(location: search_storage.Location, exp_dir: Path, names: List[str]) -> None:
+    """Copy files of the search folder to shared storage; a failure is one warning line, not an
+    exception: this runs in ``finally`` blocks and after the search, where raising would hide
+    the outcome (the files stay in the search folder)."""
+    try:
+        location.put(exp_dir, names)
+    except ValueError as exc:
+        print(f"dcanets tune: warning: {exc}; {', '.join(names)} stay in {exp_dir} only", file=sys.stderr)
+
+
+def _follow_this_folder(tuner, state_path: Path) -> None:
+    """Point the MLflow tracker restored from tuner.pkl at this session's ``search.json``.
+
+    ``Tuner.restore`` runs the callbacks pickled when the search started, and the tracker among
+    them keeps the path of the search folder it was created with. A search resumed from its
+    storage on another machine (or into another ``--output``) has its folder elsewhere; the
+    tracker's own unpickling reconnects and re-reads the run ids, so it is run again on the
+    new path.
+    """
+    from dcanets import _compat
+    from dcanets.tune.tracking import SearchTracker
+
+    for callback in _compat.tuner_callbacks(tuner):
+        if isinstance(callback, SearchTracker) and Path(callback.state_path) != state_path:
+            callback.__setstate__({**callback.__getstate__(), "state_path": state_path})
+
+
 def _errors(grid) -> List[str]:
-    """The last line of each failed trial's error (``RuntimeError: ...``), for the one-line report."""
+    """The last line of each failed trial's error (``RuntimeError: ...``), for the one-line report.
+
+    A trial's own exception ends its traceback with its class; Ray's errors for a lost process or
+    node (``ActorUnavailableError``) are a bare sentence, so their class is put in front.
+    """
+    import re
+
     out = []
     for res in grid:
         if res.error is not None:
             text = str(res.error).strip().splitlines()
-            out.append(text[-1] if text else type(res.error).__name__)
+            line = text[-1] if text else ""
+            if not re.match(r"[\w.]+(Error|Exception|Interrupt|Exit)\b", line):
+                line = f"{type(res.error).__name__}: {line}".rstrip(": ")
+            out.append(line)
     return out
 
 
@@ -272,7 +361,7 @@ def _save_state(exp_dir: Path, **values: Any) -> None:
     os.replace(tmp, path)
 
 
-def _new_tuner(spec, exp_dir: Path, trainable, callbacks):
+def _new_tuner(spec, location: search_storage.Location, trainable, callbacks):
     from ray import tune
 
     return tune.Tuner(
@@ -280,9 +369,10 @@ def _new_tuner(spec, exp_dir: Path, trainable, callbacks):
         tune_config=tune.TuneConfig(search_alg=tune_config.build_search_alg(spec),
                                     scheduler=tune_config.build_scheduler(spec), **spec.tune_config),
         run_config=tune.RunConfig(
-            name=exp_dir.name, storage_path=str(exp_dir.parent), callbacks=callbacks, verbose=0,
+            name=location.name, storage_path=location.ray_storage_path,
+            storage_filesystem=location.ray_filesystem, callbacks=callbacks, verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0)))
+            failure_config=tune.FailureConfig(**spec.failure_config)))
 
 
 def _init_ray(address: Optional[str], num_cpus: Optional[int], worker_logs: bool) -> bool:
@@ -295,10 +385,25 @@ def _init_ray(address: Optional[str], num_cpus: Optional[int], worker_logs: bool
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=worker_logs)
+        try:
+            ray.init(address=address, log_to_driver=worker_logs)
+        except ConnectionError as exc:  # after Ray's ~30 s of retries: say what to check
+            raise ConnectionError(f"--address {address}: {exc}; {_connect_hint()}") from None
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=worker_logs)
     return True
+
+
+def _connect_hint() -> str:
+    """Why a running cluster may refuse this driver: Ray 2.60 clusters use token authentication
+    by default, and a driver given an explicit address sends its token only when told to (Ray's
+    rule: a token is not offered to an address nobody vouched for)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return ("is the head up (ray start --head)? A cluster with token authentication (Ray's default) "
+                "also needs RAY_AUTH_MODE=token here, with the head's token in ~/.ray/auth_token, "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    return ("is the head up (ray start --head), and is the token here (~/.ray/auth_token, RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH) the head's?")
 
 
 def _flat_params(spec: tune_config.TuneSpec) -> Dict[str, Any]:
@@ -348,7 +453,48 @@ class ProgressLines(Callback):
         self._say(trial, "done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(trial, f"FAILED: see {trial.local_path}/error.txt")
+        error = _error_name(trial)
+        hint = ("; failure_config: {max_failures: N} retries a trial from its last checkpoint"
+                if error in LOST and trial.max_failures == 0 else "")
+        self._say(trial, f"FAILED ({error}{_on_node(trial)}): see {trial.path}/error.txt{hint}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failed trial that ``failure_config.max_failures`` retries: the line says from where.
+
+        The retry restores the last checkpoint Tune *registered*, which need not be the one of the
+        last epoch reported: Tune registers a reported checkpoint in a second round trip to the
+        trial's process (its ``save`` task), which a node that dies right after the report never
+        answers. The epoch is read from that checkpoint's own result, not from the last result.
+        """
+        registered = getattr(trial, "latest_checkpoint_result", None)
+        epoch = (getattr(registered, "metrics", None) or {}).get("epoch")
+        budget = "unlimited" if trial.max_failures < 0 else trial.max_failures
+        self._say(trial, f"failed ({_error_name(trial)}{_on_node(trial)}): retry {trial.num_failures} of {budget}, "
+                         + (f"from its epoch {epoch} checkpoint" if epoch else "from the start")
+                         + " on a node with room")
+
+
+# the errors of a trial whose process or node went away (not of its own code): what retries are for
+LOST = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "NodeDiedError", "WorkerCrashedError")
+
+
+def _error_name(trial) -> str:
+    """The class of a trial's last error (``ActorDiedError``: its node or process went away), read
+    back from the ``error.pkl`` Tune writes beside ``error.txt``; ``error`` when there is none."""
+    import cloudpickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as f:
+            exc = cloudpickle.load(f)
+        cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
+        return type(cause).__name__.replace("RayTaskError(", "").rstrip(")")
+    except Exception:  # no pickled error (e.g. a TuneError), or one that does not unpickle here
+        return "error"
+
+
+def _on_node(trial) -> str:
+    node = (trial.last_result or {}).get("node_id")
+    return f" on node {str(node)[:8]}" if node else ""
 
 
 class Outcomes(Callback):
@@ -366,6 +512,29 @@ class Outcomes(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         Outcomes.ended.add(trial.trial_id)
+
+
+class StateCopies(Callback):
+    """Keeps the storage's copy of ``search.json`` current as trials start and end (the MLflow
+    tracker, earlier in the callback list, writes their run ids there), so that a search resumed
+    from its storage after the driver died knows the runs to close. Class-level target, because
+    ``Tuner.restore`` runs an unpickled copy of the callbacks: the folder is this session's."""
+
+    target: Optional[tuple] = None  # (search folder, Location)
+
+    def _copy(self) -> None:
+        if StateCopies.target is not None:
+            exp_dir, location = StateCopies.target
+            copy_files(location, exp_dir, [STATE])
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._copy()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._copy()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._copy()
 
 
 def _collect(grid, spec: tune_config.TuneSpec, cut_by_stop: bool = False) -> List[Dict[str, Any]]:

@@ -8,14 +8,36 @@ still RUNNING as KILLED or FAILED. A resumed search re-opens the same parent run
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ray.tune import Callback
 
 NUMERIC = (int, float)
+URI_VARIABLE = "MLFLOW_TRACKING_URI"  # MLflow's own variable: every MLflow client follows it
+
+
+def choose_uri(flag: Optional[str], configured: Optional[str], root: Path) -> Tuple[str, Optional[str]]:
+    """The tracking URI of a new search, and where it came from when that is not in the command or
+    the file (``MLFLOW_TRACKING_URI``, for messages), first given first: ``--tracking-uri``,
+    ``tracking.uri``, ``$MLFLOW_TRACKING_URI``, else SQLite under ``--output``.
+
+    Why the variable: a user of MLflow sets it once for every tool (``mlflow``, ``load_model``);
+    the explicit choices of the command and of the file still come before it.
+    """
+    if flag or configured:
+        return absolute_uri(str(flag or configured)), None
+    variable = os.environ.get(URI_VARIABLE, "").strip()
+    if variable:
+        return absolute_uri(variable), URI_VARIABLE
+    return default_uri(root), None
 
 
 def default_uri(root: Path) -> str:
@@ -52,33 +74,107 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def check_uri(uri: str) -> None:
-    """One ValueError line when the MLflow store at ``uri`` cannot be used, before any Ray start
-    (a SQLite store is created here, as the search would create it)."""
+def check_uri(uri: str, origin: Optional[str] = None) -> None:
+    """One ValueError line when the MLflow store at ``uri`` cannot be used, before any Ray start;
+    ``origin`` (``MLFLOW_TRACKING_URI``) is named in it, as the user may not see the URI anywhere.
+
+    A SQLite file that does not exist yet is checked by its folder only: creating it runs MLflow's
+    schema migrations (2-7 s on 2 cores), which :func:`open_store` does while Ray starts.
+    """
+    name = _named(uri, origin)
     prefix = "sqlite:///"
     if uri.startswith(prefix):
-        folder = Path(uri[len(prefix):]).parent
-        if not folder.is_dir():
-            raise ValueError(f"tracking uri {uri}: folder {folder} does not exist (create it, or give another "
+        path = Path(uri[len(prefix):])
+        if not path.parent.is_dir():
+            raise ValueError(f"{name}: folder {path.parent} does not exist (create it, or give another "
                              "--tracking-uri / tracking.uri)")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"tracking uri {uri}: folder {folder} is not writable (give another --tracking-uri "
+        if not os.access(path.parent, os.W_OK):
+            raise ValueError(f"{name}: folder {path.parent} is not writable (give another --tracking-uri "
                              "/ tracking.uri, or --output a writable folder)")
+        if not path.exists():
+            return
+    with _one_try():
+        open_store(uri, origin)
+
+
+def open_store(uri: str, origin: Optional[str] = None) -> None:
+    """Reach the MLflow store at ``uri`` (a SQLite file that does not exist yet is created); one
+    ValueError line when MLflow cannot use it."""
     try:
         _client(uri).search_experiments(max_results=1)
     except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        reason = lines[0] if lines else type(exc).__name__
-        raise ValueError(f"tracking uri {uri}: MLflow cannot use it: {reason[:300]}") from None
+        raise ValueError(f"{_named(uri, origin)}: {_problem(uri, exc)}") from None
 
 
-# The MLflow 3 UI opens an experiment on its GenAI overview unless the experiment says it holds
-# model training runs; this is the tag (and value) the UI reads for that.
+def _named(uri: str, origin: Optional[str]) -> str:
+    return f"tracking uri {uri}" + (f" (from {origin})" if origin else "")
+
+
+# urllib3's "[Errno 111] Connection refused", "[Errno -2] Name or service not known", ...
+_CONNECTION_ERROR = re.compile(r"\[Errno -?\d+\] ([^\"')(]+)")
+
+
+def _problem(uri: str, exc: Exception) -> str:
+    """The first line of MLflow's error; for a server that cannot be reached, what to do instead
+    of the chain of urllib3 exceptions MLflow reports."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    refused = _CONNECTION_ERROR.search(lines[0]) if lines and uri.startswith(("http://", "https://")) else None
+    if refused:
+        return (f"no MLflow server answers there ({refused.group(1).strip()}); start it (mlflow server ...) or "
+                "give another --tracking-uri / tracking.uri")
+    return f"MLflow cannot use it: {(lines[0] if lines else type(exc).__name__)[:300]}"
+
+
+@contextlib.contextmanager
+def _one_try() -> Iterator[None]:
+    """MLflow's HTTP client retries a failed request 7 times with growing pauses: a server that is
+    down took about 4 minutes to be reported. The check asks once, with a 10 s timeout (MLflow's
+    documented variables, set only for the check); the search keeps MLflow's retries."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# What the experiment holds, in MLflow's words: the tag and value MLflow's UI itself writes when a
+# user marks an experiment "Machine learning" (as opposed to "GenAI apps & agents"), and reads to
+# open it on its training runs instead of the GenAI overview while its workflow switch is off.
+# MLflow 3.17's UI has the switch on: the view then follows the URL's ?workflowType=... (else the
+# last choice, kept in the browser; GenAI at first), hence the link of `experiment_url`.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+BEST_MODEL = "best_model"  # artifact folder of the parent run: the best trial's final weights
+
+
+def experiment_url(uri: str, experiment_id: Optional[str]) -> Optional[str]:
+    """The link that opens the experiment on its runs in a tracking server's UI (MLflow 3.17 opens
+    an experiment on its GenAI views unless the link says ``workflowType=machine_learning``);
+    None for a store without a UI address (SQLite: ``mlflow ui`` chooses the port)."""
+    if not experiment_id or not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 class SearchTracker(Callback):
-    """A Tune callback that mirrors trials into MLflow and records the run ids in ``state_path``."""
+    """A Tune callback that mirrors trials into MLflow and records the run ids in ``state_path``.
+
+    Per-epoch metrics are written by a background thread: a Tune function trial waits in
+    ``tune.report`` until the driver has run every callback on its result, and one ``log_batch``
+    to SQLite took 33 ms, paid by every epoch of every trial. The writes of a run are waited for
+    before the run is ended. (MLflow's own ``log_batch(synchronous=False)`` stops its logging
+    thread at every ``set_terminated``, 0.5-1 s per trial.)
+    """
+
+    # metric writes still in flight, per run id; class-level because Tuner.restore runs an
+    # unpickled copy of this callback and close() a fresh instance
+    in_flight: Dict[str, List[concurrent.futures.Future]] = {}
+    _writer: Optional[concurrent.futures.ThreadPoolExecutor] = None  # one thread: writes in order
 
     def __init__(self, uri: str, experiment: str, state_path: Path) -> None:
         self.uri, self.experiment, self.state_path = uri, experiment, Path(state_path)
@@ -121,6 +217,12 @@ class SearchTracker(Callback):
         if not self.parent_id:
             return
         child_status = "FINISHED" if status == "FINISHED" else ("FAILED" if status == "FAILED" else "KILLED")
+        for run_id in list(SearchTracker.in_flight):
+            try:
+                _settle(run_id)
+            except Exception as exc:  # this runs in a finally: the runs are ended all the same
+                print(f"dcanets tune: warning: metrics of MLflow run {run_id} were not all logged: {exc}",
+                      file=sys.stderr)
         for run_id in self._running_children():
             self.client.set_terminated(run_id, child_status)
         self.client.set_terminated(self.parent_id, status)
@@ -155,6 +257,29 @@ class SearchTracker(Callback):
         for path in artifacts:
             if Path(path).exists():
                 self.client.log_artifact(self.parent_id, str(path))
+        if tags.get("best_trial"):
+            self._log_best_model(tags["best_trial"])
+
+    def _log_best_model(self, trial_id: str) -> None:
+        """The best trial's final weights as artifact ``best_model/`` of the parent run, so that
+        ``dcanets.load_model("runs:/<parent run id>/best_model")`` works wherever the tracking
+        store is reachable (the trial's checkpoint stays in the search folder or its storage).
+        A checkpoint that cannot be read is one warning line: the search's outcome stands."""
+        from dcanets.engine.export import export_model
+
+        run_id = self.state["trials"].get(trial_id, {}).get("run_id")
+        path = self.client.get_run(run_id).data.tags.get("final_checkpoint") if run_id else None
+        if not path:
+            return
+        try:
+            with (_checkpoint_folder(path, self.state, self.state_path.parent) as ckpt,
+                  tempfile.TemporaryDirectory(prefix="dcanets-best-model-") as tmp):
+                export_model(ckpt / "last.pt", tmp, trial_id=trial_id, run_id=run_id)
+                self.client.log_artifacts(self.parent_id, tmp, artifact_path=BEST_MODEL)
+        except (OSError, ValueError) as exc:
+            print(f"dcanets tune: warning: the best model was not logged to MLflow: {exc}", file=sys.stderr)
+            return
+        self.client.set_tag(self.parent_id, BEST_MODEL, f"runs:/{self.parent_id}/{BEST_MODEL}")
 
     # -- Tune callback hooks (called in the driver) -------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -175,11 +300,11 @@ class SearchTracker(Callback):
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         metrics = logged_metrics(result)
-        self.client.log_batch(entry["run_id"], metrics=_metric_objs(metrics, step))
+        write = _in_background(self.client.log_batch, entry["run_id"], metrics=_metric_objs(metrics, step),
+                               tags=_node_tag(entry, result))
+        SearchTracker.in_flight.setdefault(entry["run_id"], []).append(write)
         if result.get("checkpoint_path"):
             entry["checkpoint"] = result["checkpoint_path"]
-        if result.get("node_id"):
-            self.client.set_tag(entry["run_id"], "node_id", result["node_id"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
@@ -192,6 +317,7 @@ class SearchTracker(Callback):
         entry = self.state["trials"].get(trial.trial_id)
         if not entry:
             return
+        _settle(entry["run_id"])
         ckpt = _final_checkpoint(trial) or entry.get("checkpoint")
         if ckpt:
             self.client.set_tag(entry["run_id"], "final_checkpoint", ckpt)
@@ -237,6 +363,32 @@ def logged_metrics(result: Dict[str, Any]) -> Dict[str, float]:
             if isinstance(v, NUMERIC) and not isinstance(v, bool) and (k in _LOGGED or k.startswith(_LOGGED_PREFIXES))}
 
 
+def _in_background(write: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+    """``write(*args, **kwargs)`` on the tracker's writer thread (started at the first write)."""
+    if SearchTracker._writer is None:
+        SearchTracker._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                      thread_name_prefix="dcanets-mlflow")
+    return SearchTracker._writer.submit(write, *args, **kwargs)
+
+
+def _settle(run_id: str) -> None:
+    """Wait for the metric writes of ``run_id`` still in flight (MLflow's error if one failed)."""
+    for write in SearchTracker.in_flight.pop(run_id, []):
+        write.result()
+
+
+def _node_tag(entry: Dict[str, Any], result: Dict[str, Any]) -> List[Any]:
+    """The ``node_id`` tag when a trial reports from a node it was not on before (its first result,
+    or a retry elsewhere): one write per node, not one per epoch."""
+    from mlflow.entities import RunTag
+
+    node = result.get("node_id")
+    if not node or node == entry.get("node_id"):
+        return []
+    entry["node_id"] = node
+    return [RunTag("node_id", str(node))]
+
+
 def _metric_objs(metrics: Dict[str, float], step: int):
     import time
 
@@ -255,6 +407,18 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(path: str, state: Dict[str, Any], exp_dir: Path) -> Iterator[Path]:
+    """A trial checkpoint as a local folder: itself, or a download from the search's storage
+    (``storage:``, where Ray keeps checkpoints as paths on the storage's filesystem)."""
+    from ray.tune import Checkpoint
+
+    from dcanets.tune.storage import search_location
+
+    with Checkpoint(path, filesystem=search_location(state, exp_dir).ray_filesystem).as_directory() as folder:
+        yield Path(folder)
 
 
 def _final_checkpoint(trial) -> Optional[str]:

@@ -124,3 +124,32 @@ def test_cli_on_a_tiny_model(capsys):
     assert '"lam_max"' in out and '"rho_min"' in out
     with pytest.raises(ValueError, match="unknown model"):
         curvature_cli.run(argparse.Namespace(**{**vars(args), "model": "nosuchnet"}))
+
+
+def test_graph_and_gradient_difference_operators_of_a_quadratic():
+    """One kept graph (exact products) and central differences of gradients (exact for a
+    quadratic up to rounding) both give A·v; the weights come back bit-identical."""
+    from dcanets.analysis.curvature import directional_curvature, gradient_difference_operator, graph_hessian_operator
+
+    A = _sym(torch.linspace(-2, 3, 5))
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    unused = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    w0 = w.detach().clone()
+
+    def loss():
+        return 0.5 * w @ A @ w + w.sum()
+
+    v = torch.randn(7, dtype=torch.float64)
+    want = torch.cat([A @ v[:5], torch.zeros(2, dtype=torch.float64)])   # the unused parameter: zeros
+    matvec, dim = graph_hessian_operator(loss(), [w, unused])
+    assert dim == 7 and torch.allclose(matvec(v), want, atol=1e-12)
+    assert torch.allclose(matvec(v), want, atol=1e-12)                    # the graph is kept
+
+    def grad_at():
+        return list(torch.autograd.grad(loss(), [w]))
+
+    fd, _ = gradient_difference_operator(grad_at, [w], eps=1e-3)
+    assert torch.allclose(fd(v[:5]), A @ v[:5], atol=1e-8) and torch.equal(w.detach(), w0)
+    u = v[:5]
+    assert directional_curvature(grad_at, [w], [u], eps=1e-3) == pytest.approx(float(u @ A @ u / (u @ u)), rel=1e-8)
+    assert directional_curvature(grad_at, [w], [None], eps=1e-3) == 0.0

@@ -23,7 +23,8 @@ from dcanets.engine.config import ConfigError
     ({"limit": 0}, "limit: must be an integer >= 1, got 0"),
     ({"val_limit": -3}, "val_limit: must be an integer >= 1, got -3"),
     ({"seed": "x"}, "seed: must be an integer, got 'x'"),
-    ({"sched": "linear"}, "sched: must be one of 'cosine', 'step' or 'none', got 'linear'"),
+    ({"sched": "linear"}, "sched: must be one of 'cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', "
+                          "'constant' or 'none', got 'linear'"),
     ({"warmup_epochs": 10}, "warmup_epochs: must be < epochs (10), got 10"),
     ({"warmup_epochs": -1}, "warmup_epochs: must be >= 0, got -1"),
     ({"val_fraction": 1.0}, "val_fraction: must be < 1, got 1.0"),
@@ -80,7 +81,8 @@ def test_every_field_is_a_flag_with_its_description(capsys):
         flag = "--" + name.replace("_", "-")
         assert re.search(rf"{re.escape(flag)}(,? \S+)? {re.escape(info.description)}", text), flag
     assert "--lr X peak learning rate (default: 0.05)" in text
-    assert "--sched {cosine,step,none} lr schedule" in text
+    assert "--sched {cosine,tanh,step,multistep,plateau,poly,constant,none} lr schedule" in text
+    assert "--decay-milestones X,Y,... multistep" in text
     assert text.endswith("--output TEXT directory for last.pt and metrics.json "
                          "(dcanets train: runs/train/<model>-<time> if unset)")  # a None default is not shown
 

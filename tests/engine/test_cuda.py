@@ -63,9 +63,54 @@ def test_resume_on_the_gpu_continues_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("opt", ["dcal2", "dcacounter", "dcaprox"])
 def test_decompositions_step_on_the_gpu(opt):
-    """Closure-stepped decompositions run in full precision (GradScaler cannot drive a closure)."""
+    """Under ``amp``: closure-free decompositions with autocast, dcaprox (closure) in full precision."""
     final = train(tiny(model="cifar_plainnet20", opt=opt, lr=0.02, epochs=1, amp=True))
     assert final["device"].startswith("cuda") and math.isfinite(final["train_loss"])
+
+
+def _plain_loop_on_cuda(name: str, mode: str):
+    """Four steps of ``name`` on cifar_plainnet20 in a plain loop (``mode``: "scaled" = fp32 with a
+    GradScaler, "fp16" = autocast float16 + GradScaler) or through the closure path ("closure")."""
+    import timm
+    import timm.optim
+    import torch.nn.functional as F
+
+    from dcanets.optim.decompositions import prepare
+
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_plainnet20").cuda()
+    batches = [(torch.randn(32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (32,), device="cuda"))
+               for _ in range(4)]
+    opt = timm.optim.create_optimizer_v2(model, name, lr=0.05)
+    assert not prepare(opt, model)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 14, enabled=mode != "closure")
+    for x, y in batches:
+        if mode == "closure":
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            continue
+        opt.zero_grad()
+        with torch.autocast("cuda", torch.float16, enabled=mode == "fp16"):
+            loss = F.cross_entropy(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return model
+
+
+@pytest.mark.parametrize("name", ["dcacounter", "dcaquasihalf", "dcaquasineghalf"])
+def test_closure_free_decompositions_under_a_grad_scaler(name):
+    """The hooked eq. 17 vector c is unscaled with the gradients: a GradScaler'd fp32 loop takes the
+    closure path's steps, and an fp16 autocast loop stays finite."""
+    ref = _plain_loop_on_cuda(name, "closure")
+    scaled = _plain_loop_on_cuda(name, "scaled")
+    err = max(float((p - q).detach().abs().max()) for p, q in zip(scaled.parameters(), ref.parameters()))
+    assert err < 1e-4, err
+    assert all(torch.isfinite(p).all() for p in _plain_loop_on_cuda(name, "fp16").parameters())
 
 
 def test_small_decoded_sets_live_on_the_gpu():

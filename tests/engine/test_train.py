@@ -40,23 +40,6 @@ def test_same_seed_same_numbers_on_cpu():
     assert numbers(c["history"]) != numbers(a["history"])
 
 
-def test_warmup_ramps_linearly_then_the_schedule_spans_the_rest():
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    cfg = tiny(epochs=3, warmup_epochs=0.5, sched="cosine")
-    sched = engine.build_scheduler(cfg, opt, steps_per_epoch=10)  # 5 warm-up steps, 25 cosine steps
-    lrs = []
-    for _ in range(30):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[:6] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
-    assert lrs[5 + 12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 25)))
-    assert lrs[-1] < 0.01
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        train(tiny(epochs=2, warmup_epochs=2))
-
-
 def test_split_seed_fixes_validation_across_training_seeds_and_val_limit_keeps_it_whole():
     a = engine._Run(tiny(seed=0, split_seed=0, limit=50), progress=False)
     b = engine._Run(tiny(seed=1, split_seed=0, limit=50), progress=False)
@@ -190,3 +173,14 @@ def test_momentum_zero_with_timms_nesterov_sgd_is_plain_sgd():
     opt = engine.create_optimizer(torch.nn.Linear(2, 2), "sgd", 0.1, 0.0, 0.0, {})
     assert opt.param_groups[0]["nesterov"] is False and opt.param_groups[0]["momentum"] == 0.0
     assert math.isfinite(train(tiny(momentum=0.0, epochs=1))["train_loss"])
+
+
+def test_dca_rho_auto_is_measured_on_each_batch_and_logged():
+    """rho="auto" (paper 000, eq. 12): the engine hands every batch to the optimizer; the epoch's
+    metrics carry the last measured ρ and the λ_min behind it (rho_every=2: steps 0 and 2)."""
+    final = train(tiny(model="cifar_plainnet20", opt="dcacounter", epochs=1, limit=96, batch_size=32,
+                       opt_kwargs={"rho": "auto", "rho_every": 2, "rho_lanczos": 2}))
+    entry = final["history"][0]
+    assert {"dca_rho", "dca_lam_min_G", "dca_lam_min_H"} <= set(entry)
+    assert entry["dca_rho"] == pytest.approx(max(0.0, -2 * entry["dca_lam_min_G"], -entry["dca_lam_min_H"]))
+    assert math.isfinite(final["train_loss"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dcanets  # noqa: F401  (registers the decompositions into timm)
 from dcanets.optim.counter import CounterLoss
-from dcanets.optim.decompositions import DECOMPOSITIONS, DcaCounter, DcaL2, decomposition, prepare
+from dcanets.optim.decompositions import DECOMPOSITIONS, DcaCounter, DcaL2, decomposition, prepare, remember_batch
 
 CLOSURE_NAMES = ["dcaprox", "dcacounter", "dcaquasihalf", "dcaquasineghalf"]
 
@@ -79,8 +79,9 @@ def test_timm_factory_builds_each_name(name):
     model = Net()   # timm's factory splits it into weight-decay and no-weight-decay (1-D) groups
     opt = timm.optim.create_optimizer_v2(model, name, lr=0.05, weight_decay=5e-4, momentum=0.0)
     assert len(opt.param_groups) == 2 and {g["weight_decay"] for g in opt.param_groups} == {0.0, 5e-4}
-    assert prepare(opt, model) is (name.split("_")[-1] != "dcal2")
-    assert prepare(opt, model) is (name.split("_")[-1] != "dcal2")  # idempotent
+    # only dcaprox needs a closure with its defaults (tests/optim/test_plain_loop.py)
+    assert prepare(opt, model) is (name.split("_")[-1] == "dcaprox")
+    assert prepare(opt, model) is (name.split("_")[-1] == "dcaprox")  # idempotent
 
 
 def test_prepare_plain_sgd_is_false():
@@ -186,13 +187,13 @@ def test_where_all_is_refused_by_the_optimizers(name):
 def test_skip_counter_newton_step_is_eq19_with_c_the_skipped_net_gradient():
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
-    rho, lr = 0.3, 0.1
+    rho, lr, kappa = 0.3, 0.1, 0.7
     ref = copy.deepcopy(model)
     a = _flat_grad(F.cross_entropy(ref(x), y), ref)
     c = _flat_grad(F.cross_entropy(ref(x, skip=(1,)), y), ref)
-    beta = _sq(a) / (2 * _sq(c) + rho / 4)                        # paper 000, eq. 19
+    beta = _sq(a) / (2 * _sq(c) + rho / (2 * kappa))              # paper 000, eq. 19 (ρ in Hessian units)
     assert _sq(c[-2:]) > 0       # c = ∇L'_0 has a head gradient (at the features h^{L−1})
-    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0, c="skip")
+    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0, c="skip", kappa=kappa)
     assert prepare(opt, model)
     loss = opt.step(_closure(model, opt, x, y))
     assert torch.isclose(loss, F.cross_entropy(ref(x), y))
@@ -212,12 +213,14 @@ def test_skip_quasi_steps_along_the_counter_loss_gradient(name, alpha, direction
     model, (x, y) = Net(), _data()
     g = _flat_grad(F.cross_entropy(model(x, mix=alpha), y), model)
     a = _flat_grad(F.cross_entropy(model(x), y), model)
-    rho = 0.2
-    proj = _dot(a, g) / (_sq(g) + rho / 4)
+    rho, kappa = 0.2, 0.8
+    proj = _dot(a, g) / (_sq(g) + rho / (2 * kappa))
     kind = direction or ("paper" if alpha > 0 else "projection")
+    kind = "projection" if kind == "line" else kind
     coef = 1 / alpha if kind == "paper" else proj
     m = copy.deepcopy(model)
-    opt = timm.optim.create_optimizer_v2(m, name, lr=0.1, rho=rho, momentum=0.0, direction=direction, c="skip")
+    opt = timm.optim.create_optimizer_v2(m, name, lr=0.1, rho=rho, momentum=0.0, direction=direction, c="skip",
+                                         kappa=kappa if kind == "projection" else None)
     prepare(opt, m)
     opt.step(_closure(m, opt, x, y))
     assert opt.diagnostics["coef"] == pytest.approx(coef, rel=1e-5)
@@ -264,7 +267,7 @@ def test_closure_optimizers_train(name):
     torch.manual_seed(0)
     model, (x, y) = Net(8), _data(32)
     opt = timm.optim.create_optimizer_v2(model, name, lr=0.3, weight_decay=1e-4, momentum=0.5)
-    assert prepare(opt, model)
+    assert prepare(opt, model) is (name == "dcaprox")   # the others also take a closure
     closure = _closure(model, opt, x, y)
     first = closure().item()
     for _ in range(30):
@@ -291,15 +294,6 @@ def test_counter_evaluations_leave_batchnorm_statistics_alone(name, c):
     for b, r in zip(model.buffers(), ref.buffers()):
         assert torch.allclose(b.float(), r.float(), atol=1e-6)
     assert not torch.allclose(model.stage[1][1].running_mean, torch.zeros(6))
-
-
-@pytest.mark.parametrize("name", CLOSURE_NAMES)
-def test_step_without_closure_is_an_error(name):
-    model = Net()
-    opt = timm.optim.create_optimizer_v2(model, name, lr=0.1)
-    prepare(opt, model)
-    with pytest.raises(ValueError, match="closure"):
-        opt.step()
 
 
 def test_step_before_prepare_is_an_error():
@@ -375,9 +369,9 @@ def test_default_quasihalf_step_is_the_one_block_testnet_gradient():
 def test_shortcut_counter_step_and_reused_beta():
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
-    rho, lr = 0.1, 0.05
+    rho, lr, kappa = 0.1, 0.05, 0.5
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0,
-                                         c="shortcut", beta_every=2)
+                                         c="shortcut", beta_every=2, kappa=kappa)
     prepare(opt, model)
     closure = _closure(model, opt, x, y)
     sq = _sq
@@ -388,7 +382,7 @@ def test_shortcut_counter_step_and_reused_beta():
         a = _flat_grad(F.cross_entropy(ref(x), y), ref)
         c = _shortcut_c(ref, x, y)
         if k != 1:  # beta_every=2: β is computed at steps 0 and 2; step 1 reuses step 0's β
-            beta = sq(a) / (2 * sq(c) + rho / 4)
+            beta = sq(a) / (2 * sq(c) + rho / (2 * kappa))
         assert beta is not None
         opt.step(closure)
         flags.append(opt.diagnostics["refreshed"])
@@ -408,7 +402,7 @@ def test_shortcut_mode_input_errors():
         DcaCounter(Net().parameters(), lr=0.1, c="shortcut", beta_every=0)
     with pytest.raises(ValueError, match="beta_every > 1 reuses the coefficients of c='shortcut'"):
         DcaCounter(Net().parameters(), lr=0.1, c="skip", beta_every=2)
-    with pytest.raises(ValueError, match="kappa is the curvature model of direction='newton' only"):
+    with pytest.raises(ValueError, match="kappa is the curvature scale of direction='newton' and 'projection' only"):
         timm.optim.create_optimizer_v2(Net(), "dcaquasihalf", lr=0.1, kappa=1.0)
     with pytest.raises(ValueError, match="direction must be one of paper, projection, newton"):
         timm.optim.create_optimizer_v2(Net(), "dcaquasihalf", lr=0.1, direction="exact")
@@ -444,7 +438,7 @@ def test_default_dcacounter_c_is_eq17():
     on the head; the step is eq. 19's a + βc."""
     torch.manual_seed(0)
     model, (x, y) = Net(), _data()
-    rho, lr = 0.1, 0.1
+    rho, lr, kappa = 0.1, 0.1, 0.25
     ref = copy.deepcopy(model)
     a = _flat_grad(F.cross_entropy(ref(x), y), ref)
     c = _eq17_c(ref, x, y)
@@ -454,8 +448,8 @@ def test_default_dcacounter_c_is_eq17():
             assert ci.abs().max() == 0, n
         else:
             assert ci.abs().max() > 0, n
-    beta = _sq(a) / (2 * _sq(c) + rho / 4)
-    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0)
+    beta = _sq(a) / (2 * _sq(c) + rho / (2 * kappa))
+    opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0, kappa=kappa)
     assert opt.defaults["c"] == "shortcut"
     prepare(opt, model)
     opt.step(_closure(model, opt, x, y))
@@ -507,7 +501,7 @@ def test_beta_guard_raises_or_clamps():
     m = copy.deepcopy(model)
     opt = timm.optim.create_optimizer_v2(m, "dcacounter", lr=0.1, momentum=0.0, beta_max=cap)
     prepare(opt, m)
-    with pytest.raises(ValueError, match=r"dcacounter: beta = \|a\|\^2/\(2\|c\|\^2 \+ rho/4\) = .* exceeds "
+    with pytest.raises(ValueError, match=r"dcacounter: beta = \|a\|\^2/\(2\|c\|\^2 \+ rho/\(2 kappa\)\) = .* exceeds "
                                          r"beta_max = .*beta_policy='clamp'") as err:
         opt.step(_closure(m, opt, x, y))
     assert "\n" not in str(err.value)
@@ -542,12 +536,34 @@ def _flat(vs):
     return torch.cat([v.flatten() for v in vs])
 
 
+def _flat_call(model, x, alpha):
+    """w ↦ logits of the net with the last block mixed by α (eq. 10), on flat weights."""
+    names, params = zip(*model.named_parameters())
+    sizes = [p.numel() for p in params]
+
+    def logits(flat):
+        ws = {n: c.view(p.shape) for n, p, c in zip(names, params, torch.split(flat, sizes))}
+        return torch.func.functional_call(model, ws, (x,), {"mix": alpha})
+
+    return logits, torch.cat([p.detach().flatten() for p in params])
+
+
+def _gauss_newton(model, x, y, alpha, u):
+    """uᵀJᵀ∂²_zL J u with J = ∂z/∂w (autograd's JVP) and ∂²_zL the dense Hessian of the loss in z."""
+    logits, w0 = _flat_call(model, x, alpha)
+    z, ju = torch.func.jvp(logits, (w0,), (u,))
+    hz = torch.autograd.functional.hessian(lambda t: F.cross_entropy(t, y), z.detach())
+    return float(ju.flatten() @ hz.reshape(z.numel(), z.numel()) @ ju.flatten())
+
+
 @pytest.mark.parametrize("name, alpha", [("dcaquasihalf", 0.5), ("dcaquasineghalf", -0.5)])
 @pytest.mark.parametrize("c", ["shortcut", "skip"])
-@pytest.mark.parametrize("direction, kappa", [("projection", None), ("newton", None), ("newton", 0.7)])
+@pytest.mark.parametrize("direction, kappa", [("projection", None), ("projection", 0.7), ("newton", None),
+                                              ("newton", 0.7)])
 def test_quasi_line_coefficients(name, alpha, c, direction, kappa):
-    """projection: t = ⟨a,g⟩/(‖g‖² + ρ/4); newton: t = ⟨a,g⟩/(gᵀ∂²G g) with G = L'_α + ρ/2·L2
-    (eq. 24 on the line Δw = −t·g): ∂²L'_α the dense autograd Hessian, or eq. 25's κ·g gᵀ."""
+    """projection: t = ⟨a,g⟩/(‖g‖² + ρ/(2κ)), κ given or gᵀ∂²L'_α g/‖g‖⁴ (measured); newton:
+    t = ⟨a,g⟩/(gᵀ∂²G g) with G = L'_α + ρ/2·L2 (eq. 24 on the line Δw = −t·g): ∂²L'_α the dense
+    autograd Hessian, or eq. 25's κ·g gᵀ."""
     torch.manual_seed(0)
     model = Net().double()
     x, y = _data()
@@ -561,7 +577,8 @@ def test_quasi_line_coefficients(name, alpha, c, direction, kappa):
     fa, fg = _flat(a), _flat(g)
     n = fg.numel()
     if direction == "projection":
-        denom = float(fg @ fg) + rho / 4
+        curv = _gauss_newton(model, x, y, alpha, fg) / float(fg @ fg) ** 2
+        denom = float(fg @ fg) + rho / (2 * (kappa or curv))
         t = float(fa @ fg) / denom
     else:
         hess = kappa * torch.outer(fg, fg) if kappa else _hessian_of_counter_loss(model, x, y, alpha)
@@ -575,6 +592,7 @@ def test_quasi_line_coefficients(name, alpha, c, direction, kappa):
     opt = timm.optim.create_optimizer_v2(m, name, lr=lr, rho=rho, momentum=0.0, direction=direction, c=c,
                                          kappa=kappa, fd_eps=1e-5)
     prepare(opt, m)
+    remember_batch(opt, x, y)          # the measured κ of "projection" comes from this batch
     opt.step(_closure(m, opt, x, y))
     assert opt.diagnostics["coef"] == pytest.approx(t, rel=1e-6)
     d = _flat([(p0 - p).detach() / lr for p, p0 in zip(m.parameters(), model.parameters())])
@@ -637,6 +655,7 @@ def test_closure_runs_per_step_and_the_gradient_left_in_p_grad(name, kwargs, run
         calls.append(1)
         return inner()
 
+    remember_batch(opt, x, y)            # ρ = 1 without kappa: κ measured on this batch (no closure run)
     opt.step(closure)                    # the first step also learns the block order
     calls.clear()
     before = copy.deepcopy(model)

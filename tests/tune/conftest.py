@@ -15,6 +15,13 @@ def write_config() -> Callable[..., Path]:
     return write_config_file
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_variable(monkeypatch):
+    """The searches log where their test says (the SQLite default under --output, or a server),
+    not to a store MLFLOW_TRACKING_URI of the caller's shell names (`dcanets tune` follows it)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray with 2 CPUs for the module; yields its address (for ``--address`` subprocesses)."""

@@ -165,6 +165,18 @@ CASES: Dict[str, tuple] = {
     "tracking-unknown-key": (_yaml(tracking={"experimnet": "x"}), 2, "tracking.experimnet"),
     "tracking-uri-scheme": (_yaml(tracking={"uri": "foo://bar"}), 2, "tracking uri foo://bar"),
     "tracking-uri-no-folder": (_yaml(tracking={"uri": "sqlite:////nonexistent-dir/m.db"}), 2, "does not exist"),
+    # -- failure_config: (retries of a trial whose node died: test_real_cluster.py)
+    "max-failures-below-minus-one": (_yaml(failure_config={"max_failures": -2}), 2,
+                                     "failure_config.max_failures: must be >= -1, got -2"),
+    "max-failures-fraction": (_yaml(failure_config={"max_failures": 1.5}), 2, "failure_config.max_failures"),
+    "failure-config-typo": (_yaml(failure_config={"max_failure": 2}), 2,
+                            "failure_config.max_failure: unknown key; did you mean: max_failures"),
+    # -- storage: (an unreachable server or a missing bucket: test_storage.py)
+    "storage-not-text": (_yaml(storage=["s3://bucket"]), 2, "storage: must be a folder on a shared filesystem"),
+    "storage-credentials": (_yaml(storage="s3://KEY:SECRET@bucket/tune"), 2,
+                            "storage: credentials in the URI are refused"),
+    "storage-scheme": (_yaml(storage="foo://bar/tune", tracking={"enabled": False}), 2,
+                       "storage foo://bar/tune: pyarrow cannot open it"),
     # -- the command line
     "no-config": (lambda tmp: [], 2, "give a search config"),
     "flag-num-samples-zero": (_args("{cfg}", "--num-samples", "0"), 2, "--num-samples: must be an integer >= 1"),
@@ -173,6 +185,8 @@ CASES: Dict[str, tuple] = {
     "flag-num-cpus-negative": (_args("{cfg}", "--num-cpus", "-1"), 2, "--num-cpus"),
     "flag-tracking-uri": (_args("{cfg}", "--tracking-uri", "foo://bar", "--output", "{tmp}/out"), 2,
                           "tracking uri foo://bar"),
+    "flag-storage-credentials": (_args("{cfg}", "--storage", "s3://KEY:SECRET@bucket/tune"), 2,
+                                 "--storage: credentials in the URI are refused"),
     "output-is-a-file": (_file_as_output, 2, "--output"),
     "output-read-only": (_readonly_output, 2, "--output"),
     # -- --resume
@@ -186,6 +200,9 @@ CASES: Dict[str, tuple] = {
     "resume-num-samples": (_resume_with("--num-samples", "3"), 2, "--num-samples cannot change a resumed search"),
     "resume-tracking-uri": (_resume_with("--tracking-uri", "sqlite:///x.db"), 2, "--tracking-uri cannot change"),
     "resume-output": (_resume_with("--output", "elsewhere"), 2, "--output cannot change"),
+    "resume-storage": (_resume_with("--storage", "/mnt/shared/tune"), 2, "--storage cannot change"),
+    "resume-tracking-store-elsewhere": (_resume(tracking_uri="sqlite:////another-machine/mlflow.db"), 2,
+                                        "MLflow store sqlite:////another-machine/mlflow.db is not on this machine"),
 }
 
 

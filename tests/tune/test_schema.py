@@ -133,7 +133,8 @@ def test_fixed_train_values_are_checked_as_dcanets_train_checks_them(tmp_path, w
                                                   "batch_size": "many", "augment": "maybe"},
                                 space={"lr": None, "momentum": {"type": "uniform", "low": 0.5, "high": 0.9}}))
     assert "train.lr: must be > 0, got 0" in msg
-    assert "train.sched: must be one of 'cosine', 'step' or 'none', got 'linear'" in msg
+    assert ("train.sched: must be one of 'cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'constant' "
+            "or 'none', got 'linear'") in msg
     assert "train.warmup_epochs: must be < epochs (2), got 2" in msg
     assert "train.batch_size: must be an integer >= 1, got 'many'" in msg
     assert "train.augment: must be true or false, got 'maybe'" in msg

@@ -1,5 +1,6 @@
 """``dcanets tune``: real searches (Ray trials, Optuna, MLflow SQLite): end to end, interrupted by
-SIGINT, then resumed. The YAML schema has its own tests in ``test_schema.py``.
+SIGINT, then resumed. The YAML schema has its own tests in ``test_schema.py``; the same searches
+logged to an MLflow tracking server run in ``test_mlflow_server.py``.
 
 One local Ray instance is shared by the whole module (Ray takes seconds to start); the
 interrupted search runs in a subprocess that joins it with ``--address``.
@@ -8,30 +9,25 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
+from typing import Optional
 
 import pytest
 import yaml
-
-
-def runs_of(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
+from tune_files import FIFO, runs_of, start_search, trial_of
 
 
 # ------------------------------------------------------------------------------ real searches
 @pytest.mark.slow
 def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monkeypatch, write_config):
+    search_end_to_end(tmp_path, capsys, monkeypatch, write_config)
+
+
+def search_end_to_end(tmp_path, capsys, monkeypatch, write_config, server: Optional[str] = None):
+    """A search with a trial that crashes, logged to the default SQLite store or to the tracking
+    ``server`` (test_mlflow_server.py): the same runs, statuses, metrics and artifacts either way.
+    Returns the parent run."""
     from dcanets.cli import main
     from dcanets.engine import TrainConfig
 
@@ -46,7 +42,8 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
     cfg = write_config(tmp_path, space=space,
                        search_alg={"points_to_evaluate": [
                            {"lr": 0.05, "model_kwargs.shortcut_type": "bogus", "weight_decay:fraction": 0.01},
-                           {"lr": 0.05, "model_kwargs.shortcut_type": "pad", "weight_decay:fraction": 0.01}]})
+                           {"lr": 0.05, "model_kwargs.shortcut_type": "pad", "weight_decay:fraction": 0.01}]},
+                       tracking={"uri": server, "experiment": tmp_path.name} if server else {})
     assert main(["tune", str(cfg), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "tiny: 3 trials" in out and "FAILED" in out
@@ -54,7 +51,8 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
     best = yaml.safe_load((exp_dir / "best.yaml").read_text())
     assert TrainConfig.from_dict(best).lr == pytest.approx(best["lr"]) and "output" not in best
     assert (exp_dir / "curves.png").stat().st_size > 1000
-    client, parents, children = runs_of(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    uri = server or f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    client, parents, children = runs_of(uri, tmp_path.name if server else None)
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert len(children) == 3
     for c in children:
@@ -69,10 +67,45 @@ def test_search_end_to_end_logs_finished_runs(ray_local, tmp_path, capsys, monke
         assert float(p["weight_decay"]) == pytest.approx(float(p["weight_decay:fraction"]) * float(p["lr"]))
     history = client.get_metric_history(ok[0].info.run_id, "val_acc")
     assert [m.step for m in history][0] == 1  # per-epoch metrics, step = epoch
-    assert "config.yaml" in [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert "best_val_acc" in parents[0].data.metrics
-    assert parents[0].info.artifact_uri.startswith((tmp_path / "out" / "mlartifacts").as_uri())
+    assert {"config.yaml", "best.yaml", "curves.png", "trials.csv", "best_model"} <= {
+        a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    # artifacts beside the SQLite file, or through the server's proxy (never ./mlruns)
+    root = "mlflow-artifacts:/" if server else (tmp_path / "out" / "mlartifacts").as_uri()
+    assert parents[0].info.artifact_uri.startswith(root)
     assert not (tmp_path / "cwd" / "mlruns").exists()
+    # the experiment is marked as holding training runs ("Machine learning" in MLflow's UI); MLflow
+    # 3.17's UI follows the link's workflowType instead, so the outputs line gives a server's link
+    experiment = client.get_experiment(parents[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"{server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert f"MLflow: {link if server else uri})" in out, out
+    check_best_model(uri, parents[0], children)
+    return parents[0]
+
+
+def check_best_model(uri: str, parent, children) -> None:
+    """The line of docs/tuning.md loads the best trial's final weights, into a network that
+    computes what the engine's own network computes."""
+    import torch
+
+    import dcanets
+    from dcanets.engine import TrainConfig
+    from dcanets.engine.loop import build_model
+
+    run_id = parent.info.run_id
+    model = dcanets.load_model(f"runs:/{run_id}/best_model", tracking_uri=uri)
+    assert parent.data.tags["best_model"] == f"runs:/{run_id}/best_model"
+    (best,) = [c for c in children if c.data.tags["trial_id"] == parent.data.tags["best_trial"]]
+    ckpt = torch.load(f"{best.data.tags['final_checkpoint']}/last.pt", map_location="cpu", weights_only=True)
+    weights = model.state_dict()
+    assert weights.keys() == ckpt["model"].keys()
+    assert all(torch.equal(weights[k], ckpt["model"][k]) for k in weights)
+    engine_model = build_model(TrainConfig.from_dict(ckpt["config"]), len(ckpt["classes"]), len(ckpt["mean"]))
+    engine_model.load_state_dict(ckpt["model"])
+    x = torch.randn(4, len(ckpt["mean"]), 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), engine_model.eval()(x))
 
 
 @pytest.mark.slow
@@ -91,20 +124,7 @@ def test_trial_cut_by_the_time_budget_before_its_first_report_keeps_its_params(r
     assert not (exp_dir / "best.yaml").exists()  # nothing finished: no best point is claimed
 
 
-FIFO = {"type": "FIFOScheduler", "grace_period": None, "reduction_factor": None}
 EPOCHS = 20  # ~0.1 s each: the signal lands while the second trial still has most of its epochs to go
-
-
-def start_search(cfg, out, address, stderr_path, env=None):
-    """`python -m dcanets tune` joined to the shared Ray; stderr to a file (no pipe to fill)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "dcanets", "tune", str(cfg), "--output", str(out), "--address", address],
-        stdout=subprocess.PIPE, stderr=stderr_path.open("w"), text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-
-def trial_of(line: str) -> str:
-    return line.split("]")[0].split("[")[-1]
 
 
 def wait_for_second_trial(proc, lines, deadline_s=150):
@@ -129,12 +149,22 @@ def test_interrupted_search_ends_killed_and_resumes_without_losing_trials(ray_lo
     shipped configs have one): exit 130, the parent run and the cut trial KILLED in MLflow, the
     completed trial FINISHED, nothing RUNNING, and the --resume command as the last stderr line.
     `--resume` then finishes the search, keeping the completed trial and continuing the cut one."""
+    # resuming is the same after either signal: two of the four cases check it
+    interrupt_then_resume(ray_local, tmp_path, capsys, write_config, sig, budget,
+                          resume=(sig, budget) in ((signal.SIGINT, None), (signal.SIGTERM, 600)))
+
+
+def interrupt_then_resume(address, tmp_path, capsys, write_config, sig, budget, resume: bool = True,
+                          server: Optional[str] = None) -> None:
+    """The interrupted search and its --resume, logged to the default SQLite store or to the
+    tracking ``server`` (test_mlflow_server.py)."""
     from dcanets.cli import main
 
     cfg = write_config(tmp_path, scheduler=FIFO, train={"epochs": EPOCHS},
-                       tune_config={"num_samples": 2, "max_concurrent_trials": 1, "time_budget_s": budget})
+                       tune_config={"num_samples": 2, "max_concurrent_trials": 1, "time_budget_s": budget},
+                       tracking={"uri": server, "experiment": tmp_path.name} if server else {})
     out = tmp_path / "out"
-    proc = start_search(cfg, out, ray_local, tmp_path / "stderr.txt")
+    proc = start_search(cfg, out, address, tmp_path / "stderr.txt")
     lines: list = []
     done_id, cut_id = wait_for_second_trial(proc, lines)
     proc.send_signal(sig)
@@ -146,8 +176,8 @@ def test_interrupted_search_ends_killed_and_resumes_without_losing_trials(ray_lo
     assert last.startswith("dcanets tune: interrupted") and f"dcanets tune --resume {exp_dir}" in last, err
     assert sig.name in last and "Traceback" not in err, err
     assert "status KILLED" in rest, rest
-    uri = f"sqlite:///{out / 'mlflow.db'}"
-    _, parents, children = runs_of(uri)
+    uri, experiment = (server, tmp_path.name) if server else (f"sqlite:///{out / 'mlflow.db'}", None)
+    _, parents, children = runs_of(uri, experiment)
     assert [p.info.status for p in parents] == ["KILLED"]
     status = {c.data.tags["trial_id"]: c.info.status for c in children}
     assert status == {done_id: "FINISHED", cut_id: "KILLED"}, status
@@ -155,13 +185,14 @@ def test_interrupted_search_ends_killed_and_resumes_without_losing_trials(ray_lo
         rows = {r["trial_id"]: r["status"] for r in csv.DictReader(f)}
     assert rows == {done_id: "TERMINATED", cut_id: "INTERRUPTED"}, rows
 
-    if (sig, budget) not in ((signal.SIGINT, None), (signal.SIGTERM, 600)):
-        return  # resuming is the same after either signal: two of the four cases check it
+    if not resume:
+        return
+    parent_id = parents[0].info.run_id
     assert main(["tune", "--resume", str(exp_dir)]) == 0
     text = capsys.readouterr().out
     assert "tiny: 2 trials" in text and "status FINISHED" in text, text
-    _, parents, children = runs_of(uri)
-    assert [p.info.status for p in parents] == ["FINISHED"]
+    _, parents, children = runs_of(uri, experiment)
+    assert [(p.info.run_id, p.info.status) for p in parents] == [(parent_id, "FINISHED")]  # the same parent run
     assert {c.data.tags["trial_id"]: c.info.status for c in children} == {done_id: "FINISHED", cut_id: "FINISHED"}
     rows = (exp_dir / "trials.csv").read_text().splitlines()
     assert f",TERMINATED,{EPOCHS}," in next(r for r in rows if r.startswith(done_id))  # kept, not re-run
@@ -290,3 +321,48 @@ def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config,
     assert loss_ax.get_yscale() == "log"
     low, high = loss_ax.get_ylim()
     assert low < 2.0 / 3 and high < 1e4  # the good trial's curve spans decades, not a flat line at zero
+
+
+@pytest.mark.parametrize("flag, configured, variable, chosen", [
+    ("flag.db", "file.db", "variable.db", "flag.db"),  # --tracking-uri first
+    (None, "file.db", "variable.db", "file.db"),  # then the YAML's tracking.uri
+    (None, None, "variable.db", "variable.db"),  # then MLflow's own variable
+    (None, None, "", "out/mlflow.db"),  # set but empty: not a choice
+    (None, None, None, "out/mlflow.db"),  # else SQLite under --output
+])
+def test_tracking_uri_precedence(flag, configured, variable, chosen, write_config, tmp_path, monkeypatch):
+    from dcanets.tune import schema as tune_config
+    from dcanets.tune.search import create_search_dir
+
+    if variable is not None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / variable}" if variable else "")
+    cfg = write_config(tmp_path, tracking={"uri": f"sqlite:///{tmp_path / configured}" if configured else None,
+                                           "enabled": False})
+    _, state = create_search_dir(tune_config.load(cfg), tmp_path / "out",
+                                 f"sqlite:///{tmp_path / flag}" if flag else None)
+    assert state["tracking_uri"] == f"sqlite:///{tmp_path / chosen}"
+    saved = json.loads(next((tmp_path / "out").glob("tiny-*/search.json")).read_text())
+    assert saved["tracking_uri"] == state["tracking_uri"]  # what --resume uses, whatever the variable says then
+
+
+def test_an_unusable_tracking_uri_from_the_variable_is_named_as_such(write_config, tmp_path, monkeypatch):
+    from dcanets.tune import schema as tune_config
+    from dcanets.tune.search import create_search_dir
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    with pytest.raises(ValueError, match=r"^tracking uri foo://bar \(from MLFLOW_TRACKING_URI\): "):
+        create_search_dir(tune_config.load(write_config(tmp_path)), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("tiny-*"))  # nothing left behind
+
+
+def test_a_new_sqlite_store_is_created_by_the_search_not_by_the_check(tmp_path):
+    """Creating a SQLite store (MLflow's migrations, seconds) happens while Ray starts: the check
+    before Ray only looks at the folder, and open_store creates the file."""
+    from dcanets.tune.tracking import check_uri, open_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    check_uri(uri)
+    assert not (tmp_path / "mlflow.db").exists()
+    open_store(uri)
+    assert (tmp_path / "mlflow.db").is_file()
+    check_uri(uri)  # an existing store is opened by the check itself

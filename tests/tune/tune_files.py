@@ -1,12 +1,17 @@
-"""The small valid search file the tune tests start from, importable by test modules and conftest.
+"""The small valid search file the tune tests start from, and a search run as a real command in a
+subprocess (to interrupt it), importable by test modules and conftest.
 
 A plain module beside the tests (pytest puts this folder on ``sys.path``), because test modules
 cannot import a conftest by package name: ``tests`` is not a package.
 """
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -21,6 +26,9 @@ TINY = {
     "resources": {"cpu": 1},
 }
 
+# the tiny search's ASHA swapped for FIFO: every trial runs all its epochs
+FIFO = {"type": "FIFOScheduler", "grace_period": None, "reduction_factor": None}
+
 
 def write_config_file(folder: Path, **overrides: Any) -> Path:
     """TINY with sections merged from ``overrides`` (a None value removes that key), as
@@ -33,3 +41,37 @@ def write_config_file(folder: Path, **overrides: Any) -> Path:
     path = folder / "search.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def start_search(cfg: Path, out: Path, address: str, stderr_path: Path, env: Any = None,
+                 extra: Sequence[str] = ()) -> subprocess.Popen:
+    """`python -m dcanets tune` joined to the shared Ray; stderr to a file (no pipe to fill)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcanets", "tune", str(cfg), "--output", str(out), "--address", address, *extra],
+        stdout=subprocess.PIPE, stderr=stderr_path.open("w"), text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (for a server a test starts, or one that is down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trial_of(line: str) -> str:
+    """The trial id of a progress line (``  7.0s [199693ae] epoch 1/2 ...``)."""
+    return line.split("]")[0].split("[")[-1]
+
+
+def runs_of(uri: str, experiment: Optional[str] = None):
+    """The MLflow client of ``uri``, the parent runs and the nested (trial) runs in it (in
+    ``experiment`` only, when given: a tracking server shared by several tests)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exps = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
+    runs = client.search_runs(exps)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
