@@ -21,14 +21,6 @@ from dcanets.analysis.fidelity import compare_steps, optimizer_step, reference_g
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(name="cifar_plainnet20", n=4, seed=1):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).double()

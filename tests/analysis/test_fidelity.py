@@ -23,14 +23,6 @@ from dcanets.analysis.fidelity import (
 CIFAR_STAGES = ["stem", "layer1", "layer2", "layer3", "head"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(n=8, size=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
