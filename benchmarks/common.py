@@ -81,6 +81,15 @@ def _stand_in(relpath: str, missing: str, images: int) -> str:
     return str(tar)
 
 
+def data_label(path: str) -> str:
+    """How a result file names its data set: the set's folder and file (``cifar10/train.tar``),
+    not a path of the machine that ran it."""
+    p = Path(str(path))
+    if (":" in str(path) and not p.exists()) or not p.parent.name:  # synthetic:N, digits, a bare name
+        return str(path)
+    return f"{p.parent.name}/{p.name}"
+
+
 def is_stand_in(path: str) -> bool:
     return str(path) in _GENERATED
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import benchmark_data, figure_path, median, parse_args, peak_rss_mb, progress, write_result
+from common import benchmark_data, data_label, figure_path, median, parse_args, peak_rss_mb, progress, write_result
 
 
 def extra(parser) -> None:
@@ -155,7 +155,7 @@ def main() -> None:
         rows, alone = measure(spec, models, limit, epochs, naive, args.seed, decode_limit)
     finally:
         hand_over(tmp, keep, decode_limit is None)
-    budget = {"data": spec, "batch": 128, "train_images": limit, "epochs": epochs,
+    budget = {"data": data_label(spec), "batch": 128, "train_images": limit, "epochs": epochs,
               "statistic": "median over epochs after the first (the first has one-off warm-up)",
               "torch_threads": 1, "decode": "cold, fresh cache dir; full mode all 50k, quick mode a 2k subset"}
     plot(rows, figure_path("data_pipeline", args.quick))

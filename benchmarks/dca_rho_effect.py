@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
-from common import benchmark_data, load_images, parse_args, progress, write_result  # noqa: E402
+from common import benchmark_data, data_label, load_images, parse_args, progress, write_result  # noqa: E402
 
 NAME = "dca_rho_effect"
 CONFIG = Path(__file__).resolve().parents[1] / "tune_configs" / "dca_rho_lambda.yaml"
@@ -185,7 +185,7 @@ def main() -> None:
     write_result(NAME, args.quick, {
         "budget": {**budget, "lr": lr, "config": str(CONFIG.name),
                    "rho_spec": cfg["rho_spec"], "rho_range": list(cfg["rho"]), "rho_grid": grid,
-                   "data": spec, "threads": 1, "device": "cpu", "seed": args.seed,
+                   "data": data_label(spec), "threads": 1, "device": "cpu", "seed": args.seed,
                    "training": "dcacounter rho=0, the config's momentum, weight decay and warm-up, no augmentation"},
         "points": results,
         "summary": {"min_cos_ends": min(r["cos_ends"] for r in results),

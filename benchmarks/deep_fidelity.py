@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
     benchmark_data,
+    data_label,
     fill_block,
     load_images,
     parse_args,
@@ -299,7 +300,7 @@ def main() -> None:
         if state == "warm":
             warm_start(model, data, budget["warm_steps"], WARM)
         states.append(run_state(model, data, count, budget, state))
-    path = write_result(NAME, args.quick, dict(budget=budget, data=data_path, seed=args.seed, rhos=RHOS,
+    path = write_result(NAME, args.quick, dict(budget=budget, data=data_label(data_path), seed=args.seed, rhos=RHOS,
                                                seconds=round(time.perf_counter() - t0, 1), states=states), args.out)
     if args.quick:
         print(cosine_table(json.loads(path.read_text())))

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
     benchmark_data,
+    data_label,
     figure_path,
     fill_block,
     load_images,
@@ -230,7 +231,7 @@ def main() -> None:
     seeds = [args.seed + s for s in budget["seeds"]]
     t0 = time.perf_counter()
     rows = [r for d in budget["depths"] for r in measure_depth(d, seeds, budget, x, y)]
-    payload = dict(budget={**budget, "seeds": seeds}, data=data, lr=LR, warm=WARM,
+    payload = dict(budget={**budget, "seeds": seeds}, data=data_label(data), lr=LR, warm=WARM,
                    optimizers={k: {"name": n, "kwargs": kw} for k, (n, kw) in OPTIMIZERS.items()},
                    seconds=round(time.perf_counter() - t0, 1), rows=rows)
     path = write_result(NAME, args.quick, payload, args.out)
