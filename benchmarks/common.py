@@ -157,6 +157,18 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def cifar_images(args: argparse.Namespace, count: int) -> Tuple[str, Any, Any]:
+    """The CIFAR-10 images a one-thread measurement runs on: the real tar (``--data`` or the shared
+    copy) or, in quick mode without it, a generated stand-in; returns the source and
+    ``load_images``'s tensors."""
+    import torch
+
+    torch.set_num_threads(1)
+    source = benchmark_data("cifar10/train.tar", args.data, args.quick, images=max(count, 64))
+    x, y = load_images(source, count, args.seed)
+    return source, x, y
+
+
 def load_images(spec: str, count: int, seed: int) -> Tuple[Any, Any]:
     """``count`` images of a data source at seeded random positions, as float tensors normalised per
     channel (statistics of these images), with their labels: the batches of a measurement that

@@ -31,10 +31,9 @@ import torch  # noqa: E402
 
 from common import (  # noqa: E402
     RESULTS,
-    benchmark_data,
+    cifar_images,
     data_label,
     fill_block,
-    load_images,
     parse_args,
     progress,
     seeded_batches,
@@ -287,10 +286,8 @@ def main() -> None:
 
     import dcanets  # noqa: F401  (registers the models)
 
-    torch.set_num_threads(1)
     budget = QUICK if args.quick else FULL
-    data_path = benchmark_data("cifar10/train.tar", args.data, args.quick, images=max(budget["images"], 64))
-    x, y = load_images(data_path, budget["images"], args.seed)
+    data_path, x, y = cifar_images(args, budget["images"])
     torch.manual_seed(args.seed)
     model = timm.create_model(f"cifar_plainnet{budget['depth']}", num_classes=10)
     data = seeded_batches(x, y, budget["batch"], args.seed)

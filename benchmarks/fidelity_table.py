@@ -30,11 +30,10 @@ import torch  # noqa: E402
 
 from common import (  # noqa: E402
     RESULTS,
-    benchmark_data,
+    cifar_images,
     data_label,
     figure_path,
     fill_block,
-    load_images,
     parse_args,
     progress,
     seeded_batches,
@@ -224,10 +223,8 @@ def main() -> None:
         return
     import dcanets  # noqa: F401  (registers the models and decompositions)
 
-    torch.set_num_threads(1)
     budget = QUICK if args.quick else FULL
-    data = benchmark_data("cifar10/train.tar", args.data, args.quick, images=max(budget["images"], 64))
-    x, y = load_images(data, budget["images"], args.seed)
+    data, x, y = cifar_images(args, budget["images"])
     seeds = [args.seed + s for s in budget["seeds"]]
     t0 = time.perf_counter()
     rows = [r for d in budget["depths"] for r in measure_depth(d, seeds, budget, x, y)]
