@@ -12,6 +12,11 @@ Three experiments, each one command, all through the one training engine
   post-activation cifar_resnet18 and the authors' act-before-add cifar_actresnet18).
 * ``dca``: cifar_plainnet56 with dcacounter / dcaquasihalf / dcaquasineghalf against SGD on
   cifar_plainnet56 and cifar_resnet56 (``--dca-kwargs`` carries the searched rho/lam).
+* ``claim``: "DCA on the plain net = SGD on the shortcut net" at one lr for every arm (the depth
+  recipe's): eq. 19's step (dcacounter, rho 0) and SGD on cifar_plainnet56, each with momentum 0
+  and 0.9, against SGD on cifar_resnet56 (momentum 0.9 and 0) and cifar_gradnet56; the plain-56
+  arms record their direction fidelity (cosine of the step with the gradnet twin's gradient) every
+  20 steps, plotted as ``cifar10_claim_fidelity.png``.
 
 Every run checkpoints each epoch under ``--runs`` (git-ignored), so re-running the same command
 resumes unfinished runs and skips finished ones. Each finished run writes its own result file,
@@ -40,20 +45,30 @@ SGD = dict(opt="momentum", lr=0.1, momentum=0.9, sched="cosine", batch_size=128)
 # cosine budget better than their 1e-4 over 164 epochs, and one warm-up epoch so the 56-layer
 # plain net can start at lr 0.1); resnet18 is the authors' recipe as published, without warm-up.
 DEPTH = dict(SGD, weight_decay=5e-4, warmup_epochs=1)
-RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPTH}
+RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPTH, "claim": DEPTH}
 # folder of each experiment's runs: the dca experiment's SGD arms *are* the depth study's
 # plain56/resnet56 runs (same recipe and budget), so they are trained once
-RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18"}
+RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18", "claim": "claim"}
 # the control a reviewer asks for: SGD on the plain net at the DCA arms' (searched) lr, so a
 # DCA gain cannot be a smaller learning rate in disguise
 CONTROL = "sgd-at-dca-lr"
-ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL)
+# the claim "DCA on the plain net = SGD on the shortcut net", tested at one lr (the recipe's) for
+# every arm: eq. 19's step (dcacounter) and SGD on cifar_plainnet56, each with momentum 0 (the
+# paper's plain iteration) and 0.9 (acting on d exactly as SGD's on the gradient), against SGD on
+# the two shortcut nets; the plain-56 arms record their direction fidelity every FIDELITY_EVERY steps
+M0 = {"momentum": 0.0}
+FIDELITY_EVERY = 20
+CLAIM_DCA_KWARGS = {"beta_policy": "clamp"}  # eq. 19 with rho = 0; beta > beta_max is clamped, not fatal
+ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL[, recipe overrides])
     "depth": [(f"cifar_{f}20", None) for f in ("plainnet", "resnet", "negnet", "actresnet")]
              + [(f"cifar_{f}56", None) for f in ("plainnet", "resnet", "negnet", "gradnet")],
     "resnet18": [("cifar_resnet18", None), ("cifar_actresnet18", None), ("cifar_negnet18", None)],
     "dca": [("cifar_plainnet56", None), ("cifar_resnet56", None), ("cifar_plainnet56", "dcacounter"),
             ("cifar_plainnet56", "dcaquasihalf"), ("cifar_plainnet56", "dcaquasineghalf"),
             ("cifar_plainnet56", CONTROL)],
+    "claim": [("cifar_plainnet56", None), ("cifar_plainnet56", None, M0),
+              ("cifar_plainnet56", "dcacounter"), ("cifar_plainnet56", "dcacounter", M0),
+              ("cifar_resnet56", None), ("cifar_gradnet56", None), ("cifar_resnet56", None, M0)],
 }
 
 
@@ -78,14 +93,21 @@ def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dca-lr", type=float, default=None, help="lr (= 1/lambda) of the DCA arms (default: the recipe's)")
 
 
-def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str | None, seed: int) -> TrainConfig:
+def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str | None, seed: int,
+               overrides: Dict[str, Any] | None = None) -> TrainConfig:
     recipe = dict(RECIPES[experiment])
-    name = f"{model}-{opt or recipe['opt']}-s{seed}"
+    tag = "".join(f"-m{v:g}" for k, v in (overrides or {}).items() if k == "momentum")
+    name = f"{model}-{opt or recipe['opt']}{tag}-s{seed}"
     if opt == CONTROL:
         recipe.update(lr=args.dca_lr or recipe["lr"])
         name = f"{model}-{recipe['opt']}-lr{recipe['lr']:.3g}-s{seed}"
+    elif opt and experiment == "claim":  # one lr for every arm: the claim's comparison
+        recipe.update(opt=opt, opt_kwargs=dict(CLAIM_DCA_KWARGS))
     elif opt:
         recipe.update(opt=opt, opt_kwargs=dict(args.dca_kwargs), lr=args.dca_lr or recipe["lr"])
+    recipe.update(overrides or {})
+    if experiment == "claim" and "plainnet" in model:
+        recipe.update(fidelity_every=FIDELITY_EVERY)
     return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1, split_seed=0,
                        limit=args.limit, val_limit=args.val_limit, epochs=args.epochs, seed=seed,
                        output=str(args.runs / group(args, experiment) / name), **recipe)
@@ -132,7 +154,8 @@ def summarize(cfg: TrainConfig, doc: Dict[str, Any]) -> Dict[str, Any]:
                                                        "eval_acc", "num_params", "diverged", "device", "amp")},
             "images_per_s": sum(h["images_per_s"] for h in hist) / len(hist), "data_share": data_share,
             "wall_seconds": sum(h["epoch_seconds"] for h in hist), "device_name": _device_name(doc),
-            "curves": {k: [h[k] for h in hist] for k in ("train_loss", "val_acc")}}
+            "momentum": cfg.momentum, "curves": {k: [h[k] for h in hist] for k in ("train_loss", "val_acc")},
+            "fidelity": [m for h in hist for m in h.get("fidelity", [])]}
 
 
 def _device_name(doc: Dict[str, Any]) -> str:
@@ -160,6 +183,13 @@ def _same_budget(saved: Dict[str, Any], cfg: TrainConfig) -> None:
                          "pass another --runs directory for this budget")
 
 
+def run_label(r: Dict[str, Any]) -> str:
+    """A run in a legend: model, optimizer, and lr / momentum where they are not the recipe's."""
+    lr = f" lr {r['lr']:g}" if r.get("lr") not in (None, SGD["lr"]) else ""
+    mom = f" m{r['momentum']:g}" if r.get("momentum") not in (None, SGD["momentum"]) else ""
+    return f"{r['model']} {r['opt']}{lr}{mom} s{r['seed']}"
+
+
 def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -167,12 +197,36 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
-        label = f"{r['model']} {r['opt']} lr {r.get('lr', '')} s{r['seed']}"
-        ax1.plot(range(1, len(r["curves"]["train_loss"]) + 1), r["curves"]["train_loss"], label=label)
-        ax2.plot(range(1, len(r["curves"]["val_acc"]) + 1), r["curves"]["val_acc"], label=label)
+        ax1.plot(range(1, len(r["curves"]["train_loss"]) + 1), r["curves"]["train_loss"], label=run_label(r))
+        ax2.plot(range(1, len(r["curves"]["val_acc"]) + 1), r["curves"]["val_acc"], label=run_label(r))
     ax1.set(xlabel="epoch", ylabel="training loss", yscale="log", title=title)
     ax2.set(xlabel="epoch", ylabel="validation accuracy")
     ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fidelity(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+    """The fidelity curve of the runs that measured it: cos(Δw, −∇ gradnet twin) over training steps
+    (solid), and at the same weights the cosine of plain SGD's gradient (dotted), whole net and layer3
+    (the stage holding the block that eq. 19's counter loss skips)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in (r for r in rows if r.get("fidelity")):
+        pts = [m for m in r["fidelity"] if m["cos"] is not None]
+        steps = [m["step"] for m in pts]
+        line, = axes[0].plot(steps, [m["cos"] for m in pts], label=run_label(r))
+        axes[0].plot(steps, [m["sgd_cos"] for m in pts], ":", color=line.get_color())
+        axes[1].plot(steps, [m["stages"].get("layer3") for m in pts], color=line.get_color(), label=run_label(r))
+    axes[0].set(xlabel="training step", ylabel="cosine with the gradnet gradient", title=f"{title}: whole net")
+    axes[1].set(xlabel="training step", title="layer3")
+    axes[0].axhline(0, color="grey", lw=0.5)
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=6, title="solid: the run's step; dotted: SGD's gradient", title_fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -191,11 +245,11 @@ def main() -> None:
         args.runs = args.runs.with_name(args.runs.name + "_standin")
     for experiment in args.experiment:
         rows, missing = [], []
-        for model, opt in ARMS[experiment]:
+        for model, opt, *overrides in ARMS[experiment]:
             if opt == CONTROL and args.dca_lr in (None, RECIPES[experiment]["lr"]):
                 continue  # SGD at the recipe's lr is the plain arm itself
             for seed in args.seeds:
-                cfg = run_config(args, experiment, model, opt, seed)
+                cfg = run_config(args, experiment, model, opt, seed, *overrides)
                 if not any(fnmatch.fnmatch(Path(cfg.output).name.rsplit("-s", 1)[0], p) for p in args.only):
                     continue
                 result = result_path(args, experiment, cfg)
@@ -218,6 +272,9 @@ def main() -> None:
         out = None if args.out is None else args.out.with_name(f"{name}{args.out.stem}.json")
         plot(rows, out.with_suffix(".png") if out else figure_path(name, args.quick),
              f"CIFAR-10 {experiment}, {args.epochs} epochs")
+        if any(r.get("fidelity") for r in rows):
+            plot_fidelity(rows, out.with_name(f"{out.stem}_fidelity.png") if out
+                          else figure_path(f"{name}_fidelity", args.quick), f"CIFAR-10 {experiment}")
         write_result(name, args.quick, {"budget": budget, "runs": rows, "missing": missing}, out)
 
 

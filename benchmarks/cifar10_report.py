@@ -1,6 +1,6 @@
 """Tables of the CIFAR-10 headline reproduction, generated from its result files.
 
-Reads ``results/cifar10_{depth,resnet18,dca}.json`` (written by ``cifar10_headline.py``) and, if
+Reads ``results/cifar10_{depth,resnet18,dca,claim}.json`` (written by ``cifar10_headline.py``) and, if
 present, ``results/cifar10_dca_tune_trials.csv`` (the ``trials.csv`` of the
 ``tune_configs/dca_rho_lambda.yaml`` search), and rewrites the generated parts of
 ``benchmarks/REPORT.md`` and of the README's headline table (between ``<!-- cifar10:NAME -->``
@@ -23,6 +23,14 @@ HERE = Path(__file__).resolve().parent
 REPORT, README = HERE / "REPORT.md", HERE.parent / "README.md"
 MIN_GAP = 0.02  # a "share of the gap closed" needs a gap well above validation noise (~0.7 points)
 BASELINES = {"resnet18": "cifar_resnet18", "dca": "cifar_plainnet56"}  # gaps are measured against these
+# the claim's comparisons (arm, against): DCA against SGD on the same plain net, then against SGD on
+# the shortcut nets, each at the same momentum; arms missing from the result file are left out
+CLAIM_PAIRS = [("cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0"),
+               ("cifar_plainnet56 + dcacounter", "cifar_plainnet56"),
+               ("cifar_plainnet56 + dcacounter m0", "cifar_resnet56 + SGD m0"),
+               ("cifar_plainnet56 + dcacounter", "cifar_resnet56"),
+               ("cifar_plainnet56 + dcacounter", "cifar_gradnet56"),
+               ("cifar_gradnet56", "cifar_plainnet56")]
 
 
 def load(name: str, quick: bool) -> Dict[str, Any] | None:
@@ -34,16 +42,22 @@ def arms(doc: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
     """Runs grouped by arm (model + optimizer), seeds in order."""
     out: Dict[str, List[Dict[str, Any]]] = {}
     for r in sorted(doc["runs"], key=lambda r: r["seed"]):
-        out.setdefault(arm_name(r, doc["budget"]["recipe"]["lr"]), []).append(r)
+        recipe = doc["budget"]["recipe"]
+        out.setdefault(arm_name(r, recipe["lr"], recipe.get("momentum", 0.9)), []).append(r)
     return out
 
 
-def arm_name(r: Dict[str, Any], recipe_lr: float) -> str:
-    """The model for the recipe's SGD; + optimizer for DCA; + lr for SGD at another lr (the control)."""
+def arm_name(r: Dict[str, Any], recipe_lr: float, recipe_momentum: float = 0.9) -> str:
+    """The model for the recipe's SGD; + optimizer for DCA; + lr for SGD at another lr (the control);
+    + m<momentum> where the momentum is not the recipe's."""
+    mom = r.get("momentum", recipe_momentum)
+    tag = "" if mom == recipe_momentum else f" m{mom:g}"
     if r["opt"] != "momentum":
-        return f"{r['model']} + {r['opt']}"
+        return f"{r['model']} + {r['opt']}{tag}"
     lr = r.get("lr", recipe_lr)
-    return r["model"] if lr == recipe_lr else f"{r['model']} + SGD lr {lr:.3g}"
+    if lr != recipe_lr:
+        return f"{r['model']} + SGD lr {lr:.3g}{tag}"
+    return f"{r['model']} + SGD{tag}" if tag else r["model"]
 
 
 def mean_spread(xs: Sequence[float]) -> str:
@@ -57,9 +71,19 @@ def accs(runs: List[Dict[str, Any]]) -> List[float]:
     return [r["final"]["val_acc"] for r in runs]
 
 
+def fidelity_means(runs: List[Dict[str, Any]]) -> tuple[float, float] | None:
+    """Mean over every measured step (and seed) of cos(Δw, −∇ gradnet) and of SGD's gradient's cosine."""
+    pts = [m for r in runs for m in r.get("fidelity", []) if m["cos"] is not None]
+    if not pts:
+        return None
+    return statistics.mean(m["cos"] for m in pts), statistics.mean(m["sgd_cos"] for m in pts)
+
+
 def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
+    fid = any(r.get("fidelity") for r in doc["runs"])
+    fid_head, fid_rule = (" fidelity: cos(step, gradnet grad) / SGD grad's |", "---:|") if fid else ("", "")
     rows = ["| arm | params | val acc % per seed | val acc % (mean ± half range) | final train loss "
-            "| images/s | data share | wall min/run |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+            "| images/s | data share | wall min/run |" + fid_head, "|---|---:|---|---:|---:|---:|---:|---:|" + fid_rule]
     for name, runs in arms(doc).items():
         per_seed = ", ".join(f"s{r['seed']}: {100 * r['final']['val_acc']:.1f}" for r in runs)
         loss = statistics.mean(r["final"]["train_loss"] for r in runs)
@@ -67,12 +91,30 @@ def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
         share = statistics.mean(r["data_share"] for r in runs)
         wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
         rows.append(f"| {name} | {runs[0]['final']['num_params'] / 1e6:.2f}M | {per_seed} | "
-                    f"{mean_spread(accs(runs))} | {loss:.3f} | {ips:.0f} | {100 * share:.1f}% | {wall:.1f} |")
-    rows += [f"| {name} | | missing (not trained yet) | | | | | |" for name in doc.get("missing", [])]
+                    f"{mean_spread(accs(runs))} | {loss:.3f} | {ips:.0f} | {100 * share:.1f}% | {wall:.1f} |"
+                    + (f" {fidelity_cell(runs)} |" if fid else ""))
+    rows += [f"| {name} | | missing (not trained yet) | | | | | |" + (" |" if fid else "")
+             for name in doc.get("missing", [])]
     table = "\n".join(rows)
     if baseline:
         table += "\n\n" + gap_lines(doc, baseline)
     return table
+
+
+def fidelity_cell(runs: List[Dict[str, Any]]) -> str:
+    means = fidelity_means(runs)
+    return "–" if means is None else f"{means[0]:.3f} / {means[1]:.3f}"
+
+
+def claim_lines(doc: Dict[str, Any]) -> str:
+    """The claim's paired comparisons (:data:`CLAIM_PAIRS`), those whose two arms both finished."""
+    groups, lines = arms(doc), []
+    for arm, against in CLAIM_PAIRS:
+        gaps = paired_gaps(doc, arm, against)
+        if arm in groups and against in groups and gaps:
+            each = ", ".join(f"{100 * g:+.1f}" for g in gaps)
+            lines.append(f"- {arm} − {against}: {100 * statistics.mean(gaps):+.1f} points (per seed: {each})")
+    return "\n".join(lines)
 
 
 def paired_gaps(doc: Dict[str, Any], arm: str, baseline: str) -> List[float]:
@@ -164,8 +206,11 @@ def headline(docs: Dict[str, Dict[str, Any]]) -> str:
                     "cifar_plainnet56 + dcaquasineghalf"]}
     control = [n for n in arms(docs["dca"]) if "SGD lr" in n] if "dca" in docs else []
     want["dca"] += control
+    want["claim"] = ["cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0", "cifar_resnet56 + SGD m0",
+                     "cifar_plainnet56 + dcacounter", "cifar_plainnet56", "cifar_resnet56", "cifar_gradnet56"]
     claims = {"depth": "plain-56 < plain-20; ResNet-56 > ResNet-20; NegNet?",
-              "resnet18": "NegNet18 on par with ResNet18", "dca": "DCA + plain net = SGD + shortcut net"}
+              "resnet18": "NegNet18 on par with ResNet18", "dca": "DCA + plain net = SGD + shortcut net",
+              "claim": "DCA + plain net = SGD + shortcut net, one lr for every arm (eq. 19, momentum 0 / 0.9)"}
     for exp, names in want.items():
         doc = docs.get(exp)
         if exp == "resnet18" and (gpu := gpu_resnet18()):
@@ -235,6 +280,8 @@ def blocks(docs: Dict[str, Dict[str, Any]], quick: bool) -> Dict[str, str]:
     out: Dict[str, str] = {}
     for exp, doc in docs.items():
         body = budget_line(doc) + "\n\n" + arm_table(doc, BASELINES.get(exp))
+        if exp == "claim":
+            body += "\n\n" + claim_lines(doc)
         if exp == "dca":
             body += "\n" + gap_closed(doc)
             for control in (n for n in arms(doc) if "SGD lr" in n):
@@ -255,7 +302,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.repro:
         write_result("cifar10_repro", args.quick, compare_runs(*args.repro))
-    docs = {exp: d for exp in ("depth", "resnet18", "dca") if (d := load(exp, args.quick))}
+    docs = {exp: d for exp in ("depth", "resnet18", "dca", "claim") if (d := load(exp, args.quick))}
     if not docs:
         raise SystemExit("no cifar10_*.json results yet: run cifar10_headline.py first")
     parts = blocks(docs, args.quick)

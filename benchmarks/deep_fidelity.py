@@ -49,7 +49,7 @@ FULL = dict(depth=56, batch=128, counts={"init": 3, "warm": 2}, warm_steps=30, i
 QUICK = dict(depth=20, batch=16, counts={"init": 2, "warm": 1}, warm_steps=2, images=64,
              cg=dict(batch=8, lanczos=3, iters=2, margin=1.1))
 WARM = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)   # the warm start of fidelity_table.py
-RHOS = (0.0, 1.0)     # ρ/4 = r·‖a‖² for the rank-one-model steps
+RHOS = (0.0, 1.0)     # ridge ρ/(2κ) = r·‖a‖² for the rank-one-model steps
 BOUNDS = {
     "best_single_whole": "(e) best in span{a, c_k}, one coefficient per vector",
     "best_single_stage": "(e) best in span{a, c_k}, coefficients per stage",
@@ -77,7 +77,7 @@ def labels() -> Dict[str, Tuple[str, str]]:
     for key, (what, status) in DIRECTIONS.items():
         out[key] = (what, status)
         if key in RHO_DEPENDENT:
-            out[f"{key}@rho=1"] = (what.replace("ρ = 0", "ρ/4 = ‖a‖²"), status)
+            out[f"{key}@rho=1"] = (what.replace("ρ = 0", "ρ/(2κ) = ‖a‖²"), status)
     out["newton_cg"] = ("(d) exact Newton step of eq. 12's G2 (true Hessian, CG), ρ/2 = 1.1·(−λ_min)",
                         "G2 convex on this batch (Lanczos ρ); H2 not checked")
     out.update({k: (v, "upper bound: fitted to this batch's g_ref") for k, v in BOUNDS.items()

@@ -386,12 +386,13 @@ def _pinv_solve(A: torch.Tensor, b: torch.Tensor, rcond: float = 1e-10) -> torch
 
 # -- directions ---------------------------------------------------------------------------------
 
-def eq19(grams: Grams, rho: float = 0.0) -> torch.Tensor:
-    """Eq. 19 as printed on rows [a, c]: a + ‖a‖²/(2‖c‖² + ρ/4)·c, as coefficients. ρ is in the
-    units of eq. 16 with our gradient vectors (squared gradient norms, κ = 2 in the terms of
-    docs/decompositions.md); at ρ = 0 it is ``dcacounter``'s step whatever its ρ convention."""
+def eq19(grams: Grams, ridge: float = 0.0) -> torch.Tensor:
+    """Eq. 19 on rows [a, c]: a + ‖a‖²/(2‖c‖² + ridge)·c, as coefficients. ``ridge`` is ρ/(2κ), the
+    term ``dcacounter`` adds next to 2‖c‖² (ρ a Hessian eigenvalue, κ the rank-one curvature
+    factor; the paper prints ρ/4 because its a, c are ours times √(κ/2), docs/decompositions.md);
+    at ridge = 0 it is ``dcacounter``'s step at ρ = 0."""
     K, _, _ = grams.pick(None)
-    beta = float(K[0, 0]) / (2 * float(K[1, 1]) + rho / 4)
+    beta = float(K[0, 0]) / (2 * float(K[1, 1]) + ridge)
     return torch.tensor([1.0, beta], dtype=torch.float64)
 
 
@@ -402,22 +403,23 @@ def combine(coef: torch.Tensor, n: int, rows: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def model_newton(grams: Grams, U: torch.Tensor, weights: torch.Tensor, rho: float = 0.0) -> torch.Tensor:
+def model_newton(grams: Grams, U: torch.Tensor, weights: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     """Newton step of a counter-loss decomposition under the paper's rank-one curvature model.
 
-    ½∂²G ≈ Σ_j weights_j u_j u_jᵀ + ρ/4·I with u_j = U[:, j] (coefficients over the rows): eq. 16
+    ½∂²G ≈ Σ_j weights_j u_j u_jᵀ + ridge·I with u_j = U[:, j] (coefficients over the rows): eq. 16
     for G2 = L + ½L'_{−1} is U = [a, 2c − a], weights (1, ½), and with a ⊥ c this gives eq. 19. The
-    step solves ½∂²G·Δ = a for Δ = U t, i.e. (diag(weights)·UᵀKU + ρ/4) t = e_1 when U's first
-    column is a (no orthogonality assumed). Returns coefficients over the rows."""
+    step solves ½∂²G·Δ = a for Δ = U t, i.e. (diag(weights)·UᵀKU + ridge) t = e_1 when U's first
+    column is a (no orthogonality assumed); ridge = ρ/(2κ) as in :func:`eq19`. Returns coefficients
+    over the rows."""
     K, _, _ = grams.pick(None)
     KU = U.T @ K @ U
     rhs = torch.zeros(U.shape[1], dtype=torch.float64)
     rhs[0] = 1.0
-    t = _pinv_solve(torch.diag(weights) @ KU + rho / 4 * torch.eye(U.shape[1], dtype=torch.float64), rhs)
+    t = _pinv_solve(torch.diag(weights) @ KU + ridge * torch.eye(U.shape[1], dtype=torch.float64), rhs)
     return U @ t
 
 
-def counter_newton(grams: Grams, rows: Sequence[int], n: int, rho: float = 0.0) -> torch.Tensor:
+def counter_newton(grams: Grams, rows: Sequence[int], n: int, ridge: float = 0.0) -> torch.Tensor:
     """G = L + ½Σ_j L'_{−1,j} + ρ/2·L2 over the counter losses of ``rows[1:]`` (rows[0] = a):
     U = [a, 2c_j − a …], weights (1, ½, …) (eqs. 12, 16 with one counter loss per row)."""
     m = len(rows)
@@ -426,13 +428,14 @@ def counter_newton(grams: Grams, rows: Sequence[int], n: int, rho: float = 0.0) 
     for j, r in enumerate(rows[1:], start=1):
         U[r, j], U[rows[0], j] = 2.0, -1.0
     weights = torch.tensor([1.0] + [0.5] * (m - 1), dtype=torch.float64)
-    return model_newton(grams, U, weights, rho)
+    return model_newton(grams, U, weights, ridge)
 
 
-def quasi_newton(grams: Grams, rows: Sequence[int], n: int, rho: float = 0.0) -> torch.Tensor:
+def quasi_newton(grams: Grams, rows: Sequence[int], n: int, ridge: float = 0.0) -> torch.Tensor:
     """Quasi-DC G = (1/J)Σ_j L'_{1/2,j} + ρ/2·L2 (eq. 23 at every counter loss), H = G − L.
 
-    Model ½∂²G ≈ (1/J)Σ_j v_j v_jᵀ + ρ/4 with v_j = ½(a + c_j) (eq. 25 for each j, in eq. 16's units).
+    Model ½∂²G ≈ (1/J)Σ_j v_j v_jᵀ + ridge with v_j = ½(a + c_j) (eq. 25 for each j, in eq. 16's
+    units; ridge = ρ/(2κ) as in :func:`eq19`).
     As the paper goes along a + c for one block, the step is Newton's restricted to span{v_j}:
     Δ = V t minimising −aᵀΔ + ½Δᵀ∂²GΔ, i.e. Vᵀ∂²GV t = Vᵀa. Returns coefficients over the rows."""
     K, _, _ = grams.pick(None)
@@ -441,7 +444,7 @@ def quasi_newton(grams: Grams, rows: Sequence[int], n: int, rho: float = 0.0) ->
     for j, r in enumerate(rows[1:]):
         V[rows[0], j], V[r, j] = 0.5, 0.5
     KV = V.T @ K @ V
-    curv = 2 * (KV @ KV / J + rho / 4 * KV)       # Vᵀ∂²G V
+    curv = 2 * (KV @ KV / J + ridge * KV)       # Vᵀ∂²G V
     t = _pinv_solve(curv, V.T @ K[:, rows[0]])
     return V @ t
 
@@ -597,26 +600,26 @@ def indicator(n: int, rows: Sequence[int]) -> torch.Tensor:
     return combine(torch.ones(len(rows), dtype=torch.float64), n, rows)
 
 
-def _directions(grams: Grams, fam: Family, last: int, rho: float) -> Dict[str, torch.Tensor]:
+def _directions(grams: Grams, fam: Family, last: int, ridge: float) -> Dict[str, torch.Tensor]:
     """Coefficients over the family's rows of every entry of :data:`DIRECTIONS` (``last``: the block
-    ``dcacounter`` skips; ``rho`` in eq. 16's units, see :func:`eq19`)."""
+    ``dcacounter`` skips; ``ridge`` = ρ/(2κ), see :func:`eq19`)."""
     n, singles = fam.rows.shape[0], fam.singles()
     a = indicator(n, [0])
     c_sum = indicator(n, singles[1:])
     K, _, _ = grams.pick(None)
-    beta = float(K[0, 0]) / (2 * float(c_sum @ K @ c_sum) + rho / 4)    # eq. 19 with c = Σ_k c_k
+    beta = float(K[0, 0]) / (2 * float(c_sum @ K @ c_sum) + ridge)    # eq. 19 with c = Σ_k c_k
     one_block = [0, fam.index((last, 1))]
     return {
         "sgd": a,
-        "dcacounter": combine(eq19(grams.sub(one_block), rho), n, one_block),
+        "dcacounter": combine(eq19(grams.sub(one_block), ridge), n, one_block),
         "single_sum": a + c_sum,
         "single_eq19": a + beta * c_sum,
-        "single_newton": counter_newton(grams, singles, n, rho),
+        "single_newton": counter_newton(grams, singles, n, ridge),
         "span_sum": indicator(n, range(n)),
         "span_top": indicator(n, [0] + [fam.index((k, fam.depth - k)) for k in range(fam.depth)]),
-        "span_newton": counter_newton(grams, list(range(n)), n, rho),
+        "span_newton": counter_newton(grams, list(range(n)), n, ridge),
         "quasi_sum": fam.depth * a + c_sum,
-        "quasi_newton": quasi_newton(grams, singles, n, rho),
+        "quasi_newton": quasi_newton(grams, singles, n, ridge),
     }
 
 
@@ -624,12 +627,12 @@ RHO_DEPENDENT = ("dcacounter", "single_eq19", "single_newton", "span_newton", "q
 
 
 def _all_directions(grams: Grams, fam: Family, last: int, rhos: Sequence[float]) -> Dict[str, torch.Tensor]:
-    """:func:`_directions` at ρ/4 = r·‖a‖² for each r in ``rhos`` (ρ relative to the gradient's scale,
-    so one setting means the same at every depth); keys of r ≠ 0 get the suffix ``@rho=<r>``."""
+    """:func:`_directions` at ridge ρ/(2κ) = r·‖a‖² for each r in ``rhos`` (relative to the gradient's
+    scale, so one setting means the same at every depth); keys of r ≠ 0 get the suffix ``@rho=<r>``."""
     K, _, _ = grams.pick(None)
     out: Dict[str, torch.Tensor] = {}
     for r in rhos:
-        for key, t in _directions(grams, fam, last, 4 * r * float(K[0, 0])).items():
+        for key, t in _directions(grams, fam, last, r * float(K[0, 0])).items():
             if r == 0:
                 out[key] = t
             elif key in RHO_DEPENDENT:
@@ -652,8 +655,8 @@ def _class_cosines(classes: torch.Tensor, ref: torch.Tensor, layout: Layout,
 def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, max_len: Optional[int] = None,
             rhos: Sequence[float] = (0.0,), skips_cap: int = 4, loss_fn: LossFn = F.cross_entropy) -> DeepMeasurement:
     """Every direction of :data:`DIRECTIONS`, the span bounds and the path classes on one batch, at the
-    model's current weights (train mode, running statistics untouched); ``rhos``: ρ/4 in units of
-    ‖a‖² (see :func:`_all_directions`). Cost: one forward, about
+    model's current weights (train mode, running statistics untouched); ``rhos``: ridges ρ/(2κ) in
+    units of ‖a‖² (see :func:`_all_directions`). Cost: one forward, about
     B³/6 single-block products for the spans (B = blocks; ``max_len=1`` keeps the single blocks:
     about B²/2), and (``skips_cap`` + 4) backward passes for the path classes."""
     chain = record(model, inputs, targets, loss_fn)

@@ -157,7 +157,7 @@ def test_counter_newton_is_eq19_for_one_block_with_a_orthogonal_to_c(rho):
     c = torch.tensor([0.0, 2.0, 1.0, 0.0], dtype=torch.float64)
     grams = _grams(torch.stack([a, c]), torch.ones(4, dtype=torch.float64))
     t = D.counter_newton(grams, [0, 1], 2, rho)
-    beta = float(a @ a) / (2 * float(c @ c) + rho / 4)
+    beta = float(a @ a) / (2 * float(c @ c) + rho)
     torch.testing.assert_close(t / t[0], torch.tensor([1.0, beta], dtype=torch.float64), **TOL)
     torch.testing.assert_close(D.eq19(grams, rho), torch.tensor([1.0, beta], dtype=torch.float64), **TOL)
 
@@ -170,7 +170,7 @@ def test_counter_newton_solves_the_rank_one_model_exactly():
     grams = _grams(rows, torch.ones(10, dtype=torch.float64))
     delta = D.counter_newton(grams, [0, 1, 2, 3], 4, rho) @ rows
     a = rows[0]
-    M = torch.outer(a, a) + rho / 4 * torch.eye(10, dtype=torch.float64)
+    M = torch.outer(a, a) + rho * torch.eye(10, dtype=torch.float64)
     for c in rows[1:]:
         M += 0.5 * torch.outer(2 * c - a, 2 * c - a)
     torch.testing.assert_close(delta, torch.linalg.solve(M, a), **TOL)
@@ -222,6 +222,22 @@ def test_g2_operator_is_the_hessian_of_l_plus_half_the_counter_loss():
     eps = 1e-6
     diff = Hv - (grad_at(eps) - grad_at(-eps)) / (2 * eps)
     assert float(diff.norm() / Hv.norm()) < 1e-5
+
+
+def test_eq19_ridge_is_the_rho_over_2_kappa_of_dcacounter(net):
+    """eq19(ridge=ρ/(2κ)) on [a, c_{B−1}] is the step of dcacounter(rho=ρ, kappa=κ): one convention."""
+    model, x, y, chain = net
+    c = D.skip_vector(chain, chain.depth - 1, 1)
+    rho, kappa = 3.0, 0.4
+    grams = D.Grams.of(torch.stack([chain.a, c]), chain.a, chain.layout)
+    coef = D.eq19(grams, rho / (2 * kappa))
+    assert coef[1] != pytest.approx(float(D.eq19(grams)[1]), rel=1e-3)   # the ridge matters here
+    twin = copy.deepcopy(model)
+    opt = create_optimizer_v2(twin, "dcacounter", lr=1.0, momentum=0.0, rho=rho, kappa=kappa)
+    before = [p.detach().clone() for p in twin.parameters()]
+    optimizer_step(twin, opt, x, y)
+    step = [w - p.detach() for p, w in zip(twin.parameters(), before)]
+    torch.testing.assert_close(_flat(chain, step), coef[0] * chain.a + coef[1] * c, rtol=1e-7, atol=1e-10)
 
 
 # -- the whole measurement ----------------------------------------------------------------------
