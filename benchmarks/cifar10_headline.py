@@ -57,6 +57,11 @@ CONTROL = "sgd-at-dca-lr"
 # paper's plain iteration) and 0.9 (acting on d exactly as SGD's on the gradient), against SGD on
 # the two shortcut nets; the plain-56 arms record their direction fidelity every FIDELITY_EVERY steps
 M0 = {"momentum": 0.0}
+# eq. 19's step on plain-56 is this many times SGD's at the same lr without momentum (‖a + βc‖/‖a‖,
+# the "len" column of `dcanets fidelity --model cifar_plainnet56 --opt dcacounter --lr 0.1`, steps
+# 0-60 on CIFAR-10: 1.20-1.26): the last arm is SGD at that longer step, so that a gain of eq. 19
+# at momentum 0 cannot be a longer step in disguise
+DCA_STEP_LENGTH = 1.22
 FIDELITY_EVERY = 20
 CLAIM_DCA_KWARGS = {"beta_policy": "clamp"}  # eq. 19 with rho = 0; beta > beta_max is clamped, not fatal
 ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL[, recipe overrides])
@@ -68,7 +73,8 @@ ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL
             ("cifar_plainnet56", CONTROL)],
     "claim": [("cifar_plainnet56", None), ("cifar_plainnet56", None, M0),
               ("cifar_plainnet56", "dcacounter"), ("cifar_plainnet56", "dcacounter", M0),
-              ("cifar_resnet56", None), ("cifar_gradnet56", None), ("cifar_resnet56", None, M0)],
+              ("cifar_resnet56", None), ("cifar_gradnet56", None), ("cifar_resnet56", None, M0),
+              ("cifar_plainnet56", None, dict(M0, lr=SGD["lr"] * DCA_STEP_LENGTH))],
 }
 
 
@@ -96,7 +102,8 @@ def extra(p: argparse.ArgumentParser) -> None:
 def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str | None, seed: int,
                overrides: Dict[str, Any] | None = None) -> TrainConfig:
     recipe = dict(RECIPES[experiment])
-    tag = "".join(f"-m{v:g}" for k, v in (overrides or {}).items() if k == "momentum")
+    tag = "".join(f"-{short}{(overrides or {})[k]:g}" for k, short in (("lr", "lr"), ("momentum", "m"))
+                  if k in (overrides or {}))   # e.g. -lr0.122-m0
     name = f"{model}-{opt or recipe['opt']}{tag}-s{seed}"
     if opt == CONTROL:
         recipe.update(lr=args.dca_lr or recipe["lr"])

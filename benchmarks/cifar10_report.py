@@ -71,17 +71,19 @@ def accs(runs: List[Dict[str, Any]]) -> List[float]:
     return [r["final"]["val_acc"] for r in runs]
 
 
-def fidelity_means(runs: List[Dict[str, Any]]) -> tuple[float, float] | None:
-    """Mean over every measured step (and seed) of cos(Δw, −∇ gradnet) and of SGD's gradient's cosine."""
+def fidelity_means(runs: List[Dict[str, Any]]) -> tuple[float, float, float] | None:
+    """Means over every measured step (and seed) of cos(Δw, −∇ gradnet), of SGD's gradient's cosine at
+    the same weights, and of cos(Δw, −∇ gradnet) on layer3 (the stage of the block eq. 19 skips)."""
     pts = [m for r in runs for m in r.get("fidelity", []) if m["cos"] is not None]
     if not pts:
         return None
-    return statistics.mean(m["cos"] for m in pts), statistics.mean(m["sgd_cos"] for m in pts)
+    return (statistics.mean(m["cos"] for m in pts), statistics.mean(m["sgd_cos"] for m in pts),
+            statistics.mean(m["stages"]["layer3"] for m in pts))
 
 
 def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
     fid = any(r.get("fidelity") for r in doc["runs"])
-    fid_head, fid_rule = (" fidelity: cos(step, gradnet grad) / SGD grad's |", "---:|") if fid else ("", "")
+    fid_head, fid_rule = (" cos with gradnet grad: step / SGD grad (layer3: step) |", "---:|") if fid else ("", "")
     rows = ["| arm | params | val acc % per seed | val acc % (mean ± half range) | final train loss "
             "| images/s | data share | wall min/run |" + fid_head, "|---|---:|---|---:|---:|---:|---:|---:|" + fid_rule]
     for name, runs in arms(doc).items():
@@ -103,7 +105,7 @@ def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
 
 def fidelity_cell(runs: List[Dict[str, Any]]) -> str:
     means = fidelity_means(runs)
-    return "–" if means is None else f"{means[0]:.3f} / {means[1]:.3f}"
+    return "–" if means is None else f"{means[0]:.3f} / {means[1]:.3f} ({means[2]:.3f})"
 
 
 def claim_lines(doc: Dict[str, Any]) -> str:

@@ -140,13 +140,15 @@ def stage_names(model: nn.Module) -> Dict[str, str]:
 
 @dataclass
 class StageFidelity:
-    """cos(Δw, −g_ref) over one group of parameters, the norms, and SGD's cosine there."""
+    """cos(Δw, −g_ref) over one group of parameters, the norms, and SGD's cosine there
+    (``baseline_norm``: ‖∇L‖ there, so ‖Δw‖/(lr·‖∇L‖) says how long the step is next to SGD's)."""
 
     cosine: float
     step_norm: float
     reference_norm: float
     baseline_cosine: Optional[float]
     numel: int
+    baseline_norm: Optional[float] = None
 
 
 @dataclass
@@ -154,7 +156,8 @@ class FidelityReport:
     """One measurement. ``cosine``: cos(Δw, −g_ref) over the whole net; ``baseline_cosine``:
     cos(−∇L, −g_ref) (plain SGD's fidelity at the same point); ``stages`` per stage; ``loss``:
     the model's loss at w_k on the batch; ``forward_gap``: |L_twin − L|, 0 up to rounding for a
-    faithful twin (same forward); ``step``: the training step (None for a single probe)."""
+    faithful twin (same forward); ``step``: the training step (None for a single probe);
+    ``baseline_norm``: ‖∇L‖ (None without a baseline)."""
 
     cosine: float
     step_norm: float
@@ -166,6 +169,7 @@ class FidelityReport:
     reference: str
     step: Optional[int] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    baseline_norm: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready: NaN (an undefined cosine, a zero vector) becomes None."""
@@ -202,11 +206,12 @@ def _report(names: List[str], stage_of: Dict[str, str], delta: List[torch.Tensor
     def stage(r: List[float]) -> StageFidelity:
         bc = _cos(r[3], math.sqrt(r[4]), math.sqrt(r[2])) if base is not None else None
         return StageFidelity(_cos(r[0], math.sqrt(r[1]), math.sqrt(r[2])), math.sqrt(r[1]), math.sqrt(r[2]),
-                             bc, int(r[5]))
+                             bc, int(r[5]), math.sqrt(r[4]) if base is not None else None)
 
     whole = stage(total)
     return FidelityReport(cosine=whole.cosine, step_norm=whole.step_norm, reference_norm=whole.reference_norm,
-                          baseline_cosine=whole.baseline_cosine, stages={k: stage(v) for k, v in acc.items()}, **kw)
+                          baseline_cosine=whole.baseline_cosine, stages={k: stage(v) for k, v in acc.items()},
+                          baseline_norm=whole.baseline_norm, **kw)
 
 
 # -- the passes ---------------------------------------------------------------------------------

@@ -82,16 +82,18 @@ def _fmt(v: Optional[float]) -> str:
     return "   n/a" if v is None or v != v else f"{v:6.3f}"
 
 
-def table(reports: List[FidelityReport]) -> str:
-    """step, loss, whole-net cosine, SGD's cosine, one column per stage, and the optimizer's β
-    (eq. 19) when it reports one."""
+def table(reports: List[FidelityReport], lr: float) -> str:
+    """step, loss, whole-net cosine, SGD's cosine, the step's length next to SGD's (‖Δw‖/(lr·‖∇L‖),
+    1 for SGD without momentum or decay), one column per stage, and the optimizer's β (eq. 19) when
+    it reports one."""
     stages = list(reports[0].stages) if reports else []
     betas = [r.extra.get("diagnostics", {}).get("beta") for r in reports]
     show_beta = any(b is not None for b in betas)
-    head = f"{'step':>5} {'loss':>7} {'cos':>6} {'sgd':>6} " + " ".join(f"{s:>7}" for s in stages)
+    head = f"{'step':>5} {'loss':>7} {'cos':>6} {'sgd':>6} {'len':>6} " + " ".join(f"{s:>7}" for s in stages)
     lines = [head + ("    beta" if show_beta else "")]
     for r, beta in zip(reports, betas):
-        lines.append(f"{r.step:5d} {r.loss:7.4f} {_fmt(r.cosine)} {_fmt(r.baseline_cosine)} "
+        length = r.step_norm / (lr * r.baseline_norm) if r.baseline_norm else None
+        lines.append(f"{r.step:5d} {r.loss:7.4f} {_fmt(r.cosine)} {_fmt(r.baseline_cosine)} {_fmt(length)} "
                      + " ".join(f" {_fmt(r.stages[s].cosine)}" for s in stages)
                      + (f"  {_fmt(beta)}" if show_beta else ""))
     return "\n".join(lines)
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"cos(Δw, −g_ref): {budget} ({seconds:.1f} s)")
-        print(table(reports))
+        print(table(reports, args.lr))
         for f in result.get("files", []):
             print(f"wrote {f}")
     return 0

@@ -365,6 +365,7 @@ class _Run:
         for stage in (reports[0].stages if reports else {}):
             out[f"fidelity_cos_{stage}"] = mean([r.stages[stage].cosine for r in reports])
         out["fidelity"] = [{"step": r.step, "cos": d["cosine"], "sgd_cos": d["baseline_cosine"],
+                            "step_norm": d["step_norm"], "sgd_grad_norm": d["baseline_norm"],
                             "stages": {k: v["cosine"] for k, v in d["stages"].items()}}
                            for r, d in ((r, r.to_dict()) for r in reports)]
         return out

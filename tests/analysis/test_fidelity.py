@@ -62,6 +62,7 @@ def test_plain_sgd_on_resnet20_has_cosine_one_with_its_own_gradient(reference):
     for stage in report.stages.values():
         assert stage.cosine == pytest.approx(1.0, abs=1e-6)
     assert report.step_norm == pytest.approx(0.1 * report.reference_norm, rel=1e-5)   # Δw = −lr·∇L
+    assert report.step_norm == pytest.approx(0.1 * report.baseline_norm, rel=1e-5)    # and ∇L is the baseline
     assert sum(s.numel for s in report.stages.values()) == sum(p.numel() for p in model.parameters())
     assert report.forward_gap == pytest.approx(0.0, abs=1e-6)
 
@@ -239,5 +240,10 @@ def test_cli_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
     assert fidelity.run(sgd) == 0          # timm's "sgd" with momentum 0 (no Nesterov)
     record = json.loads(capsys.readouterr().out)["records"][0]
     assert record["cosine"] == pytest.approx(record["baseline_cosine"], abs=1e-6)
+    assert record["step_norm"] == pytest.approx(0.05 * record["baseline_norm"], rel=1e-5)   # the "len" column's 1
+    sgd_table = parser.parse_args(["--model", "cifar_plainnet20", "--batch", "16", "--steps", "1"])
+    assert fidelity.run(sgd_table) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert float(row[4]) == pytest.approx(1.0, abs=1e-3)   # step, loss, cos, sgd, len
     with pytest.raises(ValueError, match="unknown model"):
         fidelity.run(parser.parse_args(["--model", "cifar_plainet20"]))

@@ -44,6 +44,15 @@ def test_plain_sgd_against_itself_is_one_and_the_diagnostic_leaves_the_run_uncha
     assert all(abs(r["cos"] - 1.0) < 1e-5 and set(r["stages"]) == set(STAGES) for epoch in raw for r in epoch)
 
 
+def test_step_norm_over_sgd_grad_norm_is_the_lr_for_plain_sgd():
+    """The raw measurements carry ‖Δw‖ and ‖∇L‖: for SGD without momentum or decay, ‖Δw‖ = lr·‖∇L‖."""
+    final = train(tiny(fidelity_every=1, fidelity_reference="self", sched="constant", epochs=1))
+    raw = final["history"][0]["fidelity"]
+    assert len(raw) > 1
+    for r in raw:
+        assert r["step_norm"] == pytest.approx(0.05 * r["sgd_grad_norm"], rel=1e-4)
+
+
 def test_every_n_steps_on_a_global_counter_and_saved_in_metrics_json(tmp_path):
     out = tmp_path / "run"
     final = train(tiny(fidelity_every=2, output=str(out)))
