@@ -26,6 +26,7 @@ BASELINES = {"resnet18": "cifar_resnet18", "dca": "cifar_plainnet56"}  # gaps ar
 # the claim's comparisons (arm, against): DCA against SGD on the same plain net, then against SGD on
 # the shortcut nets, each at the same momentum; arms missing from the result file are left out
 CLAIM_PAIRS = [("cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0"),
+               ("cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD lr 0.122 m0"),
                ("cifar_plainnet56 + dcacounter", "cifar_plainnet56"),
                ("cifar_plainnet56 + dcacounter m0", "cifar_resnet56 + SGD m0"),
                ("cifar_plainnet56 + dcacounter", "cifar_resnet56"),
@@ -208,7 +209,8 @@ def headline(docs: Dict[str, Dict[str, Any]]) -> str:
                     "cifar_plainnet56 + dcaquasineghalf"]}
     control = [n for n in arms(docs["dca"]) if "SGD lr" in n] if "dca" in docs else []
     want["dca"] += control
-    want["claim"] = ["cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0", "cifar_resnet56 + SGD m0",
+    want["claim"] = ["cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0",
+                     "cifar_plainnet56 + SGD lr 0.122 m0", "cifar_resnet56 + SGD m0",
                      "cifar_plainnet56 + dcacounter", "cifar_plainnet56", "cifar_resnet56", "cifar_gradnet56"]
     claims = {"depth": "plain-56 < plain-20; ResNet-56 > ResNet-20; NegNet?",
               "resnet18": "NegNet18 on par with ResNet18", "dca": "DCA + plain net = SGD + shortcut net",
