@@ -36,6 +36,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from cifar10_report import arm_name
+
 from common import RESULTS, benchmark_data, figure_path, is_stand_in, parse_args, progress, shared_data, write_result
 from dcanets.cli.train import parse_kv
 from dcanets.engine import TrainConfig, train
@@ -191,10 +193,8 @@ def _same_budget(saved: Dict[str, Any], cfg: TrainConfig) -> None:
 
 
 def run_label(r: Dict[str, Any]) -> str:
-    """A run in a legend: model, optimizer, and lr / momentum where they are not the recipe's."""
-    lr = f" lr {r['lr']:g}" if r.get("lr") not in (None, SGD["lr"]) else ""
-    mom = f" m{r['momentum']:g}" if r.get("momentum") not in (None, SGD["momentum"]) else ""
-    return f"{r['model']} {r['opt']}{lr}{mom} s{r['seed']}"
+    """A run in a legend: its arm, named as the report's tables name it, and its seed."""
+    return f"{arm_name(r, SGD['lr'], SGD['momentum'])} s{r['seed']}"
 
 
 def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
