@@ -6,7 +6,9 @@ Three experiments, each one command, all through the one training engine
 
 * ``depth``: He et al. 2015 protocol at a short budget: cifar_{plainnet,resnet,negnet,actresnet}20
   and cifar_{plainnet,resnet,negnet,gradnet}56; momentum SGD lr 0.1, wd 5e-4, 1 warm-up epoch,
-  cosine (the one recipe that brings cifar_resnet20 to >= 88% in 40 epochs, used for every arm).
+  cosine, 40 epochs, the same for every arm (REPORT.md says how close cifar_resnet20 comes to 88%).
+* ``recipe``: cifar_resnet20 with the depth recipe plus label smoothing 0.1, the candidate recipe
+  for the >= 88% goal at a longer budget (``--epochs``).
 * ``resnet18``: the 3x3-stem 18-layer nets with the authors' recipe (lr 0.1, momentum 0.9,
   wd 5e-4, cosine, batch 128): cifar_negnet18 against both ResNet baselines (timm's
   post-activation cifar_resnet18 and the authors' act-before-add cifar_actresnet18).
@@ -47,10 +49,13 @@ SGD = dict(opt="momentum", lr=0.1, momentum=0.9, sched="cosine", batch_size=128)
 # cosine budget better than their 1e-4 over 164 epochs, and one warm-up epoch so the 56-layer
 # plain net can start at lr 0.1); resnet18 is the authors' recipe as published, without warm-up.
 DEPTH = dict(SGD, weight_decay=5e-4, warmup_epochs=1)
-RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPTH, "claim": DEPTH}
+# the candidate for the >= 88% goal: the depth recipe plus label smoothing 0.1, over more epochs (the
+# depth recipe's ResNet-20 ends at 94.5% training accuracy after 40: short of fitting, not overfitting)
+RECIPE = dict(DEPTH, label_smoothing=0.1)
+RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPTH, "claim": DEPTH, "recipe": RECIPE}
 # folder of each experiment's runs: the dca experiment's SGD arms *are* the depth study's
 # plain56/resnet56 runs (same recipe and budget), so they are trained once
-RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18", "claim": "claim"}
+RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18", "claim": "claim", "recipe": "recipe"}
 # the control a reviewer asks for: SGD on the plain net at the DCA arms' (searched) lr, so a
 # DCA gain cannot be a smaller learning rate in disguise
 CONTROL = "sgd-at-dca-lr"
@@ -77,6 +82,7 @@ ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL
               ("cifar_plainnet56", "dcacounter"), ("cifar_plainnet56", "dcacounter", M0),
               ("cifar_resnet56", None), ("cifar_gradnet56", None), ("cifar_resnet56", None, M0),
               ("cifar_plainnet56", None, dict(M0, lr=SGD["lr"] * DCA_STEP_LENGTH))],
+    "recipe": [("cifar_resnet20", None)],
 }
 
 
@@ -98,6 +104,9 @@ def extra(p: argparse.ArgumentParser) -> None:
                    help="checkpoints, one folder per run (never committed)")
     p.add_argument("--dca-kwargs", type=parse_kv, default={"rho": 0.005},
                    help="opt_kwargs of the DCA arms, e.g. 'rho=0.004' (from dca_rho_lambda.yaml)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (an engine speed switch; results agree within float "
+                        "tolerance)")
     p.add_argument("--dca-lr", type=float, default=None, help="lr (= 1/lambda) of the DCA arms (default: the recipe's)")
 
 
@@ -119,6 +128,7 @@ def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str |
         recipe.update(fidelity_every=FIDELITY_EVERY)
     return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1, split_seed=0,
                        limit=args.limit, val_limit=args.val_limit, epochs=args.epochs, seed=seed,
+                       compile=args.compile,
                        output=str(args.runs / group(args, experiment) / name), **recipe)
 
 

@@ -1,6 +1,6 @@
 """Tables of the CIFAR-10 headline reproduction, generated from its result files.
 
-Reads ``results/cifar10_{depth,resnet18,dca,claim}.json`` (written by ``cifar10_headline.py``) and, if
+Reads ``results/cifar10_{depth,recipe,resnet18,dca,claim}.json`` (written by ``cifar10_headline.py``) and, if
 present, ``results/cifar10_dca_tune_trials.csv`` (the ``trials.csv`` of the
 ``tune_configs/dca_rho_lambda.yaml`` search), and rewrites the generated parts of
 ``benchmarks/REPORT.md`` and of the README's headline table (between ``<!-- cifar10:NAME -->``
@@ -178,7 +178,9 @@ def budget_line(doc: Dict[str, Any]) -> str:
     return (f"Budget: {b['epochs']} epochs over {limit} training images, validation on {val} held-out "
             f"images (split seed {b.get('split_seed', 'per run')}), seeds {b['seeds']}; {rec['opt']} lr {rec['lr']}, "
             f"momentum {rec['momentum']}, wd {rec['weight_decay']}, {rec['sched']}, warm-up "
-            f"{rec.get('warmup_epochs', 0)} epochs, batch {rec['batch_size']}{extra}. {_machines(doc)}")
+            f"{rec.get('warmup_epochs', 0)} epochs, batch {rec['batch_size']}"
+            f"{f', label smoothing {smoothing}' if (smoothing := rec.get('label_smoothing')) else ''}{extra}. "
+            f"{_machines(doc)}")
 
 
 def _machines(doc: Dict[str, Any]) -> str:
@@ -316,7 +318,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.repro:
         write_result("cifar10_repro", args.quick, compare_runs(*args.repro))
-    docs = {exp: d for exp in ("depth", "resnet18", "dca", "claim") if (d := load(exp, args.quick))}
+    docs = {exp: d for exp in ("depth", "recipe", "resnet18", "dca", "claim") if (d := load(exp, args.quick))}
     if not docs:
         raise SystemExit("no cifar10_*.json results yet: run cifar10_headline.py first")
     parts = blocks(docs, args.quick)

@@ -136,6 +136,9 @@ class TrainConfig(BaseModel):
     lr_cycle_mul: Positive = Field(1.0, description="cosine, tanh, poly: each cycle this many times the last's length")
     lr_cycle_decay: Positive = Field(0.5, description="cosine, tanh, poly: each cycle's peak lr this times the last's")
     batch_size: Count = Field(128, description="training batch size")
+    label_smoothing: Number = Field(
+        0.0, ge=0, lt=1, description="training loss: cross-entropy against targets smoothed by this much "
+                                     "(validation loss is plain cross-entropy)")
     seed: Integer = Field(0, description="seed of initialization, shuffling and augmentation")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     amp: bool = Field(True, description="mixed precision (CUDA only)")

@@ -8,6 +8,7 @@ runs.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -269,6 +270,8 @@ class _Run:
         # bf16 has fp32's exponent range: only fp16 needs loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.forward = self._compiled() if cfg.compile else self.model
+        # the training loss, also the one a curvature-measuring decomposition differentiates
+        self.loss_fn = functools.partial(F.cross_entropy, label_smoothing=float(cfg.label_smoothing))
         self.epoch, self.best_val_acc, self.history = 0, 0.0, []  # type: ignore[var-annotated]
         self.augment = augment
         self.fidelity = self._fidelity_probe()
@@ -372,14 +375,14 @@ class _Run:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         model, opt = self.model, self.optimizer
-        remember_batch(opt, x, y)  # rho="auto" / a measured kappa: curvature on this batch (a no-op otherwise)
+        remember_batch(opt, x, y, self.loss_fn)  # rho="auto" / a measured kappa: curvature on this batch
         if self.needs_closure:
             outputs: List[torch.Tensor] = []
 
             def closure() -> torch.Tensor:
                 opt.zero_grad(set_to_none=True)
                 out = model(x)
-                loss = F.cross_entropy(out, y)
+                loss = self.loss_fn(out, y)
                 loss.backward(create_graph=self.create_graph)
                 outputs.append(out.detach())
                 return loss.detach()
@@ -390,7 +393,7 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             out = self.forward(x)
-            loss = F.cross_entropy(out.float(), y)
+            loss = self.loss_fn(out.float(), y)
         self.scaler.scale(loss).backward(create_graph=self.create_graph)
         self.scaler.step(opt)
         self.scaler.update()

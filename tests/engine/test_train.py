@@ -184,3 +184,29 @@ def test_dca_rho_auto_is_measured_on_each_batch_and_logged():
     assert {"dca_rho", "dca_lam_min_G", "dca_lam_min_H"} <= set(entry)
     assert entry["dca_rho"] == pytest.approx(max(0.0, -2 * entry["dca_lam_min_G"], -entry["dca_lam_min_H"]))
     assert math.isfinite(final["train_loss"])
+
+
+@pytest.mark.parametrize("opt", ["momentum", "dcaprox"])  # the plain step and the closure step
+def test_label_smoothing_is_the_training_loss_and_not_the_validation_loss(opt, monkeypatch):
+    """label_smoothing=ε trains on (1-ε)·CE + ε·mean over classes of -log p (torch's smoothed
+    cross-entropy), in both step paths; the validation loss stays plain cross-entropy."""
+    eps = 0.2
+    run = engine._Run(tiny(model="cifar_plainnet20", opt=opt, label_smoothing=eps), progress=False)
+    handed = []  # the loss a curvature-measuring decomposition (rho="auto") is given with the batch
+    monkeypatch.setattr(engine, "remember_batch", lambda opt, x, y, loss_fn: handed.append(loss_fn))
+    x, y = next(iter(run.train_loader))
+    loss, out = run._step(x, y)
+    assert handed[0](out.float(), y).item() == pytest.approx(loss.item(), rel=1e-5)
+    logp = torch.log_softmax(out.float(), dim=1)
+    smoothed = (1 - eps) * torch.nn.functional.nll_loss(logp, y) - eps * logp.mean(dim=1).mean()
+    assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert abs(loss.item() - torch.nn.functional.cross_entropy(out.float(), y).item()) > 1e-4  # ≫ rel 1e-5
+    smooth, plain = (train(tiny(epochs=1, label_smoothing=ls)) for ls in (eps, 0.0))
+    assert smooth["train_loss"] != pytest.approx(plain["train_loss"], rel=1e-3)
+    assert smooth["history"][0]["val_loss"] == pytest.approx(
+        plain["history"][0]["val_loss"], rel=0.2)  # plain CE of two similar nets, not the smoothed loss
+
+
+def test_label_smoothing_out_of_range_is_a_config_error():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tiny(label_smoothing=1.0)
