@@ -36,7 +36,7 @@ def s3(tmp_path_factory):
         yield server
 
 
-def interrupt_at(proc: subprocess.Popen, text: str, lines: List[str], deadline_s: float = 150) -> str:
+def interrupt_at(proc: subprocess.Popen, text: str, lines: List[str], deadline_s: float = 300) -> str:
     """SIGINT to the search once a progress line holds ``text``; the id of that line's trial."""
     deadline = time.monotonic() + deadline_s
     assert proc.stdout is not None
