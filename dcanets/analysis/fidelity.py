@@ -1,7 +1,8 @@
 """Direction fidelity: how close an optimizer's actual step is to the shortcut network's gradient.
 
 Paper 000's claim is "DCA on a vanilla network = SGD on the shortcut network". This module
-measures it for any optimizer and any model of the shortcut family (``plugins/shortcut.py``,
+measures it for any optimizer and any model of the shortcut family (blocks that are a
+``dcanets.layers.ShortcutBlock``: the models of ``plugins/shortcut.py`` and
 ``plugins/cifar_shortcut.py``): at the current weights w_k and on one batch,
 
 * the reference gradient g_ref is the gradient of the *twin* of the model, the ``gradnet``
@@ -10,15 +11,15 @@ measures it for any optimizer and any model of the shortcut family (``plugins/sh
   or NegNet) or a gradient-only shortcut (``gradnet``) is left as it is, so for those models the
   reference is the model's own gradient;
 * the step Δw = w_{k+1} − w_k is one real ``optimizer.step`` on that batch (with a closure when
-  :func:`dcanets.optim.decompositions.prepare` says the optimizer needs one);
+  :func:`dcanets.optim.prepare` says the optimizer needs one);
 * the fidelity is cos(Δw, −g_ref), for the whole net and per stage (stem, each stage, head),
   with the norms of both. The *baseline* is cos(−∇L, −g_ref), the fidelity plain SGD (no
   momentum, no weight decay) would have at the same point.
 
 Both passes run in train mode (BatchNorm with the batch's statistics, so both see the same
 forward), from the same RNG seed; the reference pass leaves BatchNorm running statistics as they
-were. The twin is made by switching the blocks' ``shortcut_alpha``/``act_placement``/
-``shortcut_grad_only`` attributes for the duration of one forward/backward and switching them back,
+were. The twin is made by switching the blocks' merge arguments to the gradnet family's
+(``dcanets.layers.merging_as``) for the duration of one forward/backward and switching them back,
 so no second model is built and the state dicts are the same by construction.
 
 Reference choices: ``"gradnet"`` (every block of the family), ``"last"`` (only the last block
@@ -45,24 +46,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcanets.analysis.curvature import FrozenBuffers
+from dcanets._compat import unwrap_optimizer, wrapped_optimizers
+from dcanets.hessian import FrozenBuffers
+from dcanets.layers.shortcut import ShortcutBlock, is_plain, merging_as, shortcut_blocks
+from dcanets.optim import DCAOptimizer, prepare, remember_batch, take_step
+from dcanets.optim.rho import LossFn
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerLike = Union[torch.optim.Optimizer, Callable[[nn.Module], torch.optim.Optimizer]]
 Reference = Union[str, Sequence[str]]
 REFERENCES = ("gradnet", "last", "self")
-_BLOCK_ATTRS = ("shortcut_alpha", "act_placement", "shortcut_grad_only")
 
 
 # -- the twin -----------------------------------------------------------------------------------
 
-def shortcut_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The model's blocks of the shortcut family (named, in registration = forward order)."""
-    return [(name, m) for name, m in model.named_modules()
-            if all(hasattr(m, a) for a in _BLOCK_ATTRS) and hasattr(m, "downsample")]
-
-
-def _select(model: nn.Module, reference: Reference) -> List[nn.Module]:
+def _select(model: nn.Module, reference: Reference) -> List[ShortcutBlock]:
     blocks = shortcut_blocks(model)
     if isinstance(reference, str):
         if reference not in REFERENCES:
@@ -72,7 +69,7 @@ def _select(model: nn.Module, reference: Reference) -> List[nn.Module]:
             return []
         if not blocks:
             raise ValueError(f"model {type(model).__name__} has no blocks of the shortcut family "
-                             "(shortcut_alpha/act_placement/shortcut_grad_only): use reference='self', or a "
+                             "(dcanets.layers.ShortcutBlock): use reference='self', or a "
                              "model of plugins/shortcut.py or plugins/cifar_shortcut.py")
         if reference == "gradnet":
             return [m for _, m in blocks]
@@ -88,24 +85,14 @@ def _select(model: nn.Module, reference: Reference) -> List[nn.Module]:
 
 
 @contextmanager
-def shortcut_twin(model: nn.Module, reference: Reference = "gradnet") -> Iterator[List[nn.Module]]:
+def shortcut_twin(model: nn.Module, reference: Reference = "gradnet") -> Iterator[List[ShortcutBlock]]:
     """Within the block, ``model`` is its gradnet twin: each selected plain block (α = 0, not
     gradient-only) computes ``act(F(x)) + (s(x) − s(x).detach())``, whose value is the plain
     block's ``act(F(x))`` and whose gradient has the identity/projection shortcut's part. Blocks
     that already have a shortcut are unchanged. Yields the switched blocks; restores them on exit."""
-    blocks: List[Any] = _select(model, reference)     # blocks of the family: float/bool attributes
-    switched = [m for m in blocks if float(m.shortcut_alpha) == 0.0 and not m.shortcut_grad_only]
-    saved = [(m, {a: getattr(m, a) for a in _BLOCK_ATTRS}) for m in switched]
-    twin = {"shortcut_alpha": 1.0, "act_placement": "before_add", "shortcut_grad_only": True}
-    try:
-        for m in switched:
-            for a, v in twin.items():
-                setattr(m, a, v)
+    switched = [m for m in _select(model, reference) if is_plain(m)]
+    with merging_as(switched, "gradnet"):
         yield switched
-    finally:
-        for m, attrs in saved:
-            for a, v in attrs.items():
-                setattr(m, a, v)
 
 
 # -- stages -------------------------------------------------------------------------------------
@@ -255,8 +242,6 @@ def reference_gradient(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                    targets: torch.Tensor, loss_fn: LossFn = F.cross_entropy, create_graph: bool = False) -> float:
     """One ordinary training step: with a closure when ``prepare`` says the optimizer needs one."""
-    from dcanets.optim.decompositions import prepare, remember_batch
-
     needs_closure = prepare(optimizer, model)
     remember_batch(optimizer, inputs, targets, loss_fn)   # a decomposition measuring rho / kappa on it
 
@@ -266,24 +251,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: t
         loss.backward(create_graph=create_graph)
         return loss.detach()
 
-    if needs_closure:
-        out: Any = optimizer.step(closure)  # type: ignore[arg-type]  # torch types closures as -> float
-        loss = closure() if out is None else out
-    else:
-        with torch.enable_grad():
-            loss = closure()
-        optimizer.step()
-    return float(loss)
-
-
-def _chain(optimizer: torch.optim.Optimizer) -> List[Any]:
-    """The optimizer and the ones it wraps (timm's Lookahead keeps one in ``_base_optimizer``)."""
-    out: List[Any] = [optimizer]
-    while True:
-        inner = getattr(out[-1], "_base_optimizer", None) or getattr(out[-1], "base_optimizer", None)
-        if inner is None or any(inner is o for o in out):
-            return out
-        out.append(inner)
+    return float(take_step(optimizer, closure, needs_closure))
 
 
 @contextmanager
@@ -295,7 +263,7 @@ def trial_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[N
     weights = [p.detach().clone() for p in params]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     state = copy.deepcopy(optimizer.state_dict())
-    attrs = [(o, dict(vars(o))) for o in _chain(optimizer)]
+    attrs = [(o, dict(vars(o))) for o in wrapped_optimizers(optimizer)]
     with FrozenBuffers(model):
         try:
             yield
@@ -347,9 +315,9 @@ class FidelityProbe:
             delta = [p.detach() - w for p, w in zip(self.params if after is None else after, pending.before)]
         loss = pending.loss if pending.loss is not None else step_loss
         extra: Dict[str, Any] = {}
-        diagnostics = getattr(_chain(optimizer)[-1], "diagnostics", None) if optimizer is not None else None
-        if isinstance(diagnostics, dict):
-            extra["diagnostics"] = {k: float(v) for k, v in diagnostics.items() if isinstance(v, (int, float))}
+        inner = unwrap_optimizer(optimizer) if optimizer is not None else None
+        if isinstance(inner, DCAOptimizer):
+            extra["diagnostics"] = {k: float(v) for k, v in inner.diagnostics.items() if isinstance(v, (int, float))}
         gap = abs(pending.ref_loss - loss) if loss is not None else None
         return _report(self.names, self.stage_of, delta, pending.ref, pending.base,
                        loss=float("nan") if loss is None else loss, forward_gap=gap,
@@ -454,3 +422,8 @@ def fidelity_over_training(model: nn.Module, optimizer: torch.optim.Optimizer,
         else:
             optimizer_step(model, optimizer, x, y, loss_fn, create_graph)
     return reports
+
+
+__all__ = ["REFERENCES", "Reference", "shortcut_twin", "stage_names", "StageFidelity", "FidelityReport",
+           "reference_gradient", "optimizer_step", "trial_step", "FidelityProbe", "PendingMeasurement",
+           "direction_fidelity", "compare_steps", "fidelity_over_training"]

@@ -15,10 +15,10 @@ from dcanets.analysis.fidelity import (
     direction_fidelity,
     fidelity_over_training,
     optimizer_step,
-    shortcut_blocks,
     shortcut_twin,
     stage_names,
 )
+from dcanets.layers import shortcut_blocks
 
 CIFAR_STAGES = ["stem", "layer1", "layer2", "layer3", "head"]
 
@@ -166,7 +166,7 @@ def test_an_optimizer_instance_is_restored_after_the_measurement():
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
     assert all(torch.equal(b, c) for b, c in zip(buffers, model.buffers()))
     assert all(torch.equal(state[k], v["momentum_buffer"]) for k, v in opt.state.items())
-    assert opt._nsteps == 1
+    assert opt.num_steps == 1
 
 
 def test_momentum_changes_the_step_and_the_cosine_says_so():

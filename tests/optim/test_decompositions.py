@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dcanets  # noqa: F401  (registers the decompositions into timm)
 from dcanets.optim.counter import CounterLoss
-from dcanets.optim.decompositions import DECOMPOSITIONS, DcaCounter, DcaL2, decomposition, prepare, remember_batch
+from dcanets.optim import DECOMPOSITIONS, DcaCounter, DcaL2, decomposition, prepare, remember_batch
 
 CLOSURE_NAMES = ["dcaprox", "dcacounter", "dcaquasihalf", "dcaquasineghalf"]
 
@@ -148,8 +148,8 @@ def test_c_is_the_skipped_block_gradient():
     prepare(opt, model)
     closure = _closure(model, opt, x, y)
     closure()
-    opt._counter.observe()
-    c = opt._eval(closure, 0.0)
+    opt.counter.observe()
+    c = opt.loss_gradients(closure, 0.0)
     want = _flat_grad(F.cross_entropy(model(x, skip=(1,)), y), model)
     for name_p, ci, wi in zip(model.named_parameters(), c, want):
         ci = torch.zeros_like(wi) if ci is None else ci
@@ -450,7 +450,7 @@ def test_default_dcacounter_c_is_eq17():
             assert ci.abs().max() > 0, n
     beta = _sq(a) / (2 * _sq(c) + rho / (2 * kappa))
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, rho=rho, momentum=0.0, kappa=kappa)
-    assert opt.defaults["c"] == "shortcut"
+    assert opt.options.c == "shortcut"
     prepare(opt, model)
     opt.step(_closure(model, opt, x, y))
     assert opt.diagnostics["beta"] == pytest.approx(beta, rel=1e-5)
@@ -605,14 +605,14 @@ def test_newton_line_step_refuses_a_non_convex_g(monkeypatch):
     model, (x, y) = Net(), _data()
     opt = timm.optim.create_optimizer_v2(model, "dcaquasihalf", lr=0.1, rho=0.0, direction="newton")
     prepare(opt, model)
-    monkeypatch.setattr(opt, "_curvature", lambda closure, g, g2: -1.0)
+    monkeypatch.setattr(opt, "line_curvature", lambda closure, g, g2: -1.0)
     with pytest.raises(ValueError, match="not convex along g .* needs rho > "):
         opt.step(_closure(model, opt, x, y))
 
 
 def test_line_is_the_old_name_of_projection():
     opt = timm.optim.create_optimizer_v2(Net(), "dcaquasihalf", lr=0.1, direction="line")
-    assert opt.defaults["direction"] == "projection"
+    assert opt.options.direction == "projection"
 
 
 @pytest.mark.parametrize("c, diverges", [("skip", True), ("shortcut", False)])

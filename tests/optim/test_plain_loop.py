@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dcanets
-from dcanets.optim.decompositions import prepare
+from dcanets.optim import prepare
 
 
 class Net(nn.Module):

@@ -22,7 +22,7 @@ from test_decompositions import (
     _sq,
 )
 
-from dcanets.optim.decompositions import DcaL2, measured_curvature, prepare, remember_batch
+from dcanets.optim import DcaL2, measured_curvature, prepare, remember_batch
 
 
 def _orthogonal_pair(n, seed=0):
@@ -260,7 +260,7 @@ def test_rho_options_are_checked_in_one_line(name, kwargs, match):
 def test_rho_is_accepted_by_every_decomposition():
     DcaL2(Net().parameters(), lr=0.1, rho=0.5)
     for name in ("dcaprox", "dcacounter", "dcaquasineghalf"):
-        assert timm.optim.create_optimizer_v2(Net(), name, lr=0.1, rho="auto").defaults["rho"] == "auto"
+        assert timm.optim.create_optimizer_v2(Net(), name, lr=0.1, rho="auto").options.rho == "auto"
 
 
 def test_remember_batch_reaches_the_optimizer_inside_timms_lookahead():
