@@ -226,7 +226,7 @@ def stage_sizes(depth: int) -> Dict[str, int]:
     import timm
 
     import dcanets  # noqa: F401  (registers the models)
-    from dcanets.analysis.fidelity import stage_names
+    from dcanets.engine.fidelity import stage_names
 
     model = timm.create_model(f"cifar_plainnet{depth}", num_classes=10)
     stage_of, sizes = stage_names(model), {}

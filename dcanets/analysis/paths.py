@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcanets.analysis.fidelity import stage_names
+from dcanets.engine.fidelity import stage_names
 from dcanets.layers.shortcut import ShortcutBlock, is_plain, shortcut_blocks
 from dcanets.optim.rho import LossFn
 

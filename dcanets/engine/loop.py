@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from dcanets.engine import data as data_mod
 from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
 from dcanets.engine.config import TrainConfig
+from dcanets.engine.fidelity import FidelityProbe
 from dcanets.optim.protocol import hooks_model, measured_curvature, prepare, remember_batch, take_step
 from dcanets.plugins import did_you_mean
 
@@ -282,8 +283,6 @@ class _Run:
         cannot measure fails here, before any training step."""
         if not self.cfg.fidelity_every:
             return None
-        from dcanets.analysis.fidelity import FidelityProbe
-
         try:  # seed=None: the passes use the training run's RNG, forked in _measured_step
             return FidelityProbe(self.model, self.cfg.fidelity_reference, baseline=True, seed=None,
                                  create_graph=self.create_graph)
@@ -338,7 +337,7 @@ class _Run:
         self.scheduler.step(self.epoch, metric if math.isfinite(metric) else None)
 
     def _measured_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``_step`` with the direction fidelity of its weight change (:mod:`dcanets.analysis.fidelity`).
+        """``_step`` with the direction fidelity of its weight change (:mod:`dcanets.engine.fidelity`).
 
         The reference and baseline passes run before the step in fp32 (outside autocast), in train
         mode, with BatchNorm's running statistics frozen and the RNG forked: they draw the random

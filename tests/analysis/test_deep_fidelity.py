@@ -18,7 +18,8 @@ from timm.optim import create_optimizer_v2
 import dcanets  # noqa: F401  (registers the models and decompositions)
 from dcanets.analysis import deep_fidelity as D
 from dcanets.analysis import paths as P
-from dcanets.analysis.fidelity import compare_steps, optimizer_step, reference_gradient
+from dcanets.analysis.fidelity import compare_steps
+from dcanets.engine.fidelity import optimizer_step, reference_gradient
 from dcanets.layers import shortcut_blocks
 
 TOL = dict(rtol=1e-9, atol=1e-12)

@@ -11,13 +11,8 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 import dcanets  # noqa: F401  (registers the models and decompositions)
-from dcanets.analysis.fidelity import (
-    direction_fidelity,
-    fidelity_over_training,
-    optimizer_step,
-    shortcut_twin,
-    stage_names,
-)
+from dcanets.analysis.fidelity import direction_fidelity, fidelity_over_training
+from dcanets.engine.fidelity import optimizer_step, shortcut_twin, stage_names
 from dcanets.layers import shortcut_blocks
 
 CIFAR_STAGES = ["stem", "layer1", "layer2", "layer3", "head"]

@@ -6,8 +6,8 @@ import typing
 import pytest
 from engine_runs import interrupted_then_resumed, numbers
 
-from dcanets.analysis.fidelity import REFERENCES
 from dcanets.engine import TrainConfig, train
+from dcanets.engine.fidelity import REFERENCES
 from dcanets.tune.tracking import logged_metrics
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "head")

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dcanets  # noqa: F401  (registers the decompositions into timm)
-from dcanets.optim.counter import CounterLoss
 from dcanets.optim import DECOMPOSITIONS, DcaCounter, DcaL2, decomposition, prepare, remember_batch
+from dcanets.optim.counter import CounterLoss
 
 CLOSURE_NAMES = ["dcaprox", "dcacounter", "dcaquasihalf", "dcaquasineghalf"]
 
