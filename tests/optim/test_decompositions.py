@@ -9,7 +9,7 @@ import timm.optim
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dca_nets import Net, batch, closure_of, flat_grad
+from dca_nets import Net, batch, closure_of, flat_grad, sqnorm
 
 import dcanets  # noqa: F401  (registers the decompositions into timm)
 from dcanets.optim import DECOMPOSITIONS, DcaCounter, DcaL2, decomposition, prepare, remember_batch
@@ -35,16 +35,46 @@ def test_where_all_is_refused_by_the_optimizers(name):
     with pytest.raises(ValueError, match="where='all' is refused: skipping every same-shape block"):
         timm.optim.create_optimizer_v2(Net(), name, lr=0.1, where="all")
 
+def _direction(model, name, x, y, lr):
+    """The family's own direction d at the model's weights: one step of a momentum- and decay-free
+    copy of the optimizer on a copy of the model, d = (w_k − w_{k+1})/lr."""
+    probe = Net(8)
+    probe.load_state_dict(model.state_dict())
+    opt = timm.optim.create_optimizer_v2(probe, name, lr=lr, weight_decay=0.0, momentum=0.0)
+    prepare(opt, probe)
+    before = [p.detach().clone() for p in probe.parameters()]
+    opt.step(closure_of(probe, opt, x, y))
+    return [(w - p.detach()) / lr for w, p in zip(before, probe.parameters())]
+
+
 @pytest.mark.parametrize("name", CLOSURE_NAMES + ["lookahead_dcacounter"])
 def test_closure_optimizers_train(name):
+    """30 closure steps with momentum and weight decay: the loss falls, every step's direction d_k
+    is the family's own (not ∇L: more than 1% apart), and momentum and decay act on d_k exactly as
+    torch.optim.SGD's do on the gradient (buf = m·buf + d + wd·w, w ← w − lr·buf; Lookahead's
+    interpolation of the weights aside)."""
     torch.manual_seed(0)
     model, (x, y) = Net(8), batch(32)
-    opt = timm.optim.create_optimizer_v2(model, name, lr=0.3, weight_decay=1e-4, momentum=0.5)
+    lr, wd, m = 0.3, 1e-4, 0.5
+    opt = timm.optim.create_optimizer_v2(model, name, lr=lr, weight_decay=wd, momentum=m)
     assert prepare(opt, model) is (name == "dcaprox")   # the others also take a closure
+    decay = {p: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert sorted(set(decay.values())) == [0.0, wd]     # timm's groups: no decay on 1-D parameters
     closure = closure_of(model, opt, x, y)
     first = closure().item()
+    bufs = None
     for _ in range(30):
+        d = _direction(model, name.split("_")[-1], x, y, lr)
+        a = flat_grad(F.cross_entropy(model(x), y), model)
+        assert sqnorm([di - ai for di, ai in zip(d, a)]) > 1e-4 * sqnorm(a)      # not SGD's direction
+        params = list(model.parameters())
+        before = [p.detach().clone() for p in params]
         opt.step(closure)
+        step = [di + decay[p] * w for di, p, w in zip(d, params, before)]
+        bufs = step if bufs is None else [m * b + s for b, s in zip(bufs, step)]
+        if not name.startswith("lookahead"):
+            for p, w, b in zip(params, before, bufs):
+                assert torch.allclose(p.detach(), w - lr * b, atol=1e-5, rtol=1e-4)
     # SGD with momentum reaches 0.94 of the first loss; quasineghalf (line step) is the slowest
     assert closure().item() < (0.99 if "neghalf" in name else 0.97) * first
 
