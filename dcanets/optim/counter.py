@@ -247,7 +247,7 @@ class ShortcutTap:
         counter = self.counter
         if counter._cutting or counter.alpha is not None:
             return False
-        return counter._probing or module is counter._order[-1]
+        return counter.probing or module is counter._order[-1]
 
     def _pre_hook(self, module: nn.Module, inputs: tuple):
         if not self._targets(module) or not inputs or not isinstance(inputs[0], torch.Tensor):
