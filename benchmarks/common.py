@@ -213,7 +213,7 @@ def warm_start(model: Any, data: Iterator[Tuple[Any, Any]], steps: int, sgd: Dic
     """``steps`` steps of ``torch.optim.SGD(**sgd)`` in train mode on the next batches; the last loss."""
     import torch
 
-    from dcanets.analysis.fidelity import optimizer_step
+    from dcanets.engine.fidelity import optimizer_step
 
     opt = torch.optim.SGD(model.parameters(), **sgd)
     loss = float("nan")

@@ -67,7 +67,7 @@ def _backward(model, x, y) -> torch.Tensor:
 def _optimizer(model, lr: float, **kwargs):
     import timm.optim
 
-    from dcanets.optim.decompositions import prepare
+    from dcanets.optim import prepare
 
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, **kwargs)
     assert prepare(opt, model) is False   # every arm here runs in the plain loop
@@ -77,7 +77,7 @@ def _optimizer(model, lr: float, **kwargs):
 def _probe_step(model, x, y, **kwargs):
     """One real plain-loop step on a copy (lr 1, no momentum or decay): the optimizer, the copy
     (``p.grad`` = a) and the loss."""
-    from dcanets.optim.decompositions import remember_batch
+    from dcanets.optim import remember_batch
 
     probe = copy.deepcopy(model)
     opt = _optimizer(probe, 1.0, momentum=0.0, weight_decay=0.0, rho_every=1, beta_policy="clamp",

@@ -45,7 +45,7 @@ ARMS: Dict[str, Tuple[str, Dict, str]] = {
 def _stepper(model, opt_name: str, options: Dict, how: str, x, y) -> Callable[[], None]:
     import timm.optim
 
-    from dcanets.optim.decompositions import prepare
+    from dcanets.optim import prepare, take_step
 
     opt = timm.optim.create_optimizer_v2(model, opt_name, lr=0.01, weight_decay=5e-4, momentum=0.9, **options)
     if prepare(opt, model) and how == "plain":
@@ -58,11 +58,7 @@ def _stepper(model, opt_name: str, options: Dict, how: str, x, y) -> Callable[[]
         return loss
 
     def step() -> None:
-        if how == "closure":
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
+        take_step(opt, closure, how == "closure")
     step.optimizer = opt  # type: ignore[attr-defined]
     return step
 
@@ -92,9 +88,9 @@ def _alternate(fns: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, Dic
 
 def _time_extra_vjp(step: Callable[[], None]) -> Dict[str, List[float]]:
     """Record the seconds of the tap's extra vector–Jacobian product on every later step."""
-    tap = step.optimizer._tap  # type: ignore[attr-defined]
+    tap = step.optimizer.tap  # type: ignore[attr-defined]
     seconds: Dict[str, List[float]] = {c: [] for c in CLOCKS}
-    inner = tap._vjp
+    inner = tap.vjp
 
     def timed(*args):
         t0 = {c: clock() for c, clock in CLOCKS.items()}
@@ -102,7 +98,7 @@ def _time_extra_vjp(step: Callable[[], None]) -> Dict[str, List[float]]:
         for c, clock in CLOCKS.items():
             seconds[c].append(clock() - t0[c])
         return out
-    tap._vjp = timed
+    tap.vjp = timed
     return seconds
 
 

@@ -114,8 +114,9 @@ def transfers(measurements: List[Any]) -> List[Dict[str, Dict[str, float]]]:
 
 def exact_newton(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Eq. 12's exact Newton step on (x, y) with ρ/2 = margin·(−λ_min(∇²G₀)) (Lanczos), and its cosines."""
-    from dcanets.analysis.curvature import lanczos
-    from dcanets.analysis.deep_fidelity import Grams, g2_operator, gradnet_vector, newton_cg, record
+    from dcanets.analysis.deep_fidelity import Grams, g2_operator, newton_cg
+    from dcanets.analysis.paths import gradnet_vector, record
+    from dcanets.hessian import lanczos
 
     t0 = time.perf_counter()
     chain = record(model, x, y)
@@ -225,7 +226,7 @@ def stage_sizes(depth: int) -> Dict[str, int]:
     import timm
 
     import dcanets  # noqa: F401  (registers the models)
-    from dcanets.analysis.fidelity import stage_names
+    from dcanets.engine.fidelity import stage_names
 
     model = timm.create_model(f"cifar_plainnet{depth}", num_classes=10)
     stage_of, sizes = stage_names(model), {}

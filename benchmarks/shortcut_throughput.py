@@ -5,7 +5,7 @@ cifar_negnet56 vs cifar_resnet56, timed alternately in one run; the ratio is
 NegNet images/s over ResNet images/s (goal >= 0.97). A third pair, cifar_negnet56 vs
 cifar_actresnet56 (same activation placement, act(F) +/- s), isolates the sign flip itself
 from the placement of the activation. A fourth, ``cifar_negnet56:unfused`` vs cifar_resnet56,
-times NegNet's reference block tail (``dcanets_plugins.shortcut.unfused``: autograd's
+times NegNet's reference block tail (``dcanets.layers.unfused``: autograd's
 ``act(F) - s``) instead of the fused one, the cost the fused tail removes.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 import dcanets  # noqa: F401
 from common import alternate, median, parse_args, progress, write_result
-from dcanets_plugins.shortcut import unfused
+from dcanets.layers import unfused
 
 PAIRS = [("negnet18", "resnet18"), ("cifar_negnet56", "cifar_resnet56"),
          ("cifar_negnet56", "cifar_actresnet56"), ("cifar_negnet56:unfused", "cifar_resnet56")]

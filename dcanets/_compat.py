@@ -10,7 +10,8 @@ has no public register function; Ray's ``ResultGrid`` does not expose its trials
 ``Tuner`` does not expose the callbacks ``Tuner.restore`` unpickled; PyTorch's autograd engine does
 not say publicly whether the running backward pass will execute a given graph node, nor whether a
 ``torch.func`` transform or forward-mode AD is active, and ``nn.Module`` does not say whether it
-has forward hooks. MLflow is used through public APIs only.
+has forward hooks; timm's ``Lookahead`` does not expose the optimizer it wraps. MLflow is used
+through public APIs only.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def will_engine_execute_node(node: "torch.autograd.graph.Node") -> bool:
 def autograd_transforms_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) or a forward-mode AD level is active.
 
-    ``dcanets_plugins.shortcut``'s fused block tail is an in-place ``autograd.Function`` with a
+    ``dcanets.layers.shortcut``'s fused block tail is an in-place ``autograd.Function`` with a
     backward only; under these it takes the plain-op path, which every transform supports.
     """
     import torch
@@ -60,6 +61,28 @@ def has_forward_hooks(module: "torch.nn.Module") -> bool:
     # nn.Module keeps its hooks in private dicts and has no public "has hooks" query (PyTorch 2.x).
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def wrapped_optimizers(optimizer: Any) -> List[Any]:
+    """The optimizer and the ones it wraps, outermost first (timm's ``Lookahead`` around a DCA
+    optimizer: ``[lookahead, dca]``; a plain optimizer: ``[optimizer]``).
+
+    ``dcanets.optim.protocol`` hands the model and the batch to the innermost one, and
+    ``dcanets.analysis.fidelity`` saves and restores every level around a trial step.
+    """
+    # timm's Lookahead keeps the optimizer it wraps in _base_optimizer (timm 1.0; base_optimizer
+    # in older releases) and has no public accessor for it.
+    out = [optimizer]
+    while True:
+        inner = getattr(out[-1], "_base_optimizer", None) or getattr(out[-1], "base_optimizer", None)
+        if inner is None or any(inner is o for o in out):
+            return out
+        out.append(inner)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer of :func:`wrapped_optimizers` (``optimizer`` itself when it wraps none)."""
+    return wrapped_optimizers(optimizer)[-1]
 
 
 def _optimizer_registry() -> Any:
@@ -121,5 +144,6 @@ def tuner_callbacks(tuner: Any) -> List[Any]:
     return list(local.get_run_config().callbacks or []) if local is not None else []
 
 
-__all__ = ["will_engine_execute_node", "autograd_transforms_active", "has_forward_hooks", "register_optimizer",
+__all__ = ["will_engine_execute_node", "autograd_transforms_active", "has_forward_hooks", "wrapped_optimizers",
+           "unwrap_optimizer", "register_optimizer",
            "unregister_optimizer", "unregister_model", "result_grid_trials", "tuner_callbacks"]

@@ -7,8 +7,8 @@
   NegNet authors' fork): 64-channel 3x3 stem with stride 1, no max-pool, stages of
   64/128/256/512 channels, projection shortcuts (1x1 conv + BN).
 
-Families (``negnet``, ``resnet``, ``plainnet``, ``gradnet``, ``actresnet``) and the block
-arguments they set are those of :mod:`dcanets_plugins.shortcut`.
+Families (``negnet``, ``resnet``, ``plainnet``, ``gradnet``, ``actresnet``), the block arguments
+they set and the block's merge are those of :mod:`dcanets.layers.shortcut`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from timm.models import generate_default_cfgs
 
 from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
-from dcanets_plugins.shortcut import block_forward, check_shortcut_args, family_args
+from dcanets.layers.shortcut import ShortcutMixin, family_args
 
 
 class PadShortcut(nn.Module):
@@ -37,7 +37,7 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
 
-class CifarBlock(nn.Module):
+class CifarBlock(ShortcutMixin, nn.Module):
     """conv3x3-BN-act-conv3x3-BN, merged with the shortcut as the whole family does."""
 
     last_act = "act2"
@@ -45,10 +45,8 @@ class CifarBlock(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, stride: int, shortcut_type: str,
                  shortcut_alpha: float = 1.0, act_placement: str = "after_add",
                  shortcut_grad_only: bool = False, act_layer: type = nn.ReLU) -> None:
-        super().__init__()
-        check_shortcut_args(shortcut_alpha, act_placement)
-        self.shortcut_alpha, self.act_placement = float(shortcut_alpha), act_placement
-        self.shortcut_grad_only = bool(shortcut_grad_only)
+        super().__init__(shortcut_alpha=shortcut_alpha, act_placement=act_placement,
+                         shortcut_grad_only=shortcut_grad_only)
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_chs)
         self.act1 = act_layer(inplace=True)
@@ -63,9 +61,6 @@ class CifarBlock(nn.Module):
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): conv3x3-BN-act-conv3x3-BN, up to the addition."""
         return self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_forward(self, x)
 
 
 class CifarShortcutNet(nn.Module):

@@ -1,7 +1,7 @@
 """Built-in plugin: the network-loss DC decompositions of paper 000 as timm optimizers.
 
 After ``import dcanets``, ``timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.1, rho=0.0)``
-builds one (and ``lookahead_dcacounter`` wraps it). Call ``dcanets.optim.decompositions.prepare(optimizer,
+builds one (and ``lookahead_dcacounter`` wraps it). Call ``dcanets.optim.prepare(optimizer,
 model)`` once: it hooks the model and returns True for the configurations that must be stepped with
 a closure (``dcaprox``; ``c="skip"``, ``solver="inner"``, ``direction="newton"`` without ``kappa``).
 """
@@ -12,7 +12,7 @@ from typing import List
 from timm.optim import OptimInfo
 
 from dcanets.hookspecs import hookimpl
-from dcanets.optim import decompositions as dca
+from dcanets.optim import DECOMPOSITIONS
 
 _DESCRIPTIONS = {
     "dcal2": "DCA with G1 = lam*L2 (paper 000, eq. 9): SGD with lr = 1/lam",
@@ -34,5 +34,5 @@ def dcanets_register_decompositions() -> List[OptimInfo]:
     return [
         OptimInfo(name=name, opt_class=cls, description=_DESCRIPTIONS[name],
                   has_eps=False, has_momentum=True)
-        for name, cls in dca.DECOMPOSITIONS.items()
+        for name, cls in DECOMPOSITIONS.items()
     ]

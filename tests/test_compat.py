@@ -86,6 +86,18 @@ def test_torch_has_forward_hooks():
             assert not _compat.has_forward_hooks(module)
 
 
+def test_timm_lookahead_wrapped_optimizer():
+    """timm's Lookahead around SGD: the chain is [lookahead, sgd]; a plain optimizer is its own chain."""
+    model = torch.nn.Linear(2, 1)
+    with private_api_of("timm", timm.__version__, "timm.optim.Lookahead._base_optimizer"):
+        wrapped = create_optimizer_v2(model, "lookahead_sgd", lr=0.1)
+        chain = _compat.wrapped_optimizers(wrapped)
+        assert len(chain) == 2 and chain[0] is wrapped and type(chain[1]) is torch.optim.SGD
+        assert _compat.unwrap_optimizer(wrapped) is chain[1]
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert _compat.wrapped_optimizers(plain) == [plain] and _compat.unwrap_optimizer(plain) is plain
+
+
 def test_timm_model_registry_unregister():
     def dcacompat_probe_model(pretrained=False, **kwargs):
         return torch.nn.Linear(2, 1)

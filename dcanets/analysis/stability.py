@@ -201,3 +201,8 @@ def simulate_matrix_product(R: np.ndarray, L: int, step: float, W0: Optional[np.
     err = np.abs(product(traj[-1]) - R).max()
     return ProductRun(np.array(losses), np.array(traj), not diverged and err <= tol * max(1.0, np.abs(R).max()),
                       diverged)
+
+
+__all__ = ["ProductRun", "scalar_product_step_bound", "scalar_product_max_step", "scalar_product_safe_step",
+           "scalar_product_rate", "matrix_product_unstable_step", "matrix_product_safe_step",
+           "simulate_scalar_product", "simulate_matrix_product"]

@@ -7,7 +7,8 @@ from typing import Tuple
 
 import torch
 
-from dcanets.analysis.curvature import advise, extreme_eigenvalues
+from dcanets.analysis.curvature import advise
+from dcanets.hessian import extreme_eigenvalues
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from dcanets.analysis.fidelity import REFERENCES, FidelityReport, fidelity_over_training
+from dcanets.analysis.fidelity import fidelity_over_training
+from dcanets.engine.fidelity import REFERENCES, FidelityReport
 
 
 def _kv(text: str) -> Dict[str, Any]:

@@ -4,7 +4,7 @@
 and returns a ``DCAResult``. Classic problems with known answers: the trust-region subproblem in
 both decompositions of paper 000 (``trs_problem``, exact ``exact_trs``), ``abs_quadratic`` and
 ``max_distance_box``. The torch optimizers built from network-loss decompositions live in
-``dcanets.optim.decompositions`` and are not imported here (so this package never imports torch).
+``dcanets.optim`` and are not imported here (so this package never imports torch).
 """
 from .classic import abs_quadratic, abs_quadratic_critical_points, max_distance_box
 from .problem import DCProblem, SubproblemError

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from dcanets.engine import data as data_mod
 from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
 from dcanets.engine.config import TrainConfig
-from dcanets.optim.decompositions import hooks_model, measured_curvature, prepare, remember_batch
+from dcanets.engine.fidelity import FidelityProbe
+from dcanets.optim.protocol import hooks_model, measured_curvature, prepare, remember_batch, take_step
 from dcanets.plugins import did_you_mean
 
 if TYPE_CHECKING:
@@ -282,8 +283,6 @@ class _Run:
         cannot measure fails here, before any training step."""
         if not self.cfg.fidelity_every:
             return None
-        from dcanets.analysis.fidelity import FidelityProbe
-
         try:  # seed=None: the passes use the training run's RNG, forked in _measured_step
             return FidelityProbe(self.model, self.cfg.fidelity_reference, baseline=True, seed=None,
                                  create_graph=self.create_graph)
@@ -338,7 +337,7 @@ class _Run:
         self.scheduler.step(self.epoch, metric if math.isfinite(metric) else None)
 
     def _measured_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``_step`` with the direction fidelity of its weight change (:mod:`dcanets.analysis.fidelity`).
+        """``_step`` with the direction fidelity of its weight change (:mod:`dcanets.engine.fidelity`).
 
         The reference and baseline passes run before the step in fp32 (outside autocast), in train
         mode, with BatchNorm's running statistics frozen and the RNG forked: they draw the random
@@ -374,30 +373,22 @@ class _Run:
         return out
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        model, opt = self.model, self.optimizer
+        opt = self.optimizer
         remember_batch(opt, x, y, self.loss_fn)  # rho="auto" / a measured kappa: curvature on this batch
-        if self.needs_closure:
-            outputs: List[torch.Tensor] = []
+        outputs: List[torch.Tensor] = []
 
-            def closure() -> torch.Tensor:
-                opt.zero_grad(set_to_none=True)
-                out = model(x)
-                loss = self.loss_fn(out, y)
-                loss.backward(create_graph=self.create_graph)
-                outputs.append(out.detach())
-                return loss.detach()
+        def closure() -> torch.Tensor:
+            # closure-stepped optimizers run without AMP (amp and the scaler are off, compile refused)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                out = self.forward(x)
+                loss = self.loss_fn(out.float(), y)
+            self.scaler.scale(loss).backward(create_graph=self.create_graph)
+            outputs.append(out.detach())
+            return loss.detach()
 
-            stepped: Any = opt.step(closure)  # type: ignore[arg-type]  # torch types closures as -> float
-            closure_loss = closure() if stepped is None else stepped  # optimizers that ignore the closure's value
-            return closure_loss, outputs[0]
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            out = self.forward(x)
-            loss = self.loss_fn(out.float(), y)
-        self.scaler.scale(loss).backward(create_graph=self.create_graph)
-        self.scaler.step(opt)
-        self.scaler.update()
-        return loss.detach(), out.detach()
+        loss = take_step(opt, closure, self.needs_closure, self.scaler)
+        return loss, outputs[0]
 
     def state_dict(self) -> Dict[str, Any]:
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),

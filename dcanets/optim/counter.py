@@ -111,6 +111,11 @@ class CounterLoss:
             )
 
     @property
+    def probing(self) -> bool:
+        """True until the first pass (ended by ``observe``) has found the same-shape blocks."""
+        return self._probing
+
+    @property
     def active_blocks(self) -> List[nn.Module]:
         return self._order[-1:] if self.where == "last" else list(self._order)
 
@@ -242,7 +247,7 @@ class ShortcutTap:
         counter = self.counter
         if counter._cutting or counter.alpha is not None:
             return False
-        return counter._probing or module is counter._order[-1]
+        return counter.probing or module is counter._order[-1]
 
     def _pre_hook(self, module: nn.Module, inputs: tuple):
         if not self._targets(module) or not inputs or not isinstance(inputs[0], torch.Tensor):
@@ -268,10 +273,10 @@ class ShortcutTap:
         if r is not None:
             self.fused = r
             return grad + r * record.grad_out if r != 0 else grad
-        self._accumulate(self._vjp(h, record.grad_out))
+        self._accumulate(self.vjp(h, record.grad_out))
         return grad
 
-    def _vjp(self, h: torch.Tensor, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
+    def vjp(self, h: torch.Tensor, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """c = (∂h^{L−1}/∂w)ᵀ ∂L/∂h^L; None where h^{L−1} does not depend on the parameter."""
         live = [i for i, p in enumerate(self.params) if p.requires_grad]
         c: List[Optional[torch.Tensor]] = [None] * len(self.params)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from dcanets.analysis.curvature import Grads, flatten, graph_hessian_operator, lanczos
+from dcanets.hessian import Grads, flatten, graph_hessian_operator, lanczos
 
 AUTO = "auto"
 Rho = Union[float, str]   # a Hessian eigenvalue >= 0, or AUTO

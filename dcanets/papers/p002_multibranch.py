@@ -6,7 +6,7 @@ network; two measurable proxies at the trained point (our choice; docs/papers.md
 
 * the negative-curvature share of the Hessian spectrum: the spectral-density mass on negative
   eigenvalues and ``|lambda_min| / lambda_max``, from stochastic Lanczos quadrature
-  (``dcanets.analysis.curvature.lanczos``);
+  (``dcanets.hessian.lanczos``);
 * the loss along random lines through the trained point, and its gap to its own 1-D convex
   envelope (the 1-D analogue of the duality gap), normalized by the loss range on the line.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from dcanets.analysis.curvature import lanczos, loss_hessian_operator
+from dcanets.hessian import lanczos, loss_hessian_operator
 
 
 def digits_data(n: int = 512, seed: int = 0) -> tuple:

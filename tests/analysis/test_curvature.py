@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcanets.analysis.curvature import advise, extreme_eigenvalues, hvp, lanczos, loss_hessian_operator, power_iteration
+from dcanets.analysis.curvature import advise
+from dcanets.hessian import extreme_eigenvalues, hvp, lanczos, loss_hessian_operator, power_iteration
 
 
 def _sym(eigs):
@@ -129,7 +130,7 @@ def test_cli_on_a_tiny_model(capsys):
 def test_graph_and_gradient_difference_operators_of_a_quadratic():
     """One kept graph (exact products) and central differences of gradients (exact for a
     quadratic up to rounding) both give A·v; the weights come back bit-identical."""
-    from dcanets.analysis.curvature import directional_curvature, gradient_difference_operator, graph_hessian_operator
+    from dcanets.hessian import directional_curvature, gradient_difference_operator, graph_hessian_operator
 
     A = _sym(torch.linspace(-2, 3, 5))
     w = torch.randn(5, dtype=torch.float64, requires_grad=True)

@@ -1,4 +1,5 @@
-"""The path algebra of dcanets.analysis.deep_fidelity against independent computations.
+"""The path algebra of dcanets.analysis.paths and the directions of dcanets.analysis.deep_fidelity
+against independent computations.
 
 Every identity docs/decompositions.md ("The deep-network question") states is checked here on
 cifar_plainnet20 in float64 with tiny batches of 8×8 images: the chain's gradnet gradient is the
@@ -16,7 +17,10 @@ from timm.optim import create_optimizer_v2
 
 import dcanets  # noqa: F401  (registers the models and decompositions)
 from dcanets.analysis import deep_fidelity as D
-from dcanets.analysis.fidelity import compare_steps, optimizer_step, reference_gradient, shortcut_blocks
+from dcanets.analysis import paths as P
+from dcanets.analysis.fidelity import compare_steps
+from dcanets.engine.fidelity import optimizer_step, reference_gradient
+from dcanets.layers import shortcut_blocks
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -36,7 +40,7 @@ def _flat(chain, grads):
 @pytest.fixture(scope="module")
 def net():
     model, x, y = _setup()
-    return model, x, y, D.record(model, x, y)
+    return model, x, y, P.record(model, x, y)
 
 
 # -- the chain against the model's own autograd -------------------------------------------------
@@ -47,14 +51,14 @@ def test_chain_a_is_the_plain_gradient_and_its_gradnet_the_twins(net):
     plain = torch.autograd.grad(loss, chain.layout.params)
     torch.testing.assert_close(chain.a, _flat(chain, plain), **TOL)
     ref, _ = reference_gradient(model, x, y, "gradnet")
-    torch.testing.assert_close(D.gradnet_vector(chain), _flat(chain, ref), **TOL)
+    torch.testing.assert_close(P.gradnet_vector(chain), _flat(chain, ref), **TOL)
 
 
 def test_last_single_skip_is_the_c_of_the_one_block_testnet_and_of_dcaquasihalf(net):
     """a + c_{B−1} = the gradient with a shortcut at the last block only (eq. 17's c), and it is the
     step of the registered dcaquasihalf (paper direction a + c, lr 1, no momentum)."""
     model, x, y, chain = net
-    c = D.skip_vector(chain, chain.depth - 1, 1)
+    c = P.skip_vector(chain, chain.depth - 1, 1)
     ref, _ = reference_gradient(model, x, y, "last")
     torch.testing.assert_close(chain.a + c, _flat(chain, ref), **TOL)
     twin = copy.deepcopy(model)
@@ -69,7 +73,7 @@ def test_single_skips_sum_to_the_first_order_term_in_the_shortcut_strength(net):
     """Σ_k c_k = d/dt g(t) at t = 0, g(t) the gradient with gradient-only shortcuts of strength t at
     every block (the model's own merge, zero-padding at the transitions): central difference."""
     model, x, y, chain = net
-    summed = sum(D.skip_vector(chain, k, 1) for k in range(chain.depth))
+    summed = sum(P.skip_vector(chain, k, 1) for k in range(chain.depth))
 
     def g(t):
         twin = copy.deepcopy(model)
@@ -85,8 +89,8 @@ def test_single_skips_sum_to_the_first_order_term_in_the_shortcut_strength(net):
 
 def test_path_classes_sum_to_gradnet_and_their_first_classes_are_the_family_sums(net):
     _, _, _, chain = net
-    ref = D.gradnet_vector(chain)
-    skips, runs = D.by_skips(chain, 3), D.by_runs(chain, 2)
+    ref = P.gradnet_vector(chain)
+    skips, runs = P.by_skips(chain, 3), P.by_runs(chain, 2)
     torch.testing.assert_close(skips.sum(0), ref, **TOL)
     torch.testing.assert_close(runs.sum(0), ref, **TOL)
     fam = D.family(chain)
@@ -97,18 +101,18 @@ def test_path_classes_sum_to_gradnet_and_their_first_classes_are_the_family_sums
 
 def test_skip_vectors_vanish_on_the_skipped_span_and_above(net):
     _, _, _, chain = net
-    c = D.skip_vector(chain, 3, 2)
+    c = P.skip_vector(chain, 3, 2)
     groups = chain.layout.groups
     assert all(float(c[g.start:g.stop].abs().max()) == 0.0 for g in groups[4:])   # blocks 3… and the head
     assert float(c[groups[3].start:groups[3].stop].abs().max()) > 0                # block 2 is below
     with pytest.raises(ValueError, match="outside"):
-        D.skip_vector(chain, chain.depth - 1, 2)
+        P.skip_vector(chain, chain.depth - 1, 2)
 
 
 def test_record_leaves_the_model_as_it_was():
     model, x, y = _setup()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    D.record(model, x, y)
+    P.record(model, x, y)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
 
@@ -116,24 +120,24 @@ def test_record_leaves_the_model_as_it_was():
 def test_record_refuses_models_that_are_not_plain_chains():
     model, x, y = _setup("cifar_resnet20")
     with pytest.raises(ValueError, match="not plain"):
-        D.record(model, x, y)
+        P.record(model, x, y)
     with pytest.raises(ValueError, match="no blocks of the shortcut family"):
-        D.record(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).double(), x, y)
+        P.record(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).double(), x, y)
 
 
 # -- spans, bounds and Newton steps on Gram matrices --------------------------------------------
 
 def _grams(rows, ref):
     n = rows.shape[1]
-    layout = D.Layout([nn.Parameter(torch.zeros(n, dtype=torch.float64))],
-                      [D.Group("stem", "stem", 0, n // 2), D.Group("head", "head", n // 2, n)], [[0], []])
+    layout = P.Layout([nn.Parameter(torch.zeros(n, dtype=torch.float64))],
+                      [P.Group("stem", "stem", 0, n // 2), P.Group("head", "head", n // 2, n)], [[0], []])
     return D.Grams.of(rows, ref, layout)
 
 
 def test_span_bound_dominates_every_member_and_finer_coefficients_dominate_coarser(net):
     _, _, _, chain = net
     fam = D.family(chain, max_len=2)
-    grams = D.Grams.of(fam.rows, D.gradnet_vector(chain), chain.layout)
+    grams = D.Grams.of(fam.rows, P.gradnet_vector(chain), chain.layout)
     n = fam.rows.shape[0]
     whole, stage, group = (D.best_in_span(grams, p)["whole"] for p in ("whole", "stage", "group"))
     members = [grams.cosines(D.indicator(n, [i]))["whole"] for i in range(n)]
@@ -201,11 +205,11 @@ def test_newton_cg_solves_a_convex_quadratic_and_stops_at_negative_curvature():
 def test_g2_operator_is_the_hessian_of_l_plus_half_the_counter_loss():
     """A central difference of ∇(L + ½L'_{−1}) along v against the operator."""
     model, x, y = _setup(n=4)
-    chain = D.record(model, x, y)
+    chain = P.record(model, x, y)
     v = torch.randn(chain.layout.numel, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     v /= v.norm()
     Hv = D.g2_operator(model, x, y, chain.layout)(v)
-    block, slices = D.last_same_shape(model), chain.layout.slices()
+    block, slices = P.last_same_shape(model), chain.layout.slices()
 
     def grad_at(eps):
         twin = copy.deepcopy(model).train()
@@ -227,7 +231,7 @@ def test_g2_operator_is_the_hessian_of_l_plus_half_the_counter_loss():
 def test_eq19_ridge_is_the_rho_over_2_kappa_of_dcacounter(net):
     """eq19(ridge=ρ/(2κ)) on [a, c_{B−1}] is the step of dcacounter(rho=ρ, kappa=κ): one convention."""
     model, x, y, chain = net
-    c = D.skip_vector(chain, chain.depth - 1, 1)
+    c = P.skip_vector(chain, chain.depth - 1, 1)
     rho, kappa = 3.0, 0.4
     grams = D.Grams.of(torch.stack([chain.a, c]), chain.a, chain.layout)
     coef = D.eq19(grams, rho / (2 * kappa))

@@ -11,14 +11,9 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 import dcanets  # noqa: F401  (registers the models and decompositions)
-from dcanets.analysis.fidelity import (
-    direction_fidelity,
-    fidelity_over_training,
-    optimizer_step,
-    shortcut_blocks,
-    shortcut_twin,
-    stage_names,
-)
+from dcanets.analysis.fidelity import direction_fidelity, fidelity_over_training
+from dcanets.engine.fidelity import optimizer_step, shortcut_twin, stage_names
+from dcanets.layers import shortcut_blocks
 
 CIFAR_STAGES = ["stem", "layer1", "layer2", "layer3", "head"]
 
@@ -68,12 +63,17 @@ def test_plain_sgd_on_resnet20_has_cosine_one_with_its_own_gradient(reference):
 
 
 def test_weight_decay_takes_sgd_off_its_own_gradient():
-    """The measurement can fail: SGD with weight decay does not step along −∇L."""
+    """The measurement can fail: SGD with weight decay steps along −(∇L + wd·w), and the cosine is
+    that direction's with ∇L, computed here by autograd."""
     model = _model("cifar_resnet20")
     x, y = _batch()
+    g = _flat_grad(model, x, y)
+    w = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    expected = _cos(g + 1.0 * w, g)
     report = direction_fidelity(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=1.0),
                                 x, y, reference="self")
-    assert report.cosine < 0.99
+    assert report.cosine == pytest.approx(expected, abs=1e-6)
+    assert expected < 0.99                                       # far from SGD's 1
     assert report.baseline_cosine == pytest.approx(1.0, abs=1e-6)
 
 
@@ -166,17 +166,24 @@ def test_an_optimizer_instance_is_restored_after_the_measurement():
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
     assert all(torch.equal(b, c) for b, c in zip(buffers, model.buffers()))
     assert all(torch.equal(state[k], v["momentum_buffer"]) for k, v in opt.state.items())
-    assert opt._nsteps == 1
+    assert opt.num_steps == 1
 
 
 def test_momentum_changes_the_step_and_the_cosine_says_so():
+    """A momentum buffer from another batch: the step is −lr·(0.9·g_2 + g_1) (g_2 = ∇L at the first
+    weights on batch 2, g_1 = ∇L at the current weights on this batch), and the cosine with g_1 is
+    that vector's, computed here by autograd."""
     model = _model("cifar_resnet20")
     x, y = _batch()
     x2, y2 = _batch(seed=2)
+    g2 = _flat_grad(model, x2, y2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     optimizer_step(model, opt, x2, y2)                          # momentum from another batch
+    g1 = _flat_grad(model, x, y)
+    expected = _cos(0.9 * g2 + g1, g1)
     report = direction_fidelity(model, opt, x, y, reference="self")
-    assert report.cosine < 0.999
+    assert report.cosine == pytest.approx(expected, abs=1e-6)
+    assert expected < 0.99                                       # plain SGD would give 1
 
 
 # -- over training: the measured steps are the training steps -----------------------------------

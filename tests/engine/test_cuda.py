@@ -75,7 +75,7 @@ def _plain_loop_on_cuda(name: str, mode: str):
     import timm.optim
     import torch.nn.functional as F
 
-    from dcanets.optim.decompositions import prepare
+    from dcanets.optim import prepare
 
     torch.manual_seed(0)
     model = timm.create_model("cifar_plainnet20").cuda()

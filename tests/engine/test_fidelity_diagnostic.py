@@ -6,8 +6,8 @@ import typing
 import pytest
 from engine_runs import interrupted_then_resumed, numbers
 
-from dcanets.analysis.fidelity import REFERENCES
 from dcanets.engine import TrainConfig, train
+from dcanets.engine.fidelity import REFERENCES
 from dcanets.tune.tracking import logged_metrics
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "head")
@@ -64,12 +64,37 @@ def test_every_n_steps_on_a_global_counter_and_saved_in_metrics_json(tmp_path):
     assert "fidelity_cos_layer1" in saved["final"]
 
 
-def test_dcacounter_on_a_plain_net_gives_finite_cosines():
-    final = train(tiny(model="cifar_plainnet20", opt="dcacounter", fidelity_every=1, epochs=1))
-    m = final["history"][0]
-    values = [m["fidelity_cos"], m["fidelity_sgd_cos"], *(m[f"fidelity_cos_{s}"] for s in STAGES)]
-    values += [r["cos"] for r in m["fidelity"]] + [c for r in m["fidelity"] for c in r["stages"].values()]
-    assert all(math.isfinite(v) and -1.0 < v <= 1.0 + 1e-9 for v in values)
+def _eq19_beta_from_the_record(r, lr):
+    """β of a measured step, read two ways from the logged numbers alone.
+
+    With reference="last", g_ref = a + c (the one-block TestNet gradient, tests/analysis/test_fidelity.py)
+    and dcacounter's step (no momentum or decay) is Δw = −lr·(a + βc) = −lr·((1 − β)a + β·g_ref). In the
+    plane of a and g_ref, the part of Δw/lr normal to g_ref is (1 − β) times a's, which gives |1 − β| from
+    ‖a‖ (``sgd_grad_norm``), cos(a, g_ref) (``sgd_cos``), ‖Δw‖ (``step_norm``) and cos(Δw, g_ref) (``cos``);
+    the part along g_ref then gives ‖g_ref‖, hence ‖c‖² = ‖g_ref − a‖², and eq. 19 at ρ = 0 says
+    β = ‖a‖²/(2‖c‖²). Returns the pairs (β from the geometry, β from eq. 19) for both signs of 1 − β."""
+    A, cos_a, D, cos_d = r["sgd_grad_norm"], r["sgd_cos"], r["step_norm"] / lr, r["cos"]
+    off = D * math.sqrt(max(0.0, 1 - cos_d ** 2)) / (A * math.sqrt(1 - cos_a ** 2))   # |1 − β|
+    pairs = []
+    for one_minus_beta in (off, -off):
+        beta = 1 - one_minus_beta
+        G = (D * cos_d - one_minus_beta * A * cos_a) / beta                           # ‖g_ref‖
+        pairs.append((beta, A ** 2 / (2 * (G ** 2 - 2 * cos_a * A * G + A ** 2))))
+    return pairs
+
+
+def test_dcacounter_steps_are_eq19_by_the_logged_cosines():
+    """dcacounter on a plain net against its one-block TestNet: each logged step is eq. 19's a + βc
+    (β recovered from the cosines and norms agrees with ‖a‖²/(2‖c‖²) to 1e-4), and it is not SGD's
+    step (whose cosine would equal ``sgd_cos`` and whose length would be lr·‖a‖)."""
+    final = train(tiny(model="cifar_plainnet20", opt="dcacounter", fidelity_every=1, epochs=1, sched="constant",
+                       fidelity_reference="last"))
+    raw = final["history"][0]["fidelity"]
+    assert len(raw) == 3                                    # every step of the epoch (96 images, batch 32)
+    for r in raw:
+        assert abs(r["cos"] - r["sgd_cos"]) > 1e-2 and abs(r["step_norm"] / (0.05 * r["sgd_grad_norm"]) - 1) > 1e-2
+        errors = [abs(geometry - eq19) / eq19 for geometry, eq19 in _eq19_beta_from_the_record(r, 0.05)]
+        assert min(errors) < 1e-4, (r, errors)
 
 
 def test_a_model_outside_the_shortcut_family_is_refused_before_training():

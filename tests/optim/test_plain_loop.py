@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dcanets
-from dcanets.optim.decompositions import prepare
+from dcanets.optim import prepare
 
 
 class Net(nn.Module):
@@ -151,7 +151,7 @@ def test_closure_configurations_refuse_the_plain_loop_in_one_line(case):
 
 def _one_block_testnet_gradient(model, x, y):
     """∇ of the same net with a gradient-only identity shortcut around its last block: a + c
-    (eq. 17's c, tests/optim/test_decompositions.py), computed without the optimizer."""
+    (eq. 17's c, tests/optim/test_dcacounter.py), computed without the optimizer."""
     testnet = copy.deepcopy(model)
     blk = testnet.layer3[-1]
     blk.shortcut_alpha, blk.shortcut_grad_only, blk.act_placement = 1.0, True, "before_add"

@@ -10,19 +10,19 @@ import timm.optim
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_decompositions import (
+from dca_nets import (
     Net,
-    _closure,
-    _data,
-    _eq17_c,
-    _flat,
-    _flat_grad,
-    _gauss_newton,
-    _hessian_of_counter_loss,
-    _sq,
+    batch,
+    closure_of,
+    counter_loss_hessian,
+    eq17_c,
+    flat_cat,
+    flat_grad,
+    gauss_newton,
+    sqnorm,
 )
 
-from dcanets.optim.decompositions import DcaL2, measured_curvature, prepare, remember_batch
+from dcanets.optim import DcaL2, measured_curvature, prepare, remember_batch
 
 
 def _orthogonal_pair(n, seed=0):
@@ -66,7 +66,7 @@ def _eq17_c_for(model, x, y, loss_fn):
     h1 = model.stage[0](torch.tanh(model.stem(x)))
     h2 = model.stage[1](h1)
     (g2,) = torch.autograd.grad(loss_fn(model.head(h2), y), [h2], retain_graph=True)
-    return _flat_grad((g2.detach() * h1).sum(), model)
+    return flat_grad((g2.detach() * h1).sum(), model)
 
 
 def test_on_the_papers_mse_case_kappa_is_eq15_and_beta_is_eq19_verbatim():
@@ -80,10 +80,10 @@ def test_on_the_papers_mse_case_kappa_is_eq15_and_beta_is_eq19_verbatim():
     ref = copy.deepcopy(model)
     out = ref(x).detach()
     r, loss = float(out - y), float(_mse(out, y))
-    grad = _flat_grad(_mse(ref(x), y), ref)
+    grad = flat_grad(_mse(ref(x), y), ref)
     a_paper = [g / (2 * r) for g in grad]                              # ∂_hL = 2r·w^L (eq. 15)
     c_paper = [g / (2 * r) for g in _eq17_c_for(ref, x, y, _mse)]
-    beta = _sq(a_paper) / (2 * _sq(c_paper) + rho / 4)                 # eq. 19, word for word
+    beta = sqnorm(a_paper) / (2 * sqnorm(c_paper) + rho / 4)                 # eq. 19, word for word
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.1, momentum=0.0, rho=rho)
     assert prepare(opt, model) is False
     opt.zero_grad()
@@ -100,21 +100,21 @@ def test_measured_kappa_is_the_gauss_newton_curvature_along_a():
     autograd), and the step is eq. 19 with it."""
     torch.manual_seed(0)
     model = Net().double()
-    x, y = _data()
+    x, y = batch()
     x = x.double()
     rho, lr = 0.5, 0.1
     ref = copy.deepcopy(model)
-    a, c = _flat_grad(F.cross_entropy(ref(x), y), ref), _eq17_c(ref, x, y)
-    kappa = _gauss_newton(ref, x, y, 1.0, _flat(a)) / _sq(a) ** 2
-    beta = _sq(a) / (2 * _sq(c) + rho / (2 * kappa))
+    a, c = flat_grad(F.cross_entropy(ref(x), y), ref), eq17_c(ref, x, y)
+    kappa = gauss_newton(ref, x, y, 1.0, flat_cat(a)) / sqnorm(a) ** 2
+    beta = sqnorm(a) / (2 * sqnorm(c) + rho / (2 * kappa))
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=lr, momentum=0.0, rho=rho)
     prepare(opt, model)
     remember_batch(opt, x, y)
-    opt.step(_closure(model, opt, x, y))
+    opt.step(closure_of(model, opt, x, y))
     assert opt.diagnostics["kappa"] == pytest.approx(kappa, rel=1e-9)
     assert opt.diagnostics["beta"] == pytest.approx(beta, rel=1e-9)
     d = [(p0 - p).detach() / lr for p, p0 in zip(model.parameters(), ref.parameters())]
-    assert torch.allclose(_flat(d), _flat(a) + beta * _flat(c), atol=1e-10)
+    assert torch.allclose(flat_cat(d), flat_cat(a) + beta * flat_cat(c), atol=1e-10)
 
 
 def _lam_min(hess):
@@ -125,21 +125,21 @@ def _auto_step(name, model, x, y, **kwargs):
     opt = timm.optim.create_optimizer_v2(model, name, lr=0.1, momentum=0.0, rho="auto", **kwargs)
     prepare(opt, model)
     remember_batch(opt, x, y)
-    opt.step(_closure(model, opt, x, y))
+    opt.step(closure_of(model, opt, x, y))
     return opt
 
 
 def _double_net():
     torch.manual_seed(0)
     model = Net().double()
-    x, y = _data()
+    x, y = batch()
     return model, x.double(), y, sum(p.numel() for p in model.parameters())
 
 
 def test_rho_auto_makes_the_proximal_g_exactly_convex():
     """dcaprox, G = L + ρ·L2: ρ = −λ_min(∇²L) (dense autograd Hessian; Lanczos over all 135 directions)."""
     model, x, y, dim = _double_net()
-    lam = _lam_min(_hessian_of_counter_loss(model, x, y, 1.0))
+    lam = _lam_min(counter_loss_hessian(model, x, y, 1.0))
     assert lam < 0
     opt = _auto_step("dcaprox", model, x, y, rho_lanczos=dim)
     assert opt.rho == pytest.approx(-lam, rel=1e-8)
@@ -150,7 +150,7 @@ def test_rho_auto_makes_g2_and_h2_of_eq12_exactly_convex():
     """dcacounter: G2 = L + ½L'_{−1} + ρ/2·L2 and H2 = ½L'_{−1} + ρ/2·L2 both convex at w_k, and
     not both for a smaller ρ: ρ = max(−2λ_min(∇²(L + ½L'_{−1})), −λ_min(∇²L'_{−1}))."""
     model, x, y, dim = _double_net()
-    h_loss, h_neg = (_hessian_of_counter_loss(model, x, y, alpha) for alpha in (1.0, -1.0))
+    h_loss, h_neg = (counter_loss_hessian(model, x, y, alpha) for alpha in (1.0, -1.0))
     eye = torch.eye(dim, dtype=torch.float64)
     want = max(-2 * _lam_min(h_loss + 0.5 * h_neg), -_lam_min(h_neg), 0.0)
     opt = _auto_step("dcacounter", model, x, y, rho_lanczos=dim, kappa=1.0)
@@ -166,7 +166,7 @@ def test_rho_auto_makes_g2_and_h2_of_eq12_exactly_convex():
 def test_rho_auto_makes_the_quasi_dc_g_convex(name, alpha):
     """G = L'_α + ρ/2·L2 (eqs. 23, 26; H is not convex by design): ρ = −2λ_min(∇²L'_α)."""
     model, x, y, dim = _double_net()
-    want = max(0.0, -2 * _lam_min(_hessian_of_counter_loss(model, x, y, alpha)))
+    want = max(0.0, -2 * _lam_min(counter_loss_hessian(model, x, y, alpha)))
     opt = _auto_step(name, model, x, y, rho_lanczos=dim, direction="projection", kappa=1.0)
     assert opt.rho == pytest.approx(want, rel=1e-8)
 
@@ -183,7 +183,7 @@ def test_rho_auto_schedule_safety_and_a_trace_free_measurement():
     the fixed-ρ step with that value: weights, p.grad and BatchNorm statistics alike."""
     torch.manual_seed(0)
     base = _bn_net()
-    x, y = _data()
+    x, y = batch()
     x = x.double()
     auto, fixed = copy.deepcopy(base), copy.deepcopy(base)
     opt = timm.optim.create_optimizer_v2(auto, "dcacounter", lr=0.05, momentum=0.9, rho="auto", rho_every=2,
@@ -191,7 +191,7 @@ def test_rho_auto_schedule_safety_and_a_trace_free_measurement():
     prepare(opt, auto)
     for k in range(5):
         remember_batch(opt, x, y)
-        opt.step(_closure(auto, opt, x, y))
+        opt.step(closure_of(auto, opt, x, y))
         if k == 0:                                    # the first step: a twin with that ρ fixed
             entry = opt.rho_history[0]
             bound = max(-2 * entry["lam_min_G"], -entry["lam_min_H"], 0.0)
@@ -199,7 +199,7 @@ def test_rho_auto_schedule_safety_and_a_trace_free_measurement():
             twin = timm.optim.create_optimizer_v2(fixed, "dcacounter", lr=0.05, momentum=0.9, rho=opt.rho,
                                                   kappa=0.5)
             prepare(twin, fixed)
-            twin.step(_closure(fixed, twin, x, y))
+            twin.step(closure_of(fixed, twin, x, y))
             for t1, t2 in zip([*auto.parameters(), *auto.buffers()], [*fixed.parameters(), *fixed.buffers()]):
                 assert torch.equal(t1, t2)
             assert all(torch.equal(p.grad, q.grad) for p, q in zip(auto.parameters(), fixed.parameters()))
@@ -209,7 +209,7 @@ def test_rho_auto_schedule_safety_and_a_trace_free_measurement():
 
 def test_measured_kappa_is_refreshed_every_rho_every_steps_in_the_plain_loop():
     torch.manual_seed(0)
-    model, (x, y) = Net(), _data()
+    model, (x, y) = Net(), batch()
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.05, rho=0.3, rho_every=3)
     assert prepare(opt, model) is False                    # ρ > 0 without kappa: still no closure
     for _ in range(4):
@@ -223,7 +223,7 @@ def test_measured_kappa_is_refreshed_every_rho_every_steps_in_the_plain_loop():
 
 @pytest.mark.parametrize("kwargs, what", [({"rho": "auto"}, "rho='auto'"), ({"rho": 0.5}, "kappa")])
 def test_a_step_without_the_batch_is_a_one_line_error_naming_the_remedy(kwargs, what):
-    model, (x, y) = Net(), _data()
+    model, (x, y) = Net(), batch()
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.1, **kwargs)
     prepare(opt, model)
     opt.zero_grad()
@@ -260,12 +260,12 @@ def test_rho_options_are_checked_in_one_line(name, kwargs, match):
 def test_rho_is_accepted_by_every_decomposition():
     DcaL2(Net().parameters(), lr=0.1, rho=0.5)
     for name in ("dcaprox", "dcacounter", "dcaquasineghalf"):
-        assert timm.optim.create_optimizer_v2(Net(), name, lr=0.1, rho="auto").defaults["rho"] == "auto"
+        assert timm.optim.create_optimizer_v2(Net(), name, lr=0.1, rho="auto").options.rho == "auto"
 
 
 def test_remember_batch_reaches_the_optimizer_inside_timms_lookahead():
     torch.manual_seed(0)
-    model, (x, y) = Net(), _data()
+    model, (x, y) = Net(), batch()
     opt = timm.optim.create_optimizer_v2(model, "lookahead_dcacounter", lr=0.1, rho=0.5)
     assert prepare(opt, model) is False
     opt.zero_grad()

@@ -10,7 +10,7 @@ import dcanets  # noqa: F401  (registers the DCA decompositions into timm's opti
 from dcanets.papers.p003_convex import ConvexResNets, convexity_gap
 
 try:
-    from dcanets.optim.decompositions import prepare
+    from dcanets.optim import prepare
 except ImportError:  # the DCA module is optional
     prepare = None
 

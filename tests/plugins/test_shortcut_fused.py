@@ -6,7 +6,7 @@ autocast, double backward (curvature's Hessian-vector products), torch.func, for
 torch.compile, hooks on the block's activation.
 
 "The same gradients": bitwise, unless the forward hit the one documented rounding case of
-``_ReluTail`` (a positive ReLU output rounded away in the sum, ``_lost_elements``). One such element
+``ReluTail`` (a positive ReLU output rounded away in the sum, ``_lost_elements``). One such element
 moves a small net's gradients by up to ~0.7% (relative L2; merge() itself moves them by 1-2.5%
 between the NCHW and the channels-last layout), so then the check is 1% relative L2 per tensor; a
 real error (a sign, a lost shortcut gradient) is of order 1.
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import dcanets  # noqa: F401  (registers the models)
-from dcanets.analysis.curvature import hvp
-from dcanets_plugins import shortcut
+from dcanets.hessian import hvp
+from dcanets.layers import shortcut
+from dcanets.layers.shortcut import ReluTail, unfused
 from dcanets_plugins.cifar_shortcut import CifarBlock
-from dcanets_plugins.shortcut import _ReluTail, unfused
 
 Grads = List[Optional[torch.Tensor]]
 
@@ -36,7 +36,7 @@ def _tails(out: torch.Tensor) -> int:
         if node is None or node in seen:
             continue
         seen.add(node)
-        count += "_ReluTail" in type(node).__name__
+        count += "ReluTail" in type(node).__name__
         stack.extend(n for n, _ in node.next_functions)
     return count
 
@@ -139,7 +139,7 @@ def test_autocast_bf16_takes_the_reference_path():
 
 
 def test_hessian_vector_product_equals_reference():
-    """Double backward (dcanets.analysis.curvature.hvp, create_graph=True) through the fused tail."""
+    """Double backward (dcanets.hessian.hvp, create_graph=True) through the fused tail."""
     model = timm.create_model("cifar_negnet20", num_classes=10)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     params = list(model.parameters())
@@ -234,7 +234,7 @@ def test_relu_lost_in_the_sum_gets_the_rounded_forwards_derivative():
     and the fused backward sees it as a zero of the ReLU (merge() sees a positive input)."""
     y = torch.tensor([1e-9, 0.5, -0.5], requires_grad=True)
     s = torch.ones(3)
-    out = _ReluTail.apply(y.clone(), s, -1.0, False)
+    out = ReluTail.apply(y.clone(), s, -1.0, False)
     assert torch.equal(out, torch.relu(y) - s)
     out.sum().backward()
     assert y.grad.tolist() == [0.0, 1.0, 0.0]
