@@ -35,14 +35,14 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
-
-from cifar10_report import arm_name
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from common import RESULTS, benchmark_data, figure_path, is_stand_in, parse_args, progress, shared_data, write_result
-from dcanets.cli.train import parse_kv
-from dcanets.engine import TrainConfig, train
+
+if TYPE_CHECKING:
+    from dcanets.engine import TrainConfig
 
 SGD = dict(opt="momentum", lr=0.1, momentum=0.9, sched="cosine", batch_size=128)
 # depth and dca share one recipe (He et al.'s SGD at lr 0.1 with wd 5e-4, which suits a 40-epoch
@@ -56,39 +56,120 @@ RECIPES = {"depth": DEPTH, "resnet18": dict(SGD, weight_decay=5e-4), "dca": DEPT
 # folder of each experiment's runs: the dca experiment's SGD arms *are* the depth study's
 # plain56/resnet56 runs (same recipe and budget), so they are trained once
 RUN_GROUP = {"depth": "depth", "dca": "depth", "resnet18": "resnet18", "claim": "claim", "recipe": "recipe"}
-# the control a reviewer asks for: SGD on the plain net at the DCA arms' (searched) lr, so a
-# DCA gain cannot be a smaller learning rate in disguise
-CONTROL = "sgd-at-dca-lr"
-# the claim "DCA on the plain net = SGD on the shortcut net", tested at one lr (the recipe's) for
-# every arm: eq. 19's step (dcacounter) and SGD on cifar_plainnet56, each with momentum 0 (the
-# paper's plain iteration) and 0.9 (acting on d exactly as SGD's on the gradient), against SGD on
-# the two shortcut nets; the plain-56 arms record their direction fidelity every FIDELITY_EVERY steps
-M0 = {"momentum": 0.0}
 # eq. 19's step on plain-56 is this many times SGD's at the same lr without momentum (‖a + βc‖/‖a‖,
 # the "len" column of `dcanets fidelity --model cifar_plainnet56 --opt dcacounter --lr 0.1`, steps
-# 0-60 on CIFAR-10: 1.20-1.26): the last arm is SGD at that longer step, so that a gain of eq. 19
-# at momentum 0 cannot be a longer step in disguise
+# 0-60 on CIFAR-10: 1.20-1.26): the claim's last arm is SGD at that longer step, so that a gain of
+# eq. 19 at momentum 0 cannot be a longer step in disguise
 DCA_STEP_LENGTH = 1.22
 FIDELITY_EVERY = 20
 CLAIM_DCA_KWARGS = {"beta_policy": "clamp"}  # eq. 19 with rho = 0; beta > beta_max is clamped, not fatal
-ARMS = {  # experiment -> (model, optimizer or None for the recipe's, or CONTROL[, recipe overrides])
-    "depth": [(f"cifar_{f}20", None) for f in ("plainnet", "resnet", "negnet", "actresnet")]
-             + [(f"cifar_{f}56", None) for f in ("plainnet", "resnet", "negnet", "gradnet")],
-    "resnet18": [("cifar_resnet18", None), ("cifar_actresnet18", None), ("cifar_negnet18", None)],
-    "dca": [("cifar_plainnet56", None), ("cifar_resnet56", None), ("cifar_plainnet56", "dcacounter"),
-            ("cifar_plainnet56", "dcaquasihalf"), ("cifar_plainnet56", "dcaquasineghalf"),
-            ("cifar_plainnet56", CONTROL)],
-    "claim": [("cifar_plainnet56", None), ("cifar_plainnet56", None, M0),
-              ("cifar_plainnet56", "dcacounter"), ("cifar_plainnet56", "dcacounter", M0),
-              ("cifar_resnet56", None), ("cifar_gradnet56", None), ("cifar_resnet56", None, M0),
-              ("cifar_plainnet56", None, dict(M0, lr=SGD["lr"] * DCA_STEP_LENGTH))],
-    # the recipe's own arm, and NegNet-20 beside it: paper 000's claim at the budget that meets 88%
-    "recipe": [("cifar_resnet20", None), ("cifar_negnet20", None)],
-}
+DCA_OPTS = ("dcacounter", "dcaquasihalf", "dcaquasineghalf")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of an experiment: ``model`` trained with the experiment's ``recipe``, ``opt`` in place
+    of the recipe's optimizer (None: the recipe's own), and ``overrides`` on top (lr, momentum,
+    opt_kwargs, fidelity_every).
+
+    Both of its names are made here, from what it changes in the recipe (optimizer, lr, momentum):
+    :attr:`name`, of its runs' folders and result files (``<name>-s<seed>``), and :attr:`label`, its
+    name in the report's tables and in the legends. A result row gives its arm back
+    (:meth:`of_run`), so the report groups rows by the same label.
+    """
+
+    model: str
+    opt: Optional[str]
+    overrides: Mapping[str, Any]
+    recipe: Mapping[str, Any]
+
+    @classmethod
+    def of_run(cls, run: Mapping[str, Any], recipe: Mapping[str, Any]) -> "Arm":
+        """The arm of a finished run: a result file's row (model, opt, lr and, in newer files, momentum)."""
+        return cls(run["model"], run["opt"], {k: run[k] for k in ("lr", "momentum") if k in run}, recipe)
+
+    @property
+    def optimizer(self) -> str:
+        return self.opt or self.recipe["opt"]
+
+    def config(self) -> Dict[str, Any]:
+        """The training fields of the arm's runs: the recipe, the optimizer, the overrides."""
+        return {**self.recipe, "opt": self.optimizer, **self.overrides}
+
+    def _changes(self) -> Tuple[Optional[float], Optional[float]]:
+        """(lr, momentum), each None where the arm keeps the recipe's; another optimizer's lr is not
+        shown (the DCA arms' lr is the experiment's budget, not part of their name)."""
+        own = self.optimizer == self.recipe["opt"]
+        lr = self.overrides.get("lr", self.recipe["lr"])
+        momentum = self.overrides.get("momentum", self.recipe.get("momentum", 0.9))
+        return (lr if own and lr != self.recipe["lr"] else None,
+                momentum if momentum != self.recipe.get("momentum", 0.9) else None)
+
+    @property
+    def name(self) -> str:
+        """``<model>-<optimizer>[-lr<lr>][-m<momentum>]``, e.g. ``cifar_plainnet56-momentum-lr0.122-m0``."""
+        lr, momentum = self._changes()
+        return (f"{self.model}-{self.optimizer}" + ("" if lr is None else f"-lr{lr:.3g}")
+                + ("" if momentum is None else f"-m{momentum:g}"))
+
+    @property
+    def label(self) -> str:
+        """The model for the recipe's SGD; + optimizer for another one; + lr for SGD at another lr (the
+        control); + m<momentum> where the momentum is not the recipe's."""
+        lr, momentum = self._changes()
+        tag = "" if momentum is None else f" m{momentum:g}"
+        if self.optimizer != self.recipe["opt"]:
+            return f"{self.model} + {self.optimizer}{tag}"
+        if lr is not None:
+            return f"{self.model} + SGD lr {lr:.3g}{tag}"
+        return f"{self.model} + SGD{tag}" if tag else self.model
+
+
+def experiment_arms(experiment: str, dca_lr: Optional[float] = None,
+                    dca_kwargs: Optional[Mapping[str, Any]] = None) -> List[Arm]:
+    """The arms of ``experiment``, in table order. ``dca_lr`` (None: the recipe's) and ``dca_kwargs``
+    are the searched lr and options of the dca experiment's DCA arms."""
+    recipe = RECIPES[experiment]
+
+    def arm(model: str, opt: Optional[str] = None, **overrides: Any) -> Arm:
+        return Arm(model, opt, overrides, recipe)
+
+    if experiment == "depth":
+        return ([arm(f"cifar_{f}20") for f in ("plainnet", "resnet", "negnet", "actresnet")]
+                + [arm(f"cifar_{f}56") for f in ("plainnet", "resnet", "negnet", "gradnet")])
+    if experiment == "resnet18":
+        return [arm("cifar_resnet18"), arm("cifar_actresnet18"), arm("cifar_negnet18")]
+    if experiment == "recipe":  # the recipe's own arm, and NegNet-20 beside it: paper 000's claim at the 88% budget
+        return [arm("cifar_resnet20"), arm("cifar_negnet20")]
+    if experiment == "dca":
+        lr = {"lr": dca_lr} if dca_lr else {}
+        arms = [arm("cifar_plainnet56"), arm("cifar_resnet56")]
+        arms += [arm("cifar_plainnet56", opt, opt_kwargs=dict(dca_kwargs or {}), **lr) for opt in DCA_OPTS]
+        if dca_lr and dca_lr != recipe["lr"]:  # (SGD at the recipe's lr is the plain arm itself)
+            # the control a reviewer asks for: SGD on the plain net at the DCA arms' (searched) lr, so a
+            # DCA gain cannot be a smaller learning rate in disguise
+            arms.append(arm("cifar_plainnet56", **lr))
+        return arms
+    if experiment == "claim":
+        # "DCA on the plain net = SGD on the shortcut net", tested at one lr (the recipe's) for every
+        # arm: eq. 19's step (dcacounter) and SGD on cifar_plainnet56, each with momentum 0 (the paper's
+        # plain iteration) and 0.9 (acting on d exactly as SGD's on the gradient), against SGD on the
+        # two shortcut nets; the plain-56 arms record their direction fidelity every FIDELITY_EVERY steps
+        def plain(opt: Optional[str] = None, **overrides: Any) -> Arm:
+            if opt:
+                overrides["opt_kwargs"] = dict(CLAIM_DCA_KWARGS)
+            return arm("cifar_plainnet56", opt, fidelity_every=FIDELITY_EVERY, **overrides)
+
+        return [plain(), plain(momentum=0.0), plain("dcacounter"), plain("dcacounter", momentum=0.0),
+                arm("cifar_resnet56"), arm("cifar_gradnet56"), arm("cifar_resnet56", momentum=0.0),
+                plain(momentum=0.0, lr=SGD["lr"] * DCA_STEP_LENGTH)]
+    raise ValueError(f"unknown experiment '{experiment}'; known: {', '.join(sorted(RECIPES))}")
 
 
 def extra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", choices=sorted(ARMS), nargs="+", default=sorted(ARMS))
+    from dcanets.validation import kv_argument
+
+    p.add_argument("--experiment", choices=sorted(RECIPES), nargs="+", default=sorted(RECIPES))
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--collect", action="store_true",
@@ -103,7 +184,7 @@ def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="held-out image-folder tar/dir, evaluated at the end")
     p.add_argument("--runs", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "cifar10",
                    help="checkpoints, one folder per run (never committed)")
-    p.add_argument("--dca-kwargs", type=parse_kv, default={"rho": 0.005},
+    p.add_argument("--dca-kwargs", type=kv_argument, default={"rho": 0.005},
                    help="opt_kwargs of the DCA arms, e.g. 'rho=0.004' (from dca_rho_lambda.yaml)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (an engine speed switch; results agree within float "
@@ -111,26 +192,13 @@ def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dca-lr", type=float, default=None, help="lr (= 1/lambda) of the DCA arms (default: the recipe's)")
 
 
-def run_config(args: argparse.Namespace, experiment: str, model: str, opt: str | None, seed: int,
-               overrides: Dict[str, Any] | None = None) -> TrainConfig:
-    recipe = dict(RECIPES[experiment])
-    tag = "".join(f"-{short}{(overrides or {})[k]:g}" for k, short in (("lr", "lr"), ("momentum", "m"))
-                  if k in (overrides or {}))   # e.g. -lr0.122-m0
-    name = f"{model}-{opt or recipe['opt']}{tag}-s{seed}"
-    if opt == CONTROL:
-        recipe.update(lr=args.dca_lr or recipe["lr"])
-        name = f"{model}-{recipe['opt']}-lr{recipe['lr']:.3g}-s{seed}"
-    elif opt and experiment == "claim":  # one lr for every arm: the claim's comparison
-        recipe.update(opt=opt, opt_kwargs=dict(CLAIM_DCA_KWARGS))
-    elif opt:
-        recipe.update(opt=opt, opt_kwargs=dict(args.dca_kwargs), lr=args.dca_lr or recipe["lr"])
-    recipe.update(overrides or {})
-    if experiment == "claim" and "plainnet" in model:
-        recipe.update(fidelity_every=FIDELITY_EVERY)
-    return TrainConfig(model=model, data=args.data, eval_data=args.eval_data, val_fraction=0.1, split_seed=0,
+def run_config(args: argparse.Namespace, experiment: str, arm: Arm, seed: int) -> TrainConfig:
+    from dcanets.engine import TrainConfig
+
+    return TrainConfig(model=arm.model, data=args.data, eval_data=args.eval_data, val_fraction=0.1, split_seed=0,
                        limit=args.limit, val_limit=args.val_limit, epochs=args.epochs, seed=seed,
-                       compile=args.compile,
-                       output=str(args.runs / group(args, experiment) / name), **recipe)
+                       compile=args.compile, output=str(args.runs / group(args, experiment) / f"{arm.name}-s{seed}"),
+                       **arm.config())
 
 
 def group(args: argparse.Namespace, experiment: str) -> str:
@@ -158,6 +226,8 @@ def one_run(cfg: TrainConfig, result: Path, quick: bool) -> Dict[str, Any]:
     if finished(cfg):
         progress(f"done already: {out.name}")
     else:
+        from dcanets.engine import train
+
         progress(f"training {out.name}: {cfg.epochs} epochs")
         train(cfg, resume=out / "last.pt" if (out / "last.pt").exists() else None, progress=False)
     row = summarize(cfg, json.loads(record.read_text()))
@@ -203,20 +273,21 @@ def _same_budget(saved: Dict[str, Any], cfg: TrainConfig) -> None:
                          "pass another --runs directory for this budget")
 
 
-def run_label(r: Dict[str, Any]) -> str:
+def run_label(r: Dict[str, Any], recipe: Mapping[str, Any]) -> str:
     """A run in a legend: its arm, named as the report's tables name it, and its seed."""
-    return f"{arm_name(r, SGD['lr'], SGD['momentum'])} s{r['seed']}"
+    return f"{Arm.of_run(r, recipe).label} s{r['seed']}"
 
 
-def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+def plot(rows: List[Dict[str, Any]], recipe: Mapping[str, Any], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
-        ax1.plot(range(1, len(r["curves"]["train_loss"]) + 1), r["curves"]["train_loss"], label=run_label(r))
-        ax2.plot(range(1, len(r["curves"]["val_acc"]) + 1), r["curves"]["val_acc"], label=run_label(r))
+        label = run_label(r, recipe)
+        ax1.plot(range(1, len(r["curves"]["train_loss"]) + 1), r["curves"]["train_loss"], label=label)
+        ax2.plot(range(1, len(r["curves"]["val_acc"]) + 1), r["curves"]["val_acc"], label=label)
     ax1.set(xlabel="epoch", ylabel="training loss", yscale="log", title=title)
     ax2.set(xlabel="epoch", ylabel="validation accuracy")
     ax2.legend(fontsize=6)
@@ -225,7 +296,7 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_fidelity(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+def plot_fidelity(rows: List[Dict[str, Any]], recipe: Mapping[str, Any], path: Path, title: str) -> None:
     """The fidelity curve of the runs that measured it: cos(Δw, −∇ gradnet twin) over training steps
     (solid), and at the same weights the cosine of plain SGD's gradient (dotted), whole net and layer3
     (the stage holding the block that eq. 19's counter loss skips)."""
@@ -236,10 +307,10 @@ def plot_fidelity(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in (r for r in rows if r.get("fidelity")):
         pts = [m for m in r["fidelity"] if m["cos"] is not None]
-        steps = [m["step"] for m in pts]
-        line, = axes[0].plot(steps, [m["cos"] for m in pts], label=run_label(r))
+        steps, label = [m["step"] for m in pts], run_label(r, recipe)
+        line, = axes[0].plot(steps, [m["cos"] for m in pts], label=label)
         axes[0].plot(steps, [m["sgd_cos"] for m in pts], ":", color=line.get_color())
-        axes[1].plot(steps, [m["stages"].get("layer3") for m in pts], color=line.get_color(), label=run_label(r))
+        axes[1].plot(steps, [m["stages"].get("layer3") for m in pts], color=line.get_color(), label=label)
     axes[0].set(xlabel="training step", ylabel="cosine with the gradnet gradient", title=f"{title}: whole net")
     axes[1].set(xlabel="training step", title="layer3")
     axes[0].axhline(0, color="grey", lw=0.5)
@@ -263,13 +334,12 @@ def main() -> None:
         args.runs = args.runs.with_name(args.runs.name + "_standin")
     for experiment in args.experiment:
         rows, missing = [], []
-        for model, opt, *overrides in ARMS[experiment]:
-            if opt == CONTROL and args.dca_lr in (None, RECIPES[experiment]["lr"]):
-                continue  # SGD at the recipe's lr is the plain arm itself
+        recipe = RECIPES[experiment]
+        for arm in experiment_arms(experiment, args.dca_lr, args.dca_kwargs):
+            if not any(fnmatch.fnmatch(arm.name, p) for p in args.only):
+                continue
             for seed in args.seeds:
-                cfg = run_config(args, experiment, model, opt, seed, *overrides)
-                if not any(fnmatch.fnmatch(Path(cfg.output).name.rsplit("-s", 1)[0], p) for p in args.only):
-                    continue
+                cfg = run_config(args, experiment, arm, seed)
                 result = result_path(args, experiment, cfg)
                 row = collected(result) if args.collect else one_run(cfg, result, args.quick)
                 if row is None:
@@ -277,21 +347,21 @@ def main() -> None:
                     progress(f"not finished, shown as missing: {missing[-1]}")
                     continue
                 rows.append(row)
-                print(f"{experiment:9s} {model:18s} {row['opt']:16s} seed {seed}: val_acc "
+                print(f"{experiment:9s} {arm.model:18s} {row['opt']:16s} seed {seed}: val_acc "
                       f"{row['final']['val_acc']:.4f}  {row['images_per_s']:.0f} img/s  "
                       f"data {100 * row['data_share']:.1f}%  ({row['device_name']})", flush=True)
         if args.only != ["*"] and not args.collect:
             continue  # a part of the experiment: its runs' own files are written, the whole is --collect's
         budget = {"epochs": args.epochs, "seeds": args.seeds, "limit": args.limit, "val_limit": args.val_limit,
                   "split_seed": 0, "dca_lr": args.dca_lr, "data": Path(args.data).name,
-                  "recipe": RECIPES[experiment], "dca_kwargs": args.dca_kwargs,
+                  "recipe": recipe, "dca_kwargs": args.dca_kwargs,
                   "devices": sorted({r["device_name"] for r in rows})}
         name = f"cifar10_{experiment}"
         out = None if args.out is None else args.out.with_name(f"{name}{args.out.stem}.json")
-        plot(rows, out.with_suffix(".png") if out else figure_path(name, args.quick),
+        plot(rows, recipe, out.with_suffix(".png") if out else figure_path(name, args.quick),
              f"CIFAR-10 {experiment}, {args.epochs} epochs")
         if any(r.get("fidelity") for r in rows):
-            plot_fidelity(rows, out.with_name(f"{out.stem}_fidelity.png") if out
+            plot_fidelity(rows, recipe, out.with_name(f"{out.stem}_fidelity.png") if out
                           else figure_path(f"{name}_fidelity", args.quick), f"CIFAR-10 {experiment}")
         write_result(name, args.quick, {"budget": budget, "runs": rows, "missing": missing}, out)
 

@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from cifar10_headline import Arm
+
 from common import RESULTS, fill_block, parse_args, write_result
 
 HERE = Path(__file__).resolve().parent
@@ -43,25 +45,11 @@ def load(name: str, quick: bool) -> Dict[str, Any] | None:
 
 
 def arms(doc: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
-    """Runs grouped by arm (model + optimizer), seeds in order."""
+    """Runs grouped by arm (:attr:`cifar10_headline.Arm.label`), seeds in order."""
     out: Dict[str, List[Dict[str, Any]]] = {}
     for r in sorted(doc["runs"], key=lambda r: r["seed"]):
-        recipe = doc["budget"]["recipe"]
-        out.setdefault(arm_name(r, recipe["lr"], recipe.get("momentum", 0.9)), []).append(r)
+        out.setdefault(Arm.of_run(r, doc["budget"]["recipe"]).label, []).append(r)
     return out
-
-
-def arm_name(r: Dict[str, Any], recipe_lr: float, recipe_momentum: float = 0.9) -> str:
-    """The model for the recipe's SGD; + optimizer for DCA; + lr for SGD at another lr (the control);
-    + m<momentum> where the momentum is not the recipe's."""
-    mom = r.get("momentum", recipe_momentum)
-    tag = "" if mom == recipe_momentum else f" m{mom:g}"
-    if r["opt"] != "momentum":
-        return f"{r['model']} + {r['opt']}{tag}"
-    lr = r.get("lr", recipe_lr)
-    if lr != recipe_lr:
-        return f"{r['model']} + SGD lr {lr:.3g}{tag}"
-    return f"{r['model']} + SGD{tag}" if tag else r["model"]
 
 
 def mean_spread(xs: Sequence[float]) -> str:

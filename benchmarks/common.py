@@ -180,10 +180,7 @@ def load_images(spec: str, count: int, seed: int) -> Tuple[Any, Any]:
     total = data.source_size(spec)
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:min(count, total)]
     images = data.load(spec, indices=sorted(order.tolist()), progress=False)
-    mean, std = data.channel_stats(images.images)
-    x = images.images.float() / 255.0
-    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    return x, images.labels
+    return data.normalized(images.images), images.labels
 
 
 def fill_block(text: str, marker: str, body: str, inline: bool = False) -> str:

@@ -36,12 +36,12 @@ def cold_decode(spec: str, limit: int | None, seed: int) -> dict:
     """Decode into the (fresh) cache directory, timed; then load the cache file alone, timed."""
     from dcanets.engine import data
 
-    data._MEMORY.clear()
+    data.forget_decoded()
     t0 = time.perf_counter()
     train, val = data.load_split(spec, 0.1, seed, limit, progress=True)
     decode_s = time.perf_counter() - t0
     rss = peak_rss_mb()
-    data._MEMORY.clear()
+    data.forget_decoded()
     t0 = time.perf_counter()
     data.load_split(spec, 0.1, seed, limit, progress=False)
     warm_s = time.perf_counter() - t0

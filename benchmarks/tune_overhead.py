@@ -192,9 +192,8 @@ def part_asha(b: Dict[str, Any], tmp: Path) -> Dict[str, Any]:
     out = {"trials": a["trials"], "epochs": a["epochs"], "limit": a["limit"], "concurrent": 2}
     import ray
 
-    from dcanets.tune import search as tune
-
-    tune._init_ray(None, 2, False)  # one local Ray for both searches: part B compares their fits
+    # one local Ray for both searches (part B compares their fits): run_search joins a Ray already up
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for name, sched in (("fifo", {"type": "FIFOScheduler"}),
                             ("asha", {"type": "ASHAScheduler", "grace_period": 1, "reduction_factor": 2})):

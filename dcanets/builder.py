@@ -7,6 +7,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
+M = TypeVar("M", bound=nn.Module)
 
 
 def cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -19,7 +20,7 @@ def cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-def build(model_cls: Type[nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+def build(model_cls: Type[M], variant: str, pretrained: bool, **kwargs: Any) -> M:
     """``build_model_with_cfg`` that refuses ``pretrained=True`` at once.
 
     timm would only log a warning and return random weights; a user asking for weights that do

@@ -20,7 +20,7 @@ import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass
-from typing import Collection, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Collection, Dict, Iterator, List, Optional, Tuple
 
 import pluggy
 
@@ -238,14 +238,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return _pm
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """``"; did you mean: a, b"`` for the registry names closest to a misspelt one, or ``""``."""
-    import difflib
-
-    close = difflib.get_close_matches(str(name), sorted(known), n=4)
-    return f"; did you mean: {', '.join(close)}" if close else ""
-
-
 def _entries(kind: str) -> Dict[str, str]:
     get_plugin_manager()
     return {r.name: r.plugin for r in sorted(_registered.values(), key=lambda r: r.name) if r.kind == kind}
@@ -268,5 +260,5 @@ def list_plugins() -> List[Tuple[str, str]]:
 
 __all__ = [
     "DEFAULT_PLUGINS", "ESSENTIAL_PLUGINS", "PluginError", "get_plugin_manager", "register_plugin",
-    "unregister_plugin", "list_models", "list_decompositions", "list_plugins", "did_you_mean",
+    "unregister_plugin", "list_models", "list_decompositions", "list_plugins",
 ]

@@ -1,21 +1,26 @@
-"""pydantic types and error formatting shared by ``TrainConfig`` and the ``dcanets tune`` schema.
+"""pydantic types, error formatting and flag parsing shared by ``TrainConfig``, the ``dcanets tune``
+schema and the commands.
 
 pydantic checks the values; this module makes its answers read like the rest of dcanets: one
 ``path: message`` per problem (``space.lr.low: must be > 0, got 0``), never a pydantic dump, so
 a user fixes a YAML file or a flag from the message alone. The numeric types reject booleans
 (YAML's ``yes`` is not an epoch count) and accept numeric strings (command-line flags).
+``k=v,k=v`` flags (``--opt-kwargs rho=0.01``) are read by :func:`parse_kv`, everywhere.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import numbers
 import os
-from typing import Any, Callable, Iterable, List, NoReturn, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Tuple, Type
 
 from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError
 from typing_extensions import Annotated
+
+from dcanets.names import did_you_mean
 
 Problem = Tuple[str, str]  # (dotted path, message)
 
@@ -125,8 +130,6 @@ def dotted(loc: Iterable[Any], prefix: str = "") -> str:
 
 def unknown_key(name: Any, known: Iterable[str], what: str = "unknown key", listing: str = "allowed") -> str:
     """``unknown key; did you mean: lr; allowed: model, lr, ...``: the fix is in the message."""
-    from dcanets.plugins import did_you_mean  # imported late: plugin modules may import the engine
-
     known = list(known)
     return f"{what}{did_you_mean(name, known)}; {listing}: {', '.join(known)}"
 
@@ -163,3 +166,54 @@ def argparse_type(annotation: Any, name: str) -> Callable[[str], Any]:
 
     convert.__name__ = name  # argparse names the type in its usage errors
     return convert
+
+
+def parse_kv(text: str) -> Dict[str, Any]:
+    """``'rho=0.01,lam=10'`` or a JSON object -> dict (values parsed as YAML scalars)."""
+    import yaml
+
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"bad JSON in '{text}': {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, got '{text}'")
+        return value
+    out: Dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad key=value item '{item}' in '{text}'; use e.g. 'rho=0.01,lam=10'")
+        try:
+            out[key.strip()] = yaml.safe_load(val.strip())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"bad value '{val.strip()}' for '{key.strip()}' in '{text}' ({yaml_problem(exc)}); "
+                             "quote lists and mappings as JSON, e.g. '{\"k\": [1, 2]}'") from None
+    return out
+
+
+def kv_argument(text: str) -> Dict[str, Any]:
+    """:func:`parse_kv` as an argparse ``type=``: a bad flag is argparse's one-line usage error."""
+    try:
+        return parse_kv(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: what and where (pyyaml's own message spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+__all__ = [
+    "Problem", "fail", "is_number", "Number", "Integer", "Count", "Positive", "NonNegative", "PathText", "plain",
+    "dotted", "unknown_key", "problems_of", "format_problems", "argparse_type", "parse_kv", "kv_argument",
+    "yaml_problem",
+]

@@ -18,7 +18,7 @@ Every architecture argument is a ``create_model`` kwarg: ``layers``, ``hidden`` 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,10 +41,10 @@ class DoubleResNet(nn.Module):
             raise ValueError(f"num_classes must be >= 1 (one pair of nets per output), got {num_classes}")
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, tuple(img_size)
         self.batched = batched
-        self.head_args = dict(layers=layers, hidden=hidden, bias_range=tuple(bias_range), w_init=w_init)
+        self.head_args: Dict[str, Any] = dict(layers=layers, hidden=hidden, bias_range=tuple(bias_range), w_init=w_init)
         if stem_chs:
             # section 5: 64 filters 6x6 ("edges"), then max over non-overlapping 4x4 windows
-            self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_chs, stem_kernel), nn.MaxPool2d(stem_pool))
+            self.stem: nn.Module = nn.Sequential(nn.Conv2d(in_chans, stem_chs, stem_kernel), nn.MaxPool2d(stem_pool))
             side = [(s - stem_kernel + 1) // stem_pool for s in self.img_size]
             self.num_features = stem_chs * side[0] * side[1]
             if min(side) < 1:

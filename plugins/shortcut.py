@@ -11,11 +11,12 @@ defaults to False here: zeroing the last BN of each block makes a plain net outp
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, cast
 
 import torch
 from timm.models import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
 
 from dcanets.builder import Entrypoints, build, cfg
 from dcanets.hookspecs import hookimpl
@@ -27,10 +28,12 @@ class ShortcutBasicBlock(ShortcutMixin, BasicBlock):
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): timm's BasicBlock up to the addition."""
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        aa = cast(nn.Module, self.aa)  # timm types create_aa's result as Optional
+        x = aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
         x = self.bn2(self.conv2(x))
-        if self.se is not None:
-            x = self.se(x)
+        se = cast(Optional[nn.Module], self.se)  # timm declares it None-typed (built without SE)
+        if se is not None:
+            x = se(x)
         return x if self.drop_path is None else self.drop_path(x)
 
 
@@ -40,10 +43,12 @@ class ShortcutBottleneck(ShortcutMixin, Bottleneck):
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): timm's Bottleneck up to the addition."""
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        aa = cast(nn.Module, self.aa)  # timm types create_aa's result as Optional
+        x = aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
         x = self.bn3(self.conv3(x))
-        if self.se is not None:
-            x = self.se(x)
+        se = cast(Optional[nn.Module], self.se)  # timm declares it None-typed (built without SE)
+        if se is not None:
+            x = se(x)
         return x if self.drop_path is None else self.drop_path(x)
 
 

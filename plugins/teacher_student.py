@@ -26,6 +26,8 @@ from dcanets.hookspecs import hookimpl
 class NonOverlappingStudent(nn.Module):
     """Two-layer non-overlapping CNN student; ``skip_prior`` adds the fixed ``1/sqrt(p)`` shortcut."""
 
+    shortcut: torch.Tensor  # a buffer: the fixed prior, not trained
+
     def __init__(self, num_patches: int = 16, patch_size: int = 8, skip_prior: bool = True,
                  num_classes: int = 1, in_chans: int = 1, **kwargs: Any) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ import torch
 
 from dcanets.analysis.curvature import advise
 from dcanets.hessian import extreme_eigenvalues
+from dcanets.names import check_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +29,8 @@ def _batch(spec: str, n: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
     from dcanets.engine import data as dcadata
 
     images = dcadata.load(spec, progress=False)
-    mean, std = dcadata.channel_stats(images.images)
     sub = images.subset(torch.arange(min(n, len(images))))
-    x = sub.images.float() / 255.0
-    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    x = dcadata.normalized(sub.images, dcadata.channel_stats(images.images))  # the whole set's statistics
     return x, sub.labels, images.num_classes, images.in_chans
 
 
@@ -42,11 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.steps < 1:
         raise ValueError(f"--batch and --steps must be >= 1; got {args.batch} and {args.steps}")
-    if not timm.models.is_model(args.model):
-        from dcanets.plugins import did_you_mean
-
-        raise ValueError(f"unknown model '{args.model}'{did_you_mean(args.model, timm.list_models())}; "
-                         "see `dcanets models` or timm.list_models()")
+    check_model(args.model)
     x, y, num_classes, in_chans = _batch(args.data, args.batch)
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans)

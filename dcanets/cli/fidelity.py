@@ -14,28 +14,21 @@ import json
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 from dcanets.analysis.fidelity import fidelity_over_training
 from dcanets.engine.fidelity import REFERENCES, FidelityReport
-
-
-def _kv(text: str) -> Dict[str, Any]:
-    from dcanets.cli.train import parse_kv
-
-    try:
-        return parse_kv(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from dcanets.names import check_model
+from dcanets.validation import kv_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a model of the shortcut family, e.g. cifar_plainnet56")
-    parser.add_argument("--model-kwargs", type=_kv, default={}, help="extra create_model arguments, 'k=v,k=v'")
+    parser.add_argument("--model-kwargs", type=kv_argument, default={}, help="extra create_model arguments, 'k=v,k=v'")
     parser.add_argument("--opt", default="sgd", help="any timm optimizer name (DCA decompositions included)")
-    parser.add_argument("--opt-kwargs", type=_kv, default={}, help="extra optimizer arguments, e.g. 'rho=0.01'")
+    parser.add_argument("--opt-kwargs", type=kv_argument, default={}, help="extra optimizer arguments, e.g. 'rho=0.01'")
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="momentum, passed when the optimizer has one (default 0: the step is the direction)")
@@ -60,10 +53,7 @@ def _data(spec: str) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
     from dcanets.engine import data as dcadata
 
     images = dcadata.load(spec, progress=False)
-    mean, std = dcadata.channel_stats(images.images)
-    x = images.images.float() / 255.0
-    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    return x, images.labels, images.num_classes, images.in_chans
+    return dcadata.normalized(images.images), images.labels, images.num_classes, images.in_chans
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, seed: int,
@@ -133,11 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.steps < 1 or args.every < 1:
         raise ValueError(f"--batch, --steps and --every must be >= 1; got {args.batch}, {args.steps}, {args.every}")
-    if not timm.models.is_model(args.model):
-        from dcanets.plugins import did_you_mean
-
-        raise ValueError(f"unknown model '{args.model}'{did_you_mean(args.model, timm.list_models())}; "
-                         "see `dcanets models` or timm.list_models()")
+    check_model(args.model)
     device = torch.device(args.device)
     x, y, num_classes, in_chans = _data(args.data)
     torch.manual_seed(args.seed)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from dcanets.names import did_you_mean
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``models`` and ``plugins``."""
@@ -42,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
 def _none_matched(args: argparse.Namespace, shown: int, names: list) -> int:
     """Exit 1 with one line when the pattern matched nothing (as grep does), 0 otherwise."""
     import sys
-
-    from dcanets.plugins import did_you_mean
 
     if shown:
         return 0

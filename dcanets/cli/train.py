@@ -11,49 +11,7 @@ from pydantic.fields import FieldInfo
 from dcanets.engine.checkpoint import load_checkpoint
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.loop import train
-
-
-def parse_kv(text: str) -> Dict[str, Any]:
-    """``'rho=0.01,lam=10'`` or a JSON object -> dict (values parsed as YAML scalars)."""
-    import yaml
-
-    text = text.strip()
-    if not text:
-        return {}
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"bad JSON in '{text}': {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a JSON object, got '{text}'")
-        return value
-    out: Dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"bad key=value item '{item}' in '{text}'; use e.g. 'rho=0.01,lam=10'")
-        try:
-            out[key.strip()] = yaml.safe_load(val.strip())
-        except yaml.YAMLError as exc:
-            raise ValueError(f"bad value '{val.strip()}' for '{key.strip()}' in '{text}' ({_yaml_problem(exc)}); "
-                             "quote lists and mappings as JSON, e.g. '{\"k\": [1, 2]}'") from None
-    return out
-
-
-def _yaml_problem(exc: Exception) -> str:
-    """A YAML error in one line: what and where (pyyaml's own message spans several lines)."""
-    problem = getattr(exc, "problem", None) or str(exc)
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return " ".join(f"{problem}{where}".split())
-
-
-def _kv_arg(text: str) -> Dict[str, Any]:
-    try:
-        return parse_kv(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from dcanets.validation import kv_argument, yaml_problem
 
 
 def _flag(name: str) -> str:
@@ -72,7 +30,7 @@ def _flag_options(info: FieldInfo, schema: Dict[str, Any]) -> Dict[str, Any]:
     options: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}  # argparse %-formats
     kinds = {s.get("type") for s in schema.get("anyOf", [schema])} - {"null"}
     if kinds == {"object"}:
-        return {**options, "type": _kv_arg, "metavar": "K=V,..."}
+        return {**options, "type": kv_argument, "metavar": "K=V,..."}
     if kinds == {"boolean"}:
         return {**options, "action": argparse.BooleanOptionalAction}
     if "enum" in schema:
@@ -109,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"invalid YAML in '{path}': {_yaml_problem(exc)}") from None
+            raise ValueError(f"invalid YAML in '{path}': {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"'{path}' must hold a mapping of TrainConfig fields")
         values.update(loaded)

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import pickle
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 CACHE_VERSION = 1
 GPU_RESIDENT_BYTES = 2 * 2**30  # decoded sets below this size live on the GPU during training
@@ -170,8 +173,6 @@ def _decode(blob: bytes, gray: bool) -> torch.Tensor:
     try:
         return decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=mode)
     except RuntimeError:  # formats torchvision cannot read (bmp, tiff, ...): PIL
-        import io
-
         from PIL import Image
 
         im = Image.open(io.BytesIO(blob)).convert("L" if gray else "RGB")
@@ -180,8 +181,6 @@ def _decode(blob: bytes, gray: bool) -> torch.Tensor:
 
 
 def _is_gray(blob: bytes) -> bool:
-    import io
-
     from PIL import Image
 
     return Image.open(io.BytesIO(blob)).mode in ("1", "L", "I", "I;16", "LA")
@@ -205,7 +204,7 @@ def _image_folder(path: Path, indices: Optional[Sequence[int]], progress: bool) 
 
     def where(i: int) -> str:
         """The image's path, as the user would find it: ``dir/class/x.png`` or ``data.tar:class/x.png``."""
-        name = reader._filename(i, absolute=True)
+        name = reader.filename(i, absolute=True)
         return f"{path}:{name}" if path.is_file() else str(name)
 
     def blob(i: int) -> Tuple[bytes, int]:
@@ -232,17 +231,11 @@ def _image_folder(path: Path, indices: Optional[Sequence[int]], progress: bool) 
                 reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
             raise ValueError(f"cannot decode image '{where(i)}' ({reason}); remove or replace the file") from None
 
-    import warnings
-
     # torchvision 0.29 deprecates its decoders in favour of torchcodec; they are still the fastest here
     warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
     first_img = decode(idx[0], blob(idx[0])[0], None)
     gray = first_img.shape[0] == 1
-    it = idx
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(idx, desc=f"decoding {path.name}", unit="img", mininterval=1.0, leave=False)
+    it = tqdm(idx, desc=f"decoding {path.name}", unit="img", mininterval=1.0, leave=False, disable=not progress)
     # one preallocated tensor, not a list + stack: half the peak memory on a 50k-image decode
     out = torch.empty((len(idx), *first_img.shape), dtype=torch.uint8)
     labels: List[int] = []
@@ -368,8 +361,6 @@ def _tar_complete(path: Path) -> bool:
 
 def _check_data(spec: str, path: Optional[Path], data: ImageData, total: Optional[int] = None) -> ImageData:
     """One line for data a classifier cannot learn from; a warning with counts for a truncated tar."""
-    import warnings
-
     if path is not None and path.is_file() and not _tar_complete(path):
         if len(data) == 0:
             raise ValueError(f"tar archive '{spec}' is truncated: no image could be read; re-create or re-download it")
@@ -387,7 +378,8 @@ def _check_data(spec: str, path: Optional[Path], data: ImageData, total: Optiona
 
 
 # ----------------------------------------------------------------------------- entry points
-def _check_path(spec: str) -> Path:
+def check_path(spec: str) -> Path:
+    """The path of a data source given by path, or one line saying why it cannot be one."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -411,11 +403,8 @@ def load(spec: str, indices: Optional[Sequence[int]] = None, progress: bool = Tr
             raise ValueError(f"bad generated set '{spec}'; use 'synthetic' or 'synthetic:N'") from None
         data = synthetic(n)
     else:
-        path = _check_path(spec)
-        if path.is_dir():
-            data = _cifar_pickles(path) or _mnist_idx(path)
-        else:
-            data = None
+        path = check_path(spec)
+        data = (_cifar_pickles(path) or _mnist_idx(path)) if path.is_dir() else None
         if data is None:
             if indices is not None and _fully_cached(path):  # slice the full decode, do not re-decode
                 return load(spec, progress=progress).subset(torch.as_tensor(list(indices), dtype=torch.long))
@@ -429,11 +418,10 @@ def source_size(spec: str) -> int:
     """How many images ``spec`` holds, without decoding image folders."""
     if spec == "digits" or spec.startswith("synthetic"):
         return len(load(spec))
-    path = _check_path(spec)
-    if path.is_dir():
-        data = _cifar_pickles(path) or _mnist_idx(path)
-        if data is not None:
-            return len(data)
+    path = check_path(spec)
+    data = (_cifar_pickles(path) or _mnist_idx(path)) if path.is_dir() else None
+    if data is not None:
+        return len(data)
     if _fully_cached(path):
         return len(load(spec))
     return len(_reader(path))
@@ -442,6 +430,11 @@ def source_size(spec: str) -> int:
 def _fully_cached(path: Path) -> bool:
     full = _cache_file(path, None)
     return str(full) in _MEMORY or full.is_file()
+
+
+def forget_decoded() -> None:
+    """Drop the decoded sets kept in memory; the disk cache stays (what a new process would find)."""
+    _MEMORY.clear()
 
 
 def split_indices(n: int, val_fraction: float, seed: int = 0, limit: Optional[int] = None,
@@ -495,6 +488,13 @@ def channel_stats(images: torch.Tensor, max_images: int = 10000) -> Tuple[List[f
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return mean.tolist(), std.tolist()
+
+
+def normalized(images: torch.Tensor, stats: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` images as the engine feeds them, ``(x / 255 − mean) / std`` per channel, in
+    float32; ``stats`` (mean, std) default to these images' own :func:`channel_stats`."""
+    mean, std = channel_stats(images) if stats is None else stats
+    return (images.float() / 255.0 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,

@@ -24,8 +24,8 @@ from dcanets.engine import data as data_mod
 from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.fidelity import FidelityProbe
+from dcanets.names import check_model, did_you_mean
 from dcanets.optim.protocol import hooks_model, measured_curvature, prepare, remember_batch, take_step
-from dcanets.plugins import did_you_mean
 
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
@@ -68,11 +68,7 @@ def _split_seed(cfg: TrainConfig) -> int:
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
     import timm
 
-    import dcanets  # noqa: F401  (registers plugin models in this process, e.g. a Ray worker)
-
-    if not timm.is_model(cfg.model):
-        raise ValueError(f"unknown model '{cfg.model}'{did_you_mean(cfg.model, map(str, timm.list_models()))}"
-                         "; `timm.list_models()` and `dcanets models` list the known names")
+    check_model(cfg.model)  # also registers the plugins' models in this process (e.g. a Ray worker)
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg.model_kwargs}
     try:
         return timm.create_model(cfg.model, **kwargs)
@@ -440,7 +436,7 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     t_start = time.perf_counter()
     cfg.validate()
     if cfg.eval_data and cfg.eval_data not in ("digits",) and not cfg.eval_data.startswith("synthetic"):
-        data_mod._check_path(cfg.eval_data)  # a missing held-out set fails now, not after the last epoch
+        data_mod.check_path(cfg.eval_data)  # a missing held-out set fails now, not after the last epoch
     out_dir = prepare_output(cfg.output) if cfg.output else None
     run = _Run(cfg, progress, on_batch)
     if resume is not None:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from typing_extensions import Annotated
 
 from dcanets.engine.config import TrainConfig
-from dcanets.plugins import did_you_mean
+from dcanets.names import did_you_mean
 from dcanets.tune import storage as search_storage
 from dcanets.validation import (
     Count,

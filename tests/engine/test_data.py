@@ -72,7 +72,7 @@ def test_split_sizes_fixed_seed_and_limit(tmp_path, small):
     assert set(t_idx.tolist()).isdisjoint(v_idx.tolist())
     lt, lv = data.split_indices(60, 0.2, seed=0, limit=8)
     assert len(lt) == 8 and len(lv) == 2 and set(lv.tolist()) <= set(v_idx.tolist())
-    data._MEMORY.clear()
+    data.forget_decoded()
     ltrain, lval = data.load_split(path, val_fraction=0.2, seed=0, limit=8, progress=False)
     assert (len(ltrain), len(lval)) == (8, 2)
     assert torch.equal(ltrain.images, train.images[:8])  # a prefix of the full split
@@ -89,7 +89,7 @@ def test_second_load_hits_the_cache(tmp_path, small, monkeypatch):
     assert not first.from_cache
     files = list((tmp_path / "cache").glob("*.pt"))
     assert len(files) == 1
-    data._MEMORY.clear()  # a new process: only the disk cache is left
+    data.forget_decoded()  # a new process: only the disk cache is left
     monkeypatch.setattr(data, "_image_folder", lambda *a, **k: pytest.fail("decoded twice"))
     second = data.load(path, progress=False)
     assert second.from_cache and torch.equal(first.images, second.images)

@@ -1,16 +1,19 @@
 """The training engine: learning, determinism, exact resume, callbacks, CLI and config errors."""
+import copy
 import json
 import math
 
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 import yaml
 from engine_runs import interrupted_then_resumed, numbers
 
 from dcanets import cli
-from dcanets.cli import train as train_cli
 from dcanets.engine import TrainConfig, data, train
 from dcanets.engine import loop as engine
+from dcanets.validation import parse_kv
 
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
               "images_per_s", "data_seconds", "checkpoint"}
@@ -83,13 +86,28 @@ def test_closure_path_matches_plain_step(monkeypatch):
 
 
 def test_held_out_eval_data(tmp_path):
+    """eval_data: the final model's cross-entropy and accuracy on the held-out set, normalised with the
+    training split's statistics, as computed here by hand from the saved model."""
     src = data.synthetic(60, num_classes=3, size=8, channels=3, seed=0)
-    held = data.synthetic(30, num_classes=3, size=8, channels=3, seed=5)
+    held = data.synthetic(30, num_classes=3, size=8, channels=3, seed=0)  # the same class templates, other noise
     train_dir = data.write_image_folder(src, tmp_path / "train")
     eval_tar = data.write_image_tar(held, tmp_path / "test.tar")
-    final = train(tiny(data=str(train_dir), eval_data=str(eval_tar), limit=None, epochs=1, batch_size=16))
-    assert final["eval_images"] == 30 and 0.0 <= final["eval_acc"] <= 1.0 and final["eval_loss"] > 0
+    cfg = tiny(data=str(train_dir), eval_data=str(eval_tar), limit=None, epochs=6, batch_size=16,
+               output=str(tmp_path / "run"))
+    final = train(cfg)
+    assert final["eval_images"] == 30
     assert final["augment"] is True  # RGB data gets crop + flip by default
+
+    model = timm.create_model(cfg.model, num_classes=3, in_chans=3)
+    model.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"])
+    model.eval()
+    train_split, _ = data.load_split(str(train_dir), cfg.val_fraction, seed=cfg.seed, progress=False)
+    images = data.load(str(eval_tar), progress=False)
+    with torch.no_grad():
+        out = model(data.normalized(images.images, data.channel_stats(train_split.images)))
+    assert final["eval_loss"] == pytest.approx(F.cross_entropy(out, images.labels).item(), rel=1e-5)
+    assert final["eval_acc"] == (out.argmax(1) == images.labels).sum().item() / 30
+    assert len(set(out.argmax(1).tolist())) > 1  # not one class for every image: the accuracy says something
     with pytest.raises(ValueError, match="eval data"):
         train(tiny(epochs=1, eval_data=str(eval_tar)))  # digits are 1x8x8, the tar 3x8x8
 
@@ -115,10 +133,10 @@ def test_divergence_stops_the_run():
 
 
 def test_parse_kv():
-    assert train_cli.parse_kv("rho=0.01,lam=10,name=x,flag=true") == {"rho": 0.01, "lam": 10, "name": "x", "flag": True}
-    assert train_cli.parse_kv('{"rho": 0.5}') == {"rho": 0.5}
+    assert parse_kv("rho=0.01,lam=10,name=x,flag=true") == {"rho": 0.01, "lam": 10, "name": "x", "flag": True}
+    assert parse_kv('{"rho": 0.5}') == {"rho": 0.5}
     with pytest.raises(ValueError, match="key=value"):
-        train_cli.parse_kv("rho")
+        parse_kv("rho")
 
 
 def test_cli_writes_metrics_and_flags_override_config(tmp_path, capsys):
@@ -175,15 +193,71 @@ def test_momentum_zero_with_timms_nesterov_sgd_is_plain_sgd():
     assert math.isfinite(train(tiny(momentum=0.0, epochs=1))["train_loss"])
 
 
-def test_dca_rho_auto_is_measured_on_each_batch_and_logged():
-    """rho="auto" (paper 000, eq. 12): the engine hands every batch to the optimizer; the epoch's
-    metrics carry the last measured ρ and the λ_min behind it (rho_every=2: steps 0 and 2)."""
-    final = train(tiny(model="cifar_plainnet20", opt="dcacounter", epochs=1, limit=96, batch_size=32,
-                       opt_kwargs={"rho": "auto", "rho_every": 2, "rho_lanczos": 2}))
-    entry = final["history"][0]
-    assert {"dca_rho", "dca_lam_min_G", "dca_lam_min_H"} <= set(entry)
-    assert entry["dca_rho"] == pytest.approx(max(0.0, -2 * entry["dca_lam_min_G"], -entry["dca_lam_min_H"]))
-    assert math.isfinite(final["train_loss"])
+# cifar_plainnet20 cut to 372 weights (widths 2, one block per stage, two in the last: its second is
+# the same-shape block the counter loss mixes), small enough to write its Hessian out
+SMALL_PLAIN = dict(model="cifar_plainnet20", model_kwargs={"widths": [2, 2, 2], "depths": [1, 1, 2]}, limit=24,
+                   batch_size=8, epochs=1)
+
+
+def _dense_min_eigenvalue(cfg, state, x, y, gamma):
+    """λ_min of the Hessian of Σ_α γ_α L'_α (paper 000, eq. 10: the last same-shape block's output h^L
+    becomes α h^L + (1 − α) h^{L−1}), written out in float64 with torch.func on a fresh copy of the model."""
+    net = timm.create_model(cfg.model, num_classes=10, in_chans=1, **cfg.model_kwargs).double()
+    net.load_state_dict(state)
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None  # batch statistics only
+    alpha = {"now": 1.0}
+    net.layer3[1].register_forward_hook(lambda m, inp, out: alpha["now"] * out + (1 - alpha["now"]) * inp[0])
+    named = dict(net.named_parameters())
+
+    def loss(flat):
+        params = dict(zip(named, torch.split(flat, [p.numel() for p in named.values()])))
+        params = {k: v.view_as(named[k]) for k, v in params.items()}
+        total = 0.0
+        for alpha["now"], weight in gamma.items():
+            total = total + weight * F.cross_entropy(torch.func.functional_call(net, params, (x.double(),)), y)
+        return total
+
+    hessian = torch.func.hessian(loss)(torch.cat([p.detach().flatten() for p in named.values()]))
+    return torch.linalg.eigvalsh(hessian)[0].item()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func's own use
+def test_dca_rho_auto_is_measured_on_each_batch_and_logged(monkeypatch):
+    """rho="auto" (paper 000, eq. 12): at steps 0 and 2 (rho_every=2) the engine hands the step's batch
+    to dcacounter, which sets ρ = max(0, −λ_min(∇²G2), −λ_min(∇²H2)) / ½ with G2 = L + ½L'_{−1} and
+    H2 = ½L'_{−1} (ρ/2·L2 makes both convex); the epoch's metrics carry the last ρ and the λ_min behind
+    it. Checked against dense Hessians of G2 and H2 at the weights and on the batch of step 2."""
+    steps, built = [], []
+    build, remember = engine.build_optimizer, engine.remember_batch
+    monkeypatch.setattr(engine, "build_optimizer", lambda cfg, model: built.append(model) or build(cfg, model))
+    monkeypatch.setattr(engine, "remember_batch", lambda opt, x, y, loss_fn: (
+        steps.append((copy.deepcopy(built[0].state_dict()), x.clone(), y.clone())), remember(opt, x, y, loss_fn)))
+    cfg = tiny(**SMALL_PLAIN, opt="dcacounter", opt_kwargs={"rho": "auto", "rho_every": 2, "rho_lanczos": 100})
+    entry = train(cfg)["history"][0]
+    assert len(steps) == 3  # 24 images, batches of 8: steps 0, 1, 2
+    lam_g = _dense_min_eigenvalue(cfg, *steps[2], {1.0: 1.0, -1.0: 0.5})
+    lam_h = _dense_min_eigenvalue(cfg, *steps[2], {-1.0: 0.5})
+    assert entry["dca_lam_min_G"] == pytest.approx(lam_g, rel=5e-3)
+    assert entry["dca_lam_min_H"] == pytest.approx(lam_h, rel=5e-3)
+    assert entry["dca_rho"] == pytest.approx(max(0.0, -2 * lam_g, -2 * lam_h), rel=5e-3)
+    assert entry["dca_rho"] > 1.0  # G2 or H2 is far from convex here: a ρ of 0 would fail the line above
+    earlier = _dense_min_eigenvalue(cfg, *steps[1], {1.0: 1.0, -1.0: 0.5})  # another step's batch and weights
+    assert earlier != pytest.approx(lam_g, rel=2e-2)
+
+
+def test_dca_rho_auto_is_the_rho_the_step_uses():
+    """The measured ρ enters the step (eq. 19's β): rho="auto" measured once (step 0) trains exactly as the
+    same decomposition given that ρ as a number, and not as with ρ = 0."""
+    def run(rho):
+        opts = {"rho": rho, "rho_every": 100, "rho_lanczos": 100, "beta_policy": "clamp"}
+        return train(tiny(**SMALL_PLAIN, opt="dcacounter", opt_kwargs=opts))["history"]
+
+    auto = run("auto")
+    rho = auto[0]["dca_rho"]
+    assert rho > 1.0
+    assert numbers(run(rho), drop="dca_") == numbers(auto, drop="dca_")
+    assert numbers(run(0.0), drop="dca_") != numbers(auto, drop="dca_")
 
 
 @pytest.mark.parametrize("opt", ["momentum", "dcaprox"])  # the plain step and the closure step
