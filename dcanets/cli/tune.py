@@ -50,10 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _storage_flag(text: str) -> str:
-    problem = search_storage.form_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return search_storage.normalize(text)
+    try:
+        return search_storage.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _one_line_error(parser: argparse.ArgumentParser, message: str):

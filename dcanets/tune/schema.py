@@ -306,9 +306,7 @@ class TuneSpec:
 
     @property
     def mode(self) -> str:
-        mode = self.tune_config.mode
-        assert mode is not None  # TuneConfigSection fills it in from the metric
-        return mode
+        return str(self.tune_config.mode)  # never None: TuneConfigSection fills it in from the metric
 
 
 class _Problems:
@@ -392,17 +390,11 @@ def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
 def _check_storage(raw: Any, base: Path, err: _Problems) -> Optional[str]:
     """The form of ``storage:`` (reachability is checked before Ray starts, not here); a relative
     path resolves against the YAML file's folder, like the data paths."""
-    if raw is None:
+    try:
+        return None if raw is None else search_storage.parse(raw, base)
+    except ValueError as exc:
+        err.add("storage", str(exc))
         return None
-    if not isinstance(raw, str):
-        err.add("storage", f"must be a folder on a shared filesystem or a URI such as s3://bucket/prefix, "
-                           f"got {type(raw).__name__}")
-        return None
-    problem = search_storage.form_problem(raw)
-    if problem:
-        err.add("storage", problem)
-        return None
-    return search_storage.normalize(raw, base)
 
 
 # ------------------------------------------------------------------------------------ train
@@ -552,9 +544,8 @@ def _check_scheduler(raw: Any, train: Dict[str, Any], err: _Problems) -> Optiona
         # the engine's epoch, not Tune's training_iteration, which restarts at 1 after --resume
         sc = sc.model_copy(update={"time_attr": "epoch"})
     epochs = train.get("epochs")
-    if sc.type in ("ASHAScheduler", "HyperBandScheduler") and sc.max_t is None and isinstance(epochs, int) \
-            and epochs >= 1:
-        sc.max_t = epochs  # budget unit = one epoch
+    if sc.type in ("ASHAScheduler", "HyperBandScheduler") and sc.max_t is None and isinstance(epochs, int):
+        sc.max_t = epochs if epochs >= 1 else None  # budget unit = one epoch
     if sc.type == "ASHAScheduler" and sc.max_t is not None and (sc.grace_period or 1) > sc.max_t:
         err.add("scheduler.grace_period", f"must be <= max_t ({sc.max_t})")
     return sc
@@ -599,3 +590,10 @@ def _near(name: str, known: Optional[set]) -> str:
 
         known = set(timm.list_models())
     return did_you_mean(name, known)
+
+
+def __getattr__(name: str) -> Any:  # tuner.pkl of a search started before dcanets.tune.builders names it here
+    if name == "DefineByRun":
+        from dcanets.tune.builders import DefineByRun
+        return DefineByRun
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,6 +52,18 @@ def form_problem(text: str) -> Optional[str]:
     return None
 
 
+def parse(value: Any, base: Optional[Path] = None) -> str:
+    """A ``storage`` value (the YAML's ``storage:`` or ``--storage``) checked and normalized; one
+    ValueError line that says what is wrong with it."""
+    if not isinstance(value, str):
+        raise ValueError("must be a folder on a shared filesystem or a URI such as s3://bucket/prefix, "
+                         f"got {type(value).__name__}")
+    problem = form_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return normalize(value, base)
+
+
 def normalize(text: str, base: Optional[Path] = None) -> str:
     """A URI as given; a path made absolute (against ``base``, else the current directory), because
     it is saved in search.json and handed to Ray, whose trials run in other directories."""
@@ -211,4 +223,4 @@ def _resolve(uri: str) -> tuple:
 
 
 __all__ = ["RESULT_FILES", "TUNER_STATE", "Location", "copy_files", "form_problem", "is_uri", "join", "normalize",
-           "split"]
+           "parse", "split"]

@@ -232,3 +232,26 @@ def test_schema_flag_prints_the_json_schema_without_a_config(capsys):
     validator = jsonschema.Draft202012Validator(schema)
     bad = {"train": {"epochs": 0, "lrr": 1}, "space": {"lr": {"type": "gaussian"}}}
     assert len(list(validator.iter_errors(bad))) == 3
+
+
+def test_tuner_pkl_of_a_search_started_before_the_builders_module_still_loads():
+    """Ray's tuner.pkl names the classes where they were when the search started: a search
+    interrupted before ``dcanets.tune.builders`` existed must still resume."""
+    import pickle
+
+    import optuna
+
+    from dcanets.tune import callbacks, search, tracking
+
+    space = {"lr": {"type": "loguniform", "low": 0.01, "high": 0.2}}
+    legacy = pickle.dumps(builders.DefineByRun(space), protocol=0).replace(b"dcanets.tune.builders",
+                                                                           b"dcanets.tune.schema")
+    assert b"dcanets.tune.schema\nDefineByRun" in legacy
+    restored = pickle.loads(legacy)
+    assert isinstance(restored, builders.DefineByRun) and restored.space == space
+    assert 0.01 <= restored(optuna.create_study().ask())["lr"] <= 0.2
+    for name in ("ProgressLines", "Outcomes", "StateCopies"):  # the callbacks' old home
+        assert getattr(search, name) is getattr(callbacks, name)
+    assert tracking.SearchTracker.__module__ == "dcanets.tune.tracking"
+    with pytest.raises(AttributeError):
+        schema.NoSuchName  # noqa: B018
