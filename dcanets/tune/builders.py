@@ -4,12 +4,13 @@ Why apart from the schema: the schema says what a search file may hold and runs 
 starts; these build what runs (the define-by-run space, the sampler and search algorithm, the
 scheduler, ``TuneConfig``, ``FailureConfig``) and map one trial's sampled values back onto its
 ``TrainConfig`` fields. Each section maps one-to-one onto the object of the same name, its
-options as keyword arguments (unset ones left to Ray's and Optuna's defaults).
+options as keyword arguments (unset ones left to Ray's and Optuna's defaults); ``short_params``
+writes a trial's sampled values back on one line.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from pydantic import BaseModel
 
@@ -86,6 +87,12 @@ def trial_train_config(base: Dict[str, Any], params: Dict[str, Any]) -> Dict[str
     return cfg
 
 
+def short_params(config: Mapping[str, Any]) -> str:
+    """A trial's sampled values on one line (``lr=0.05 momentum=0.9``), without the sampled factors."""
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items()
+                    if DERIVED not in k)
+
+
 def build_search_alg(spec: schema.TuneSpec) -> Any:
     """``OptunaSearch`` over the define-by-run space, with the sampler of ``search_alg.sampler``."""
     import optuna
@@ -125,4 +132,4 @@ def trial_resources(spec: schema.TuneSpec) -> Dict[str, float]:
 
 
 __all__ = ["DERIVED", "DefineByRun", "build_failure_config", "build_scheduler", "build_search_alg",
-           "build_tune_config", "plain", "plain_space", "trial_resources", "trial_train_config"]
+           "build_tune_config", "plain", "plain_space", "short_params", "trial_resources", "trial_train_config"]

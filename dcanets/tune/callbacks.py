@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Set
 from ray.tune import Callback
 
 from dcanets.tune import schema
-from dcanets.tune.report import short_params
+from dcanets.tune.builders import short_params
 from dcanets.tune.state import SearchState
 
 

@@ -3,27 +3,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, List, Mapping, Sequence
+from typing import Any, List, Sequence
 
 from dcanets.tune import schema
-from dcanets.tune.builders import DERIVED, trial_train_config
+from dcanets.tune.builders import short_params, trial_train_config
 from dcanets.tune.state import SearchResult, SearchState, TrialResult, is_finite
 from dcanets.tune.storage import RESULT_FILES, join
 
 
-def short_params(config: Mapping[str, Any]) -> str:
-    """A trial's sampled values on one line (``lr=0.05 momentum=0.9``), without the sampled factors."""
-    return " ".join(f"{k}={_fmt(v)}" for k, v in config.items() if DERIVED not in k)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-# ---------------------------------------------------------------------------------------- outputs
-
-
 def report(result: SearchResult, spec: schema.TuneSpec, state: SearchState, top: int = 5) -> None:
+    """The table of the best ``top`` trials, the output files, and one stderr line when the search
+    was interrupted (with its resume command) or every trial failed."""
     exp_dir, trials = state.folder, result.trials
     ranked = result.ranked(spec.mode)
     print(f"\n{spec.name}: {len(trials)} trials in {result.seconds:.1f}s, status {result.status}")
@@ -135,4 +125,4 @@ def _loss_axis(ax, values: List[Any]) -> None:
     ax.set_ylim(finite[0] / 1.5, top)
 
 
-__all__ = ["plot_curves", "report", "short_params", "summarize"]
+__all__ = ["plot_curves", "report", "summarize"]

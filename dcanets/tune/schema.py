@@ -27,11 +27,10 @@ import dataclasses
 import inspect
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union
+from typing import Annotated, Any, Callable, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from typing_extensions import Annotated
 
 from dcanets.engine.config import TrainConfig
 from dcanets.plugins import did_you_mean
@@ -335,9 +334,8 @@ class _Problems:
         if len(self.items) == 1:
             raise ValueError(f"{source}: {self.items[0]}")
         if self.items:
-            lines = "\n  ".join(self.items)
             raise ValueError(f"{source}: {len(self.items)} problem(s) in the tune config, the first: "
-                             f"{self.items[0]}\n  {lines}")
+                             f"{self.items[0]}\n  " + "\n  ".join(self.items))
 
 
 def load(path: str | Path, base: Optional[Path] = None) -> TuneSpec:
@@ -371,8 +369,7 @@ def validate(doc: Dict[str, Any], path: Path, base: Optional[Path] = None) -> Tu
     tracking = err.parse(Tracking, doc.get("tracking"), "tracking")
     failure = err.parse(FailureConfigSection, doc.get("failure_config"), "failure_config")
     storage = _check_storage(doc.get("storage"), base or path.parent, err)
-    err.raise_if_any(path)
-    # each None above recorded a problem, raised just now
+    err.raise_if_any(path)  # each None above recorded a problem, raised just now
     assert header and search_alg and scheduler and tune_config and resources and tracking and failure
     return TuneSpec(name=str(header.name), path=path, train=train, space=space, search_alg=search_alg,
                     scheduler=scheduler, tune_config=tune_config, resources=resources, tracking=tracking,
@@ -388,8 +385,7 @@ def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
 
 
 def _check_storage(raw: Any, base: Path, err: _Problems) -> Optional[str]:
-    """The form of ``storage:`` (reachability is checked before Ray starts, not here); a relative
-    path resolves against the YAML file's folder, like the data paths."""
+    """The form of ``storage:`` (reachability: before Ray starts); relative to the YAML's folder, as data paths."""
     try:
         return None if raw is None else search_storage.parse(raw, base)
     except ValueError as exc:
@@ -464,8 +460,7 @@ def _parse_param(raw: Dict[str, Any], where: str, err: _Problems) -> Optional[Sp
     model = PARAM_TYPES.get(raw.get("type"))  # type: ignore[arg-type]
     if model is None:
         err.add(f"{where}.type", f"must be one of {', '.join(PARAM_TYPES)}, got {raw.get('type')!r}")
-        return None
-    return err.parse(model, raw, where)
+    return err.parse(model, raw, where) if model else None
 
 
 def _check_references(raw: Dict[str, Any], where: str, declared: Dict[str, Dict[str, Any]], names: List[str],
@@ -597,3 +592,8 @@ def __getattr__(name: str) -> Any:  # tuner.pkl of a search started before dcane
         from dcanets.tune.builders import DefineByRun
         return DefineByRun
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Choice", "FailureConfigSection", "IntRange", "LogUniform", "Resources", "Sampler", "Scheduler", "SearchAlg",
+           "SearchFile", "SpaceParam", "Tracking", "TrainSection", "TuneConfigSection", "TuneSpec", "Uniform",
+           "check_registries", "json_schema", "load", "validate"]
