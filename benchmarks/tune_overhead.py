@@ -50,30 +50,31 @@ def budget(quick: bool) -> Dict[str, Any]:
 
 def spec_for(tmp: Path, name: str, train: Dict[str, Any], space: Dict[str, Any], sampler: Dict[str, Any],
              scheduler: Dict[str, Any], tune_cfg: Dict[str, Any], mlflow: bool, points=None):
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import schema
 
     doc = {"name": name, "train": train, "space": space, "scheduler": scheduler, "tune_config": tune_cfg,
            "search_alg": {"sampler": sampler, **({"points_to_evaluate": points} if points else {})},
            "resources": {"cpu": 1}, "tracking": {"enabled": mlflow}}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return tune_config.load(path)
+    return schema.load(path)
 
 
 def run_tune(spec, tmp: Path) -> Dict[str, Any]:
     from dcanets.tune import search as tune
 
-    exp_dir, state = tune.create_search_dir(spec, tmp / "runs")
-    result = tune.run_search(spec, exp_dir, state, quiet=True)
+    state = tune.create_search_dir(spec, tmp / "runs")
+    result = tune.run_search(spec, state, quiet=True)
     return _summary(result)
 
 
-def _summary(result: Dict[str, Any]) -> Dict[str, Any]:
-    epoch_s = sum(h.get("epoch_seconds", 0.0) for t in result["trials"] for h in t["history"])
-    return {"timings": result["timings"], "trials": result["trials"], "epoch_seconds": epoch_s,
-            "epochs": sum(t["epochs"] for t in result["trials"]),
-            "best": max((t["best"] for t in result["trials"] if t["best"] == t["best"]), default=float("nan")),
-            "status": result["status"]}
+def _summary(result) -> Dict[str, Any]:
+    """What the parts read of a search's result (a dcanets.tune.state.SearchResult)."""
+    epoch_s = sum(h.get("epoch_seconds", 0.0) for t in result.trials for h in t.history)
+    return {"timings": dict(result.timings), "trials": result.trials, "epoch_seconds": epoch_s,
+            "epochs": sum(t.epochs for t in result.trials),
+            "best": max((t.best for t in result.trials if t.best == t.best), default=float("nan")),
+            "status": result.status}
 
 
 def run_command(spec, tmp: Path) -> Dict[str, Any]:
@@ -83,14 +84,14 @@ def run_command(spec, tmp: Path) -> Dict[str, Any]:
     from dcanets.tune import search as tune
 
     t0 = time.perf_counter()
-    exp_dir, state = tune.create_search_dir(spec, tmp / "runs")
+    state = tune.create_search_dir(spec, tmp / "runs")
     search_dir = time.perf_counter() - t0
-    result = tune.run_search(spec, exp_dir, state, num_cpus=2, quiet=True)
+    result = tune.run_search(spec, state, num_cpus=2, quiet=True)
     t1 = time.perf_counter()
-    tune_report.report(result, spec, exp_dir)
-    tune_report.summarize(result, spec, exp_dir, state)
+    tune_report.report(result, spec, state)
+    tune_report.summarize(result, spec, state)
     out = _summary(result)
-    out["timings"] = {"search_dir": search_dir, **result["timings"], "report": time.perf_counter() - t1}
+    out["timings"] = {"search_dir": search_dir, **result.timings, "report": time.perf_counter() - t1}
     out["total"] = time.perf_counter() - t0
     return out
 
@@ -203,7 +204,7 @@ def part_asha(b: Dict[str, Any], tmp: Path) -> Dict[str, Any]:
             r = run_tune(spec, tmp)
             out[name] = {"fit_seconds": round(r["timings"]["fit"], 2), "epochs_trained": r["epochs"],
                          "best_val_acc": round(r["best"], 4),
-                         "curves": [[h.get("val_acc") for h in t["history"]] for t in r["trials"]]}
+                         "curves": [[h.get("val_acc") for h in t.history] for t in r["trials"]]}
     finally:
         ray.shutdown()
     out["asha_time_saved"] = round(1 - out["asha"]["fit_seconds"] / out["fifo"]["fit_seconds"], 3)

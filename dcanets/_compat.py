@@ -6,8 +6,9 @@ function that says why no public API serves, means a new release breaks in one k
 inside plugin loading. Anything a public API can do does not belong here.
 
 Today: timm's ``register_model`` and optimizer registry have no inverse and the optimizer registry
-has no public register function; Ray's ``ResultGrid`` does not expose its trials' statuses, and
-``Tuner`` does not expose the callbacks ``Tuner.restore`` unpickled; PyTorch's autograd engine does
+has no public register function; Ray's ``ResultGrid`` does not expose its trials' statuses,
+``Tuner`` does not expose the callbacks ``Tuner.restore`` unpickled, and Tune's default output
+engine has no public switch that silences it; PyTorch's autograd engine does
 not say publicly whether the running backward pass will execute a given graph node, nor whether a
 ``torch.func`` transform or forward-mode AD is active, and ``nn.Module`` does not say whether it
 has forward hooks; timm's ``Lookahead`` does not expose the optimizer it wraps. MLflow is used
@@ -15,6 +16,7 @@ through public APIs only.
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, List
 
 if TYPE_CHECKING:
@@ -144,6 +146,19 @@ def tuner_callbacks(tuner: Any) -> List[Any]:
     return list(local.get_run_config().callbacks or []) if local is not None else []
 
 
+def quiet_tune_output() -> None:
+    """Make ``RunConfig(verbose=0)`` print nothing: ``dcanets tune`` prints its own progress lines.
+
+    Ray Tune's default output engine prints at ``verbose=0`` too (a box with the experiment's
+    configuration, "View detailed results here", a TensorBoard hint); its legacy reporter, which
+    ``verbose=0`` silences, is
+    selected by ``RAY_AIR_NEW_OUTPUT=0``, a variable Ray reads (``ray.tune.experimental.output``,
+    Ray 2.x) but does not document as a setting. A value the user set is kept. Read when
+    ``Tuner.fit`` starts, so call it before.
+    """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 __all__ = ["will_engine_execute_node", "autograd_transforms_active", "has_forward_hooks", "wrapped_optimizers",
-           "unwrap_optimizer", "register_optimizer",
-           "unregister_optimizer", "unregister_model", "result_grid_trials", "tuner_callbacks"]
+           "unwrap_optimizer", "register_optimizer", "unregister_optimizer", "unregister_model", "result_grid_trials",
+           "tuner_callbacks", "quiet_tune_output"]

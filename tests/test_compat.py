@@ -159,3 +159,32 @@ def test_ray_restored_tuner_callbacks(tmp_path):
         restored = tune.Tuner.restore(str(tmp_path / "compat"), trainable=trainable)
         (probe,) = _compat.tuner_callbacks(restored)
         assert type(probe).__name__ == "Probe" and probe.tag == "saved"
+
+
+@pytest.mark.slow
+def test_ray_quiet_tune_output(tmp_path, monkeypatch, capfd):
+    """Tuner.fit at verbose=0 prints none of Tune's own output (the new engine's configuration box
+    and "View detailed results here" lines)."""
+    import ray
+    from ray import tune
+
+    def trainable(config):
+        tune.report({"score": 1.0})
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    _compat.quiet_tune_output()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        capfd.readouterr()
+        grid = tune.Tuner(trainable, run_config=tune.RunConfig(name="quiet", storage_path=str(tmp_path),
+                                                               verbose=0)).fit()
+        out, err = capfd.readouterr()
+    finally:
+        if started:
+            ray.shutdown()
+    assert grid[0].metrics["score"] == 1.0
+    with private_api_of("ray", ray.__version__, "the RAY_AIR_NEW_OUTPUT=0 switch to the legacy reporter"):
+        for text in ("View detailed results", "Configuration for experiment", "Trial status"):
+            assert text not in out + err, out + err

@@ -13,14 +13,17 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
-from dcanets.tune import schema as tune_config
+from dcanets.tune import schema
 from dcanets.tune import storage as search_storage
+from dcanets.tune.state import STATE, STATE_FILES, SearchState
 from dcanets.validation import Count, argparse_type
 
+if TYPE_CHECKING:
+    from dcanets.tune.state import SearchResult
+
 DEFAULT_OUTPUT = Path("runs") / "tune"
-STATE = search_storage.STATE  # dcanets.tune.search.STATE, without importing Ray for --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _storage_flag(text: str) -> str:
-    problem = search_storage.form_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return search_storage.normalize(text)
+    try:
+        return search_storage.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _one_line_error(parser: argparse.ArgumentParser, message: str):
@@ -60,7 +63,7 @@ def _one_line_error(parser: argparse.ArgumentParser, message: str):
 
 def run(args: argparse.Namespace) -> int:
     if args.schema:
-        json.dump(tune_config.json_schema(), sys.stdout, indent=2)
+        json.dump(schema.json_schema(), sys.stdout, indent=2)
         print()
         return 0
     if args.resume is None and args.config is None:
@@ -68,44 +71,44 @@ def run(args: argparse.Namespace) -> int:
     configure_ray_auth(args.address)
     if args.resume is not None:
         _check_resume_flags(args)
-    exp_dir, spec, state = _prepare(args)
+    spec, state = _prepare(args)
 
     from dcanets.tune.report import report, summarize
-    from dcanets.tune.search import SearchInterrupted, copy_files, run_search
+    from dcanets.tune.search import SearchInterrupted, run_search
 
-    location = search_storage.search_location(state, exp_dir)
+    location = state.location
     try:
-        result = run_search(spec, exp_dir, state, address=args.address, num_cpus=args.num_cpus,
+        result = run_search(spec, state, address=args.address, num_cpus=args.num_cpus,
                             resume=args.resume is not None, quiet=args.quiet, worker_logs=args.worker_logs)
     except SearchInterrupted as exc:  # a second signal, or one before Tune started the trials
         if exc.started:
             print(f"dcanets tune: interrupted ({exc.signal_name} received): continue with  "
                   f"{location.resume_command()}", file=sys.stderr)
         else:
-            _discard_unstarted(args, exp_dir, location)
+            _discard_unstarted(args, state.folder, location)
             print(f"dcanets tune: interrupted ({exc.signal_name} received) before any trial started; "
                   f"nothing to resume", file=sys.stderr)
         return 130
     except BaseException:
-        _discard_unstarted(args, exp_dir, location)  # e.g. no node has the resources a trial asks for
+        _discard_unstarted(args, state.folder, location)  # e.g. no node has the resources a trial asks for
         raise
-    report(result, spec, exp_dir, top=args.top)
-    copy_files(location, exp_dir, list(search_storage.RESULT_FILES))
-    summarize(result, spec, exp_dir, state)
+    report(result, spec, state, top=args.top)
+    search_storage.copy_files(location, state.folder, search_storage.RESULT_FILES)
+    summarize(result, spec, state)
     _warn_failed_trials(result, spec)
-    return {"KILLED": 130, "FAILED": 1}.get(result["status"], 0)
+    return {"KILLED": 130, "FAILED": 1}.get(result.status, 0)
 
 
-def _warn_failed_trials(result: dict, spec: tune_config.TuneSpec) -> None:
+def _warn_failed_trials(result: "SearchResult", spec: schema.TuneSpec) -> None:
     """One stderr line when a search finished (status 0: its best trial is usable) with some trials
     failed, e.g. on a node that died: otherwise only their ERROR rows in the table would say so."""
-    failed = [t for t in result["trials"] if t["status"] == "ERROR"]
-    if result["status"] != "FINISHED" or not failed:
+    failed = [t for t in result.trials if t.status == "ERROR"]
+    if result.status != "FINISHED" or not failed:
         return
-    first = f"; first error: {result['errors'][0]}" if result.get("errors") else ""
-    retry = ("" if spec.failure_config["max_failures"] else
+    first = f"; first error: {result.errors[0]}" if result.errors else ""
+    retry = ("" if spec.failure_config.max_failures else
              "; failure_config: {max_failures: N} retries a failed trial from its last checkpoint")
-    print(f"dcanets tune: warning: {len(failed)} of {len(result['trials'])} trial(s) failed{first}{retry}",
+    print(f"dcanets tune: warning: {len(failed)} of {len(result.trials)} trial(s) failed{first}{retry}",
           file=sys.stderr)
 
 
@@ -165,27 +168,27 @@ def _yaml_or_none(path: Path):
         return None
 
 
-def _prepare(args: argparse.Namespace):
-    """The experiment folder, the validated spec and the saved state (resume) or new ones."""
+def _prepare(args: argparse.Namespace) -> Tuple[schema.TuneSpec, SearchState]:
+    """The validated spec and the search's state: a new search folder, or the resumed one."""
     if args.resume is not None:
         return _prepare_resume(args)
-    spec = tune_config.load(args.config)
-    tune_config.check_registries(spec)  # unknown model/optimizer: one error, before any output or Ray
+    spec = schema.load(args.config)
+    schema.check_registries(spec)  # unknown model/optimizer: one error, before any output or Ray
     if args.num_samples is not None:
-        spec.tune_config["num_samples"] = args.num_samples
+        spec.tune_config.num_samples = args.num_samples
     from dcanets.tune.search import create_search_dir
 
     root = (args.output or DEFAULT_OUTPUT).expanduser()
     try:
-        exp_dir, state = create_search_dir(spec, root, args.tracking_uri, storage=args.storage)
+        state = create_search_dir(spec, root, args.tracking_uri, storage=args.storage)
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise ValueError(f"--output {root}: cannot create the search folder there ({why}); "
                          "give a writable folder") from None
-    return exp_dir, spec, state
+    return spec, state
 
 
-def _prepare_resume(args: argparse.Namespace):
+def _prepare_resume(args: argparse.Namespace) -> Tuple[schema.TuneSpec, SearchState]:
     """The search folder (fetched from the storage first when ``--resume`` is a URI), its spec and state."""
     where = args.resume
     if search_storage.is_uri(where):
@@ -193,22 +196,22 @@ def _prepare_resume(args: argparse.Namespace):
     else:
         exp_dir = Path(where).expanduser().resolve()
     state = _read_state(where, exp_dir)
-    location = search_storage.search_location(state, exp_dir)
+    location = state.location
     if not location.exists(search_storage.TUNER_STATE):
         raise ValueError(f"--resume {where}: the search never started (no Ray Tune state in {location.uri}); "
                          "start it again without --resume")
-    if state.get("status") == "FINISHED":
+    if state.status == "FINISHED":
         raise ValueError(f"--resume {where}: this search already finished; its results are in that folder "
                          "(start a new search to run more trials)")
     _check_same_config(args.config, exp_dir / "config.yaml")
-    spec = tune_config.load(exp_dir / "config.yaml", base=Path(state["config_dir"]))
-    tune_config.check_registries(spec)
-    if spec.tracking["enabled"]:
-        _check_tracking_store(where, state["tracking_uri"])
-    return exp_dir, spec, state
+    spec = schema.load(exp_dir / "config.yaml", base=Path(state.config_dir))
+    schema.check_registries(spec)
+    if spec.tracking.enabled:
+        _check_tracking_store(where, state.tracking_uri)
+    return spec, state
 
 
-def _read_state(where: str, exp_dir: Path) -> dict:
+def _read_state(where: str, exp_dir: Path) -> SearchState:
     """``search.json`` of a search folder, one line when it is missing or damaged. A folder that
     holds Ray's state itself (a search folder in a shared storage, given by its path) is where
     the search is kept, whatever path that storage had on the machine that started it."""
@@ -219,16 +222,18 @@ def _read_state(where: str, exp_dir: Path) -> dict:
     if not state_file.is_file():
         raise ValueError(f"--resume {where}: not a dcanets tune output folder (no {STATE}); give the folder "
                          "a search printed as 'outputs: ...'")
+    state = _load_state(where, exp_dir)
+    if state.storage and (exp_dir / search_storage.TUNER_STATE).is_file():
+        state.move_storage(str(exp_dir.parent))
+    return state
+
+
+def _load_state(where: str, exp_dir: Path) -> SearchState:
     try:
-        state = json.loads(state_file.read_text())
-        if not isinstance(state, dict) or "config_dir" not in state:
-            raise ValueError("no config_dir")
+        return SearchState.load(exp_dir)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--resume {where}: {STATE} is unreadable or damaged ({exc}); the search cannot "
                          "be resumed, start it again") from None
-    if state.get("storage") and (exp_dir / search_storage.TUNER_STATE).is_file():
-        _save_storage(exp_dir, state, str(exp_dir.parent))
-    return state
 
 
 def _fetch_from_storage(uri: str, output: Path) -> Path:
@@ -240,22 +245,11 @@ def _fetch_from_storage(uri: str, output: Path) -> Path:
                          "the URI a search printed in its resume command, e.g. s3://bucket/prefix/<name>-<time>")
     exp_dir = output.resolve() / location.name
     try:
-        location.get(search_storage.STATE_FILES, exp_dir)
+        location.get(STATE_FILES, exp_dir)
     except OSError as exc:
         raise ValueError(f"--output {output}: cannot make the search folder there ({exc.strerror or exc})") from None
-    try:
-        state = json.loads((exp_dir / STATE).read_text())
-    except ValueError as exc:
-        raise ValueError(f"--resume {uri}: {STATE} is unreadable or damaged ({exc}); the search cannot "
-                         "be resumed, start it again") from None
-    _save_storage(exp_dir, state, search_storage.split(uri)[0])
+    _load_state(uri, exp_dir).move_storage(search_storage.split(uri)[0])
     return exp_dir
-
-
-def _save_storage(exp_dir: Path, state: dict, root: str) -> None:
-    if state.get("storage") != root:
-        state["storage"] = root
-        (exp_dir / STATE).write_text(json.dumps(state, indent=2))
 
 
 def _check_tracking_store(where: str, uri: str) -> None:

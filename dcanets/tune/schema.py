@@ -1,4 +1,4 @@
-"""The ``dcanets tune`` YAML schema: validate everything first, then map onto Ray/Optuna objects.
+"""The ``dcanets tune`` YAML schema: every section validated before anything starts.
 
 A search file is data, read top to bottom the way a Ray Tune user would write the Python::
 
@@ -17,21 +17,20 @@ Each section is a pydantic model (``SearchFile`` gathers them for ``dcanets tune
 ``dcanets train`` checks them. Sections are validated one by one and the cross-references
 (``times:``, ``when:``, a field both fixed and searched) in plain code, so every problem is
 collected with its YAML path (``space.lr.low: must be > 0, got 0``) and raised as one ValueError:
-a user fixes the whole file in one pass, and nothing has started yet.
+a user fixes the whole file in one pass, and nothing has started yet. The Ray and Optuna objects
+are built from the validated sections in ``dcanets.tune.builders``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import inspect
-import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union
+from typing import Annotated, Any, Callable, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from typing_extensions import Annotated
 
 from dcanets.engine.config import TrainConfig
 from dcanets.names import did_you_mean
@@ -55,7 +54,6 @@ METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 SCHEDULERS = {"asha": "ASHAScheduler", "fifo": "FIFOScheduler", "median": "MedianStoppingRule",
               "hyperband": "HyperBandScheduler"}
 SAMPLERS = ("TPESampler", "RandomSampler", "CmaEsSampler", "QMCSampler", "GPSampler")
-DERIVED = ":fraction"  # suffix of the sampled factor of a `times:` parameter (never a TrainConfig key)
 
 
 class _Strict(BaseModel):
@@ -285,28 +283,29 @@ def json_schema() -> Dict[str, Any]:
 # ------------------------------------------------------------------------------- the spec
 @dataclasses.dataclass
 class TuneSpec:
-    """A validated search file; ``raw`` is the YAML as written (logged as an MLflow artifact)."""
+    """A validated search file, section by section as its models; ``train`` keeps the fixed
+    fields as written (typed), ``raw`` the YAML as written (logged as an MLflow artifact)."""
 
     name: str
     path: Path
     train: Dict[str, Any]
-    space: Dict[str, Dict[str, Any]]
-    search_alg: Dict[str, Any]
-    scheduler: Dict[str, Any]
-    tune_config: Dict[str, Any]
-    resources: Dict[str, float]
-    tracking: Dict[str, Any]
+    space: Dict[str, SpaceParam]
+    search_alg: SearchAlg
+    scheduler: Scheduler
+    tune_config: TuneConfigSection
+    resources: Resources
+    tracking: Tracking
     raw: Dict[str, Any]
     storage: Optional[str] = None  # a URI, or an absolute path; None: the search folder itself
-    failure_config: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"max_failures": 0})
+    failure_config: FailureConfigSection = dataclasses.field(default_factory=FailureConfigSection)
 
     @property
     def metric(self) -> str:
-        return self.tune_config["metric"]
+        return self.tune_config.metric
 
     @property
     def mode(self) -> str:
-        return self.tune_config["mode"]
+        return str(self.tune_config.mode)  # never None: TuneConfigSection fills it in from the metric
 
 
 class _Problems:
@@ -335,9 +334,8 @@ class _Problems:
         if len(self.items) == 1:
             raise ValueError(f"{source}: {self.items[0]}")
         if self.items:
-            lines = "\n  ".join(self.items)
             raise ValueError(f"{source}: {len(self.items)} problem(s) in the tune config, the first: "
-                             f"{self.items[0]}\n  {lines}")
+                             f"{self.items[0]}\n  " + "\n  ".join(self.items))
 
 
 def load(path: str | Path, base: Optional[Path] = None) -> TuneSpec:
@@ -371,13 +369,11 @@ def validate(doc: Dict[str, Any], path: Path, base: Optional[Path] = None) -> Tu
     tracking = err.parse(Tracking, doc.get("tracking"), "tracking")
     failure = err.parse(FailureConfigSection, doc.get("failure_config"), "failure_config")
     storage = _check_storage(doc.get("storage"), base or path.parent, err)
-    err.raise_if_any(path)
-    assert header is not None and resources is not None and tracking is not None  # else raised above
-    assert failure is not None
+    err.raise_if_any(path)  # each None above recorded a problem, raised just now
+    assert header and search_alg and scheduler and tune_config and resources and tracking and failure
     return TuneSpec(name=str(header.name), path=path, train=train, space=space, search_alg=search_alg,
-                    scheduler=scheduler, tune_config=tune_config, resources=resources.model_dump(),
-                    tracking=tracking.model_dump(), raw=copy.deepcopy(doc), storage=storage,
-                    failure_config=failure.model_dump())
+                    scheduler=scheduler, tune_config=tune_config, resources=resources, tracking=tracking,
+                    raw=copy.deepcopy(doc), storage=storage, failure_config=failure)
 
 
 def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
@@ -389,19 +385,12 @@ def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
 
 
 def _check_storage(raw: Any, base: Path, err: _Problems) -> Optional[str]:
-    """The form of ``storage:`` (reachability is checked before Ray starts, not here); a relative
-    path resolves against the YAML file's folder, like the data paths."""
-    if raw is None:
+    """The form of ``storage:`` (reachability: before Ray starts); relative to the YAML's folder, as data paths."""
+    try:
+        return None if raw is None else search_storage.parse(raw, base)
+    except ValueError as exc:
+        err.add("storage", str(exc))
         return None
-    if not isinstance(raw, str):
-        err.add("storage", f"must be a folder on a shared filesystem or a URI such as s3://bucket/prefix, "
-                           f"got {type(raw).__name__}")
-        return None
-    problem = search_storage.form_problem(raw)
-    if problem:
-        err.add("storage", problem)
-        return None
-    return search_storage.normalize(raw, base)
 
 
 # ------------------------------------------------------------------------------------ train
@@ -434,13 +423,13 @@ def _resolve_data(value: str, base: Path, where: str, err: _Problems) -> str:
 
 
 # ------------------------------------------------------------------------------------ space
-def _check_space(space: Dict[str, Any], train: Dict[str, Any], err: _Problems) -> Dict[str, Dict[str, Any]]:
+def _check_space(space: Dict[str, Any], train: Dict[str, Any], err: _Problems) -> Dict[str, SpaceParam]:
     """Each parameter by its model, then what needs the others: names, references, and every
     bound or choice checked as a TrainConfig value with the fixed fields around it."""
     if not space:
         err.add("space", "required: at least one parameter to search")
     declared: Dict[str, Dict[str, Any]] = {}  # parameters above the current one, as written
-    out: Dict[str, Dict[str, Any]] = {}
+    out: Dict[str, SpaceParam] = {}
     for name, raw in space.items():
         where = f"space.{name}"
         _check_name(str(name), where, train, err)
@@ -450,7 +439,7 @@ def _check_space(space: Dict[str, Any], train: Dict[str, Any], err: _Problems) -
         _check_references(raw, where, declared, list(space), err)
         param = _parse_param(raw, where, err)
         if param is not None:
-            out[name] = param.model_dump(exclude_unset=True)
+            out[name] = param
             if param.times is None and param.over is None:  # a scaled one samples a factor, not the value
                 _check_values(str(name), raw, train, err)
         declared[name] = raw
@@ -467,12 +456,11 @@ def _check_name(name: str, where: str, train: Dict[str, Any], err: _Problems) ->
         err.add(where, f"also fixed as train.{name}; keep one of the two")
 
 
-def _parse_param(raw: Dict[str, Any], where: str, err: _Problems) -> Optional[_Param]:
+def _parse_param(raw: Dict[str, Any], where: str, err: _Problems) -> Optional[SpaceParam]:
     model = PARAM_TYPES.get(raw.get("type"))  # type: ignore[arg-type]
     if model is None:
         err.add(f"{where}.type", f"must be one of {', '.join(PARAM_TYPES)}, got {raw.get('type')!r}")
-        return None
-    return err.parse(model, raw, where)
+    return err.parse(model, raw, where) if model else None
 
 
 def _check_references(raw: Dict[str, Any], where: str, declared: Dict[str, Dict[str, Any]], names: List[str],
@@ -524,7 +512,7 @@ def _as_dict(value: Any) -> Dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _check_search_alg(raw: Any, err: _Problems) -> Dict[str, Any]:
+def _check_search_alg(raw: Any, err: _Problems) -> Optional[SearchAlg]:
     import optuna
 
     sa = err.parse(SearchAlg, raw, "search_alg")
@@ -533,10 +521,10 @@ def _check_search_alg(raw: Any, err: _Problems) -> Dict[str, Any]:
     if kind in SAMPLERS:  # keys checked on the raw mapping: reported even when a value is wrong too
         kwargs = {k: v for k, v in sampler.items() if k not in Sampler.model_fields}
         _check_kwargs("search_alg.sampler", getattr(optuna.samplers, kind), kwargs, err, name=kind)
-    return sa.model_dump(exclude_none=True) if sa else {}
+    return sa
 
 
-def _check_scheduler(raw: Any, train: Dict[str, Any], err: _Problems) -> Dict[str, Any]:
+def _check_scheduler(raw: Any, train: Dict[str, Any], err: _Problems) -> Optional[Scheduler]:
     from ray.tune import schedulers
 
     sc = err.parse(Scheduler, raw, "scheduler")
@@ -546,20 +534,19 @@ def _check_scheduler(raw: Any, train: Dict[str, Any], err: _Problems) -> Dict[st
     if kind in SCHEDULERS.values():
         _check_kwargs("scheduler", getattr(schedulers, kind), kwargs, err, reserved=("metric", "mode"), name=kind)
     if sc is None:
-        return {}
-    out = sc.model_dump(exclude_none=True)
-    if sc.type != "FIFOScheduler":
+        return None
+    if sc.type != "FIFOScheduler" and (sc.model_extra or {}).get("time_attr") is None:
         # the engine's epoch, not Tune's training_iteration, which restarts at 1 after --resume
-        out.setdefault("time_attr", "epoch")
+        sc = sc.model_copy(update={"time_attr": "epoch"})
     epochs = train.get("epochs")
-    if sc.type in ("ASHAScheduler", "HyperBandScheduler") and isinstance(epochs, int) and epochs >= 1:
-        out.setdefault("max_t", epochs)  # budget unit = one epoch
-    if sc.type == "ASHAScheduler" and "max_t" in out and out.get("grace_period", 1) > out["max_t"]:
-        err.add("scheduler.grace_period", f"must be <= max_t ({out['max_t']})")
-    return out
+    if sc.type in ("ASHAScheduler", "HyperBandScheduler") and sc.max_t is None and isinstance(epochs, int):
+        sc.max_t = epochs if epochs >= 1 else None  # budget unit = one epoch
+    if sc.type == "ASHAScheduler" and sc.max_t is not None and (sc.grace_period or 1) > sc.max_t:
+        err.add("scheduler.grace_period", f"must be <= max_t ({sc.max_t})")
+    return sc
 
 
-def _check_tune_config(raw: Any, err: _Problems) -> Dict[str, Any]:
+def _check_tune_config(raw: Any, err: _Problems) -> Optional[TuneConfigSection]:
     from ray.tune import TuneConfig
 
     tc = err.parse(TuneConfigSection, raw, "tune_config")
@@ -568,7 +555,7 @@ def _check_tune_config(raw: Any, err: _Problems) -> Dict[str, Any]:
     for key in _as_dict(raw):
         if key not in known:
             err.add(f"tune_config.{key}", unknown_key(key, known, "not a ray.tune.TuneConfig argument", "known"))
-    return tc.model_dump(exclude_none=True) if tc else {}
+    return tc
 
 
 # ------------------------------------------------------------------------------ registries
@@ -585,7 +572,8 @@ def check_registries(spec: TuneSpec) -> None:
     for field, known, ok in (("model", None, timm.is_model), ("opt", opts, lambda n: n.lower().split("_")[-1] in opts)):
         if field in spec.train and not ok(spec.train[field]):
             err.add(f"train.{field}", f"unknown {field} {spec.train[field]!r}" + _near(spec.train[field], known))
-        for i, value in enumerate(spec.space.get(field, {}).get("values", [])):
+        searched = spec.space.get(field)
+        for i, value in enumerate(searched.values if isinstance(searched, Choice) else []):
             if not ok(value):
                 err.add(dotted(("values", i), f"space.{field}"), f"unknown {field} {value!r}" + _near(value, known))
     err.raise_if_any(spec.path)
@@ -599,81 +587,13 @@ def _near(name: str, known: Optional[set]) -> str:
     return did_you_mean(name, known)
 
 
-# ------------------------------------------------------------------------- Ray/Optuna objects
-class DefineByRun:
-    """The ``space`` section as an Optuna define-by-run function (picklable, so Tuner.restore
-    restores it). Order matters: ``when`` and ``times`` refer to parameters declared above."""
-
-    def __init__(self, space: Dict[str, Dict[str, Any]]) -> None:
-        self.space = space
-
-    def __call__(self, trial: Any) -> Dict[str, Any]:
-        values: Dict[str, Any] = {}
-        for name, spec in self.space.items():
-            if not self._active(spec.get("when"), values):
-                continue
-            scaled = spec.get("times") or spec.get("over")
-            key = f"{name}{DERIVED}" if scaled else name
-            values[name] = self._suggest(trial, key, spec)
-            if spec.get("times"):
-                values[name] *= values[spec["times"]]  # e.g. rho = fraction * lam
-            elif spec.get("over"):
-                values[name] /= values[spec["over"]]   # e.g. rho = fraction * lam = fraction / lr
-        return values
-
-    @staticmethod
-    def _active(when: Optional[Dict[str, Any]], values: Dict[str, Any]) -> bool:
-        for key, want in (when or {}).items():
-            allowed = want if isinstance(want, list) else [want]
-            if key not in values or values[key] not in allowed:
-                return False
-        return True
-
-    @staticmethod
-    def _suggest(trial: Any, key: str, spec: Dict[str, Any]) -> Any:
-        kind = spec["type"]
-        if kind == "choice":
-            return trial.suggest_categorical(key, spec["values"])
-        if kind == "int":
-            return trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=spec.get("step", 1),
-                                     log=bool(spec.get("log", False)))
-        log = kind == "loguniform" or bool(spec.get("log", False))
-        return trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=log,
-                                   step=None if log else spec.get("step"))
+def __getattr__(name: str) -> Any:  # tuner.pkl of a search started before dcanets.tune.builders names it here
+    if name == "DefineByRun":
+        from dcanets.tune.builders import DefineByRun
+        return DefineByRun
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def trial_train_config(base: Dict[str, Any], params: Dict[str, Any]) -> Dict[str, Any]:
-    """Fixed train fields overlaid with one trial's sampled values (``opt_kwargs.rho`` nests)."""
-    cfg = copy.deepcopy(base)
-    for name, value in params.items():
-        if DERIVED in name:
-            continue
-        head, _, tail = name.partition(".")
-        if tail:
-            cfg.setdefault(head, {})
-            cfg[head] = {**(cfg[head] or {}), tail: value}
-        else:
-            cfg[name] = value
-    return cfg
-
-
-def build_search_alg(spec: TuneSpec) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    sampler_kwargs = dict(spec.search_alg["sampler"])
-    sampler = getattr(optuna.samplers, sampler_kwargs.pop("type"))(**sampler_kwargs)
-    extra = {k: v for k, v in spec.search_alg.items() if k not in ("type", "sampler")}
-    return OptunaSearch(space=DefineByRun(spec.space), metric=spec.metric, mode=spec.mode,
-                        sampler=sampler, **extra)
-
-
-def build_scheduler(spec: TuneSpec) -> Any:
-    from ray.tune import schedulers
-
-    kwargs = {k: v for k, v in spec.scheduler.items() if k != "type"}
-    return getattr(schedulers, spec.scheduler["type"])(**kwargs)
-
-
-def is_finite(x: Any) -> bool:
-    return is_number(x) and math.isfinite(x)
+__all__ = ["Choice", "FailureConfigSection", "IntRange", "LogUniform", "Resources", "Sampler", "Scheduler", "SearchAlg",
+           "SearchFile", "SpaceParam", "Tracking", "TrainSection", "TuneConfigSection", "TuneSpec", "Uniform",
+           "check_registries", "json_schema", "load", "validate"]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,16 +24,17 @@ from typing import Any, Dict, List, Optional, Set
 
 from ray.tune import Callback
 
-from dcanets.tune import schema as tune_config
+from dcanets import _compat
+from dcanets.tune import builders, schema
 from dcanets.tune import storage as search_storage
-from dcanets.tune.report import short_params
+from dcanets.tune.callbacks import Outcomes, ProgressLines, StateCopies, bind_session
+from dcanets.tune.state import STATE_FILES, SearchResult, SearchState, TrialResult, is_finite
+from dcanets.tune.storage import Location
+from dcanets.tune.tracking import SearchTracker, check_uri, choose_uri, flatten, open_store
 
-DEFAULT_OUTPUT = Path("runs") / "tune"
-STATE = search_storage.STATE  # run ids and the paths a resume needs, next to Ray's experiment state
 
-
-def create_search_dir(spec: tune_config.TuneSpec, root: Path, tracking_uri: Optional[str] = None,
-                      storage: Optional[str] = None):
+def create_search_dir(spec: schema.TuneSpec, root: Path, tracking_uri: Optional[str] = None,
+                      storage: Optional[str] = None) -> SearchState:
     """``<root>/<name>-<time>/`` with a copy of the YAML and ``search.json`` (what --resume reads).
 
     The MLflow store is the first given of ``tracking_uri`` (``--tracking-uri``), the YAML's
@@ -44,43 +45,44 @@ def create_search_dir(spec: tune_config.TuneSpec, root: Path, tracking_uri: Opti
     ``<storage>/<name>-<time>/``: both files are copied there at once, which also checks, before
     Ray starts, that the storage can be reached and written (one ValueError line otherwise).
     """
-    from dcanets.tune.tracking import check_uri, choose_uri
-
     root = Path(root).expanduser().resolve()
-    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
-    exp_dir = root / f"{spec.name}-{stamp}"
-    while exp_dir.exists():  # two searches started within the same second
-        n += 1
-        exp_dir = root / f"{spec.name}-{stamp}-{n}"
-    exp_dir.mkdir(parents=True)
+    exp_dir = _new_folder(root, spec.name)
     try:
         shutil.copy(spec.path, exp_dir / "config.yaml")
-        uri, origin = choose_uri(tracking_uri, spec.tracking["uri"], root)
-        state = {"config_dir": str(spec.path.parent), "config_path": str(spec.path), "tracking_uri": uri,
-                 "experiment": spec.tracking["experiment"] or spec.name,
-                 "num_samples": spec.tune_config["num_samples"], "trials": {}}
-        if storage or spec.storage:
-            state["storage"] = search_storage.normalize(storage) if storage else spec.storage
-        if spec.tracking["enabled"]:
+        uri, origin = choose_uri(tracking_uri, spec.tracking.uri, root)
+        if spec.tracking.enabled:
             check_uri(uri, origin)  # a store MLflow cannot use: one line, before Ray starts
-        (exp_dir / STATE).write_text(json.dumps(state, indent=2))
-        if state.get("storage"):
-            search_storage.Location.open(state["storage"])  # a URI pyarrow cannot open: named as given
-        _claim(search_storage.search_location(state, exp_dir), exp_dir)
+        state = SearchState.create(
+            exp_dir, config_dir=str(spec.path.parent), config_path=str(spec.path), tracking_uri=uri,
+            experiment=spec.tracking.experiment or spec.name, num_samples=spec.tune_config.num_samples,
+            storage=search_storage.normalize(storage) if storage else spec.storage)
+        if state.storage:
+            Location.open(state.storage)  # a URI pyarrow cannot open: named as given
+        _claim(state.location, exp_dir)
     except BaseException:
         shutil.rmtree(exp_dir, ignore_errors=True)
         raise
-    return exp_dir, state
+    return state
 
 
-def _claim(location: search_storage.Location, exp_dir: Path) -> None:
+def _new_folder(root: Path, name: str) -> Path:
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    exp_dir = root / f"{name}-{stamp}"
+    while exp_dir.exists():  # two searches started within the same second
+        n += 1
+        exp_dir = root / f"{name}-{stamp}-{n}"
+    exp_dir.mkdir(parents=True)
+    return exp_dir
+
+
+def _claim(location: Location, exp_dir: Path) -> None:
     """Copy config.yaml and search.json to a shared location that holds no search yet."""
     if not location.shared:
         return
     if location.exists(search_storage.TUNER_STATE):
         raise ValueError(f"storage {location.uri}: holds a search already; start again (the folder name "
                          "has the time) or give another storage")
-    location.put(exp_dir, search_storage.STATE_FILES)
+    location.put(exp_dir, STATE_FILES)
 
 
 # ---------------------------------------------------------------------------------------- trial
@@ -92,7 +94,7 @@ def trial(params: Dict[str, Any], base: Dict[str, Any]) -> None:
     import dcanets  # noqa: F401  (plugin models/decompositions into this worker's timm registries)
     from dcanets.engine import TrainConfig, train
 
-    cfg = tune_config.trial_train_config(base, params)
+    cfg = builders.trial_train_config(base, params)
     # the engine writes last.pt here each epoch and the folder is reported as the checkpoint
     # (Tune copies it into the trial folder); kept outside the trial folder, which Ray syncs
     out = Path(tempfile.mkdtemp(prefix="dcanets-trial-"))
@@ -117,83 +119,118 @@ def trial(params: Dict[str, Any], base: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- search
-def run_search(spec: tune_config.TuneSpec, exp_dir: Path, state: Dict[str, Any], *, address: Optional[str] = None,
+def run_search(spec: schema.TuneSpec, state: SearchState, *, address: Optional[str] = None,
                num_cpus: Optional[int] = None, resume: bool = False, quiet: bool = False,
-               worker_logs: bool = False) -> Dict[str, Any]:
-    """Run (or resume) the search; MLflow runs are ended in every exit path.
+               worker_logs: bool = False) -> SearchResult:
+    """Run (or resume) the search of ``state``; MLflow runs are ended in every exit path.
 
-    The status is FINISHED (the search ran to its end or its time budget), KILLED (a signal
-    stopped it, or trials were left unfinished: ``--resume`` continues it) or FAILED (every
-    trial crashed). Raises ValueError before any trial starts when no Ray node can run one.
+    The result's status is FINISHED, KILLED or FAILED (:class:`SearchResult`). Raises ValueError
+    before any trial starts when no Ray node can run one, and :class:`SearchInterrupted` on a
+    second signal (or one before Tune took over).
     """
-    import ray
-    from ray import tune
-
-    from dcanets.tune.tracking import SearchTracker
-
-    timings: Dict[str, float] = {}
-    tracker, status = None, "FAILED"
-    location = search_storage.search_location(state, exp_dir)
-    stop = _Interruption()
-    earlier = float(state.get("fit_seconds", 0.0))  # --resume: time spent by the earlier sessions
-    t_fit = None
-    with stop.catching():  # Ctrl-C / `kill` / batch schedulers: stop the Tune way, then report KILLED
+    session = _Session(spec, state, resume=resume, quiet=quiet)
+    with session.stop.catching():  # Ctrl-C / `kill` / batch schedulers: stop the Tune way, then report KILLED
         try:
-            t0 = time.perf_counter()
-            store = _open_store_meanwhile(state["tracking_uri"]) if spec.tracking["enabled"] else None
-            started_ray = _init_ray(address, num_cpus, worker_logs)
-            stop.install()  # again: ray.init puts its own (fatal) SIGTERM handler in the driver
-            timings["ray_init"] = time.perf_counter() - t0
-            try:
-                check_resources(spec.resources, address)
-                if store is not None:
-                    t0 = time.perf_counter()
-                    store.result()  # a new SQLite store: MLflow's migrations, run while Ray started
-                    tracker = SearchTracker(state["tracking_uri"], state["experiment"], exp_dir / STATE)
-                    tracker.start(_flat_params(spec), exp_dir / "config.yaml",
-                                  {"name": exp_dir.name, "config": str(spec.path), "ray_results": location.uri})
-                    if resume:  # runs of trials created after Tune's last snapshot: Tune never restores them
-                        tracker.drop_orphans(_restorable_trial_ids(location))
-                    timings["mlflow_start"] = time.perf_counter() - t0
-                trainable = tune.with_resources(tune.with_parameters(trial, base=spec.train),
-                                                {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
-                callbacks = [c for c in (tracker, None if quiet else ProgressLines(spec, earlier), Outcomes(),
-                                         StateCopies() if location.shared else None) if c]
-                Outcomes.ended = set(state.get("ended_trials", []))  # those of the earlier sessions too
-                StateCopies.target = (exp_dir, location)
-                if resume:
-                    tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
-                                               storage_filesystem=location.ray_filesystem)
-                    _follow_this_folder(tuner, exp_dir / STATE)
-                else:
-                    tuner = _new_tuner(spec, location, trainable, callbacks)
-                ProgressLines.resumed_at = earlier  # the restored copy of the callback continues the clock
-                t_fit = time.perf_counter()
-                grid = tuner.fit()
-                timings["fit"] = time.perf_counter() - t_fit
-                trials = _collect(grid, spec, cut_by_stop=stop.received)
-                interrupted = stop.received or any(t["status"] not in ("TERMINATED", "ERROR") for t in trials)
-                n_ok = sum(t["status"] == "TERMINATED" for t in trials)
-                status = "KILLED" if interrupted else ("FINISHED" if n_ok else "FAILED")
-                return {"status": status, "trials": trials, "seconds": earlier + timings["fit"], "grid": grid,
-                        "timings": timings, "signal": stop.name, "errors": _errors(grid),
-                        "location": location}
-            except KeyboardInterrupt:
-                status = "KILLED"
-                raise
-            finally:
-                t0 = time.perf_counter()
-                if t_fit is not None:
-                    _save_state(exp_dir, fit_seconds=earlier + (time.perf_counter() - t_fit), status=status,
-                                ended_trials=sorted(Outcomes.ended))
-                    copy_files(location, exp_dir, [STATE])
-                if tracker and tracker.parent_id:  # a fresh reader of search.json: Tune may hold a restored copy
-                    SearchTracker(state["tracking_uri"], state["experiment"], exp_dir / STATE).close(status)
-                if started_ray:
-                    ray.shutdown()
-                timings["teardown"] = time.perf_counter() - t0
+            return session.run(address, num_cpus, worker_logs)
         except KeyboardInterrupt:
-            raise SearchInterrupted(stop.name or "SIGINT", started=location.started()) from None
+            raise SearchInterrupted(session.stop.name or "SIGINT", started=session.location.started()) from None
+
+
+class _Session:
+    """One session of a search (its start, or one ``--resume``): Ray up, MLflow runs open, Tune's
+    fit, then everything closed again whatever happened; ``timings`` says where the time went."""
+
+    def __init__(self, spec: schema.TuneSpec, state: SearchState, resume: bool, quiet: bool) -> None:
+        self.spec, self.state, self.resume, self.quiet = spec, state, resume, quiet
+        self.location = state.location
+        self.earlier = state.fit_seconds  # --resume: time spent by the earlier sessions
+        self.stop = _Interruption()
+        self.timings: Dict[str, float] = {}
+        self.status = "FAILED"
+        self.tracker: Optional[SearchTracker] = None  # opens the parent run; Tune may run a restored copy
+        self.live: List[Callback] = []  # the callbacks Tune runs (after Tuner.restore: the restored copies)
+        self.t_fit: Optional[float] = None
+
+    def run(self, address: Optional[str], num_cpus: Optional[int], worker_logs: bool) -> SearchResult:
+        t0 = time.perf_counter()
+        store = _open_store_meanwhile(self.state.tracking_uri) if self.spec.tracking.enabled else None
+        started_ray = start_ray(address, num_cpus, worker_logs)
+        self.stop.install()  # again: ray.init puts its own (fatal) SIGTERM handler in the driver
+        self.timings["ray_init"] = time.perf_counter() - t0
+        try:
+            check_resources(self.spec.resources, address)
+            if store is not None:
+                self._start_tracking(store)
+            result = self._fit(self._tuner())
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            raise
+        finally:
+            self._end(started_ray)
+        return dataclasses.replace(result, timings=dict(self.timings))  # with the teardown's time
+
+    def _start_tracking(self, store: concurrent.futures.Future) -> None:
+        t0 = time.perf_counter()
+        store.result()  # a new SQLite store: MLflow's migrations, run while Ray started
+        self.tracker = SearchTracker(self.state)
+        self.tracker.start(_parent_params(self.spec), self.state.folder / "config.yaml",
+                           {"name": self.state.folder.name, "config": str(self.spec.path),
+                            "ray_results": self.location.uri})
+        if self.resume:  # runs of trials created after Tune's last snapshot: Tune never restores them
+            self.tracker.drop_orphans(_restorable_trial_ids(self.location))
+        self.timings["mlflow_start"] = time.perf_counter() - t0
+
+    def _tuner(self) -> Any:
+        """A new Tuner, or the restored one, with the callbacks it will run bound to this session."""
+        from ray import tune
+
+        trainable = tune.with_resources(tune.with_parameters(trial, base=self.spec.train),
+                                        builders.trial_resources(self.spec))
+        if self.resume:
+            tuner = tune.Tuner.restore(self.location.path, trainable=trainable, resume_unfinished=True,
+                                       storage_filesystem=self.location.ray_filesystem)
+            self.live = _compat.tuner_callbacks(tuner)
+        else:
+            self.live = [c for c in (self.tracker, None if self.quiet else ProgressLines(self.spec), Outcomes(),
+                                     StateCopies() if self.location.shared else None) if c]
+            tuner = _new_tuner(self.spec, self.location, trainable, self.live)
+        bind_session(self.live, self.state)
+        return tuner
+
+    def _fit(self, tuner: Any) -> SearchResult:
+        self.t_fit = time.perf_counter()
+        grid = tuner.fit()
+        self.timings["fit"] = time.perf_counter() - self.t_fit
+        trials = _collect(grid, self.spec, ended=self._outcomes().ended if self.stop.received else None)
+        interrupted = self.stop.received or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+        n_ok = sum(t.status == "TERMINATED" for t in trials)
+        self.status = "KILLED" if interrupted else ("FINISHED" if n_ok else "FAILED")
+        return SearchResult(status=self.status, trials=tuple(trials), seconds=self.earlier + self.timings["fit"],
+                            location=self.location, signal=self.stop.name, errors=tuple(_errors(grid)), grid=grid)
+
+    def _end(self, started_ray: bool) -> None:
+        """Save what the next ``--resume`` needs, end the MLflow runs, stop the Ray this session started."""
+        import ray
+
+        t0 = time.perf_counter()
+        if self.t_fit is not None:
+            self.state.finish_session(self.earlier + (time.perf_counter() - self.t_fit), self.status,
+                                      sorted(self._outcomes().ended))
+            self.state.share()
+        if self.tracker and self.tracker.parent_id:
+            self._live(SearchTracker, self.tracker).close(self.status)
+        if started_ray:
+            ray.shutdown()
+        self.timings["teardown"] = time.perf_counter() - t0
+
+    def _outcomes(self) -> Outcomes:
+        fallback = Outcomes()  # none in reach (Ray Client runs them on the cluster): the earlier sessions'
+        fallback.bind(self.state)
+        return self._live(Outcomes, fallback)
+
+    def _live(self, kind: type, fallback: Any) -> Any:
+        """The callback of ``kind`` that Tune runs, else ``fallback``."""
+        return next((c for c in self.live if isinstance(c, kind)), fallback)
 
 
 def _open_store_meanwhile(uri: str) -> concurrent.futures.Future:
@@ -204,8 +241,6 @@ def _open_store_meanwhile(uri: str) -> concurrent.futures.Future:
     one after the other they were the largest fixed cost of a search after Ray itself. The future
     raises open_store's one-line ValueError.
     """
-    from dcanets.tune.tracking import open_store
-
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcanets-mlflow-store")
     try:
         return pool.submit(open_store, uri)
@@ -271,13 +306,13 @@ class _Interruption:
             raise KeyboardInterrupt
 
 
-def check_resources(resources: Dict[str, float], address: Optional[str] = None) -> None:
+def check_resources(resources: schema.Resources, address: Optional[str] = None) -> None:
     """One ValueError line when no alive Ray node offers what one trial asks for: such a search
     would wait for resources until its time budget (or forever), never starting a trial."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    want = {"cpu": float(resources.get("cpu", 1)), "gpu": float(resources.get("gpu", 0))}
+    want = {"cpu": float(resources.cpu), "gpu": float(resources.gpu)}
     if any(all(node.get(k.upper(), 0.0) >= v for k, v in want.items()) for node in nodes):
         return
     lacking = next((k for k, v in want.items() if not any(node.get(k.upper(), 0.0) >= v for node in nodes)), "cpu")
@@ -292,7 +327,7 @@ def check_resources(resources: Dict[str, float], address: Optional[str] = None) 
                                         else " or join a bigger cluster with --address"))
 
 
-def _restorable_trial_ids(location: search_storage.Location) -> set:
+def _restorable_trial_ids(location: Location) -> set:
     """The trials ``Tuner.restore`` brings back: those in Tune's last experiment snapshot."""
     from ray.tune import ExperimentAnalysis
 
@@ -301,33 +336,6 @@ def _restorable_trial_ids(location: search_storage.Location) -> set:
         return {t.trial_id for t in analysis.trials}
     except Exception:  # no snapshot yet: Tuner.restore will say so
         return set()
-
-
-def copy_files(location: search_storage.Location, exp_dir: Path, names: List[str]) -> None:
-    """Copy files of the search folder to shared storage; a failure is one warning line, not an
-    exception: this runs in ``finally`` blocks and after the search, where raising would hide
-    the outcome (the files stay in the search folder)."""
-    try:
-        location.put(exp_dir, names)
-    except ValueError as exc:
-        print(f"dcanets tune: warning: {exc}; {', '.join(names)} stay in {exp_dir} only", file=sys.stderr)
-
-
-def _follow_this_folder(tuner, state_path: Path) -> None:
-    """Point the MLflow tracker restored from tuner.pkl at this session's ``search.json``.
-
-    ``Tuner.restore`` runs the callbacks pickled when the search started, and the tracker among
-    them keeps the path of the search folder it was created with. A search resumed from its
-    storage on another machine (or into another ``--output``) has its folder elsewhere; the
-    tracker's own unpickling reconnects and re-reads the run ids, so it is run again on the
-    new path.
-    """
-    from dcanets import _compat
-    from dcanets.tune.tracking import SearchTracker
-
-    for callback in _compat.tuner_callbacks(tuner):
-        if isinstance(callback, SearchTracker) and Path(callback.state_path) != state_path:
-            callback.__setstate__({**callback.__getstate__(), "state_path": state_path})
 
 
 def _errors(grid) -> List[str]:
@@ -349,37 +357,23 @@ def _errors(grid) -> List[str]:
     return out
 
 
-def _save_state(exp_dir: Path, **values: Any) -> None:
-    path = exp_dir / STATE
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    state.update(values)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
-
-
-def _new_tuner(spec, location: search_storage.Location, trainable, callbacks):
+def _new_tuner(spec: schema.TuneSpec, location: Location, trainable: Any, callbacks: List[Callback]) -> Any:
     from ray import tune
 
     return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=tune_config.build_search_alg(spec),
-                                    scheduler=tune_config.build_scheduler(spec), **spec.tune_config),
+        trainable, tune_config=builders.build_tune_config(spec),
         run_config=tune.RunConfig(
             name=location.name, storage_path=location.ray_storage_path,
             storage_filesystem=location.ray_filesystem, callbacks=callbacks, verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(**spec.failure_config)))
+            failure_config=builders.build_failure_config(spec)))
 
 
-def _init_ray(address: Optional[str], num_cpus: Optional[int], worker_logs: bool) -> bool:
+def start_ray(address: Optional[str], num_cpus: Optional[int], worker_logs: bool) -> bool:
     """Join ``address`` or start a local Ray; False when Ray was already up (tests, notebooks)."""
     import ray
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _compat.quiet_tune_output()  # dcanets prints its own progress lines
     # one checkpoint per epoch is the design; Tune's "snapshotting too often" warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
@@ -406,156 +400,36 @@ def _connect_hint() -> str:
             "RAY_AUTH_TOKEN_PATH) the head's?")
 
 
-def _flat_params(spec: tune_config.TuneSpec) -> Dict[str, Any]:
-    from dcanets.tune.tracking import _flatten
-
-    return {**_flatten({"train": spec.train}), **_flatten({"tune_config": spec.tune_config}),
-            **_flatten({"scheduler": spec.scheduler}), **_flatten({"search_alg": spec.search_alg}),
-            **_flatten({"resources": spec.resources}), "space": json.dumps(spec.space)}
-
-
-class ProgressLines(Callback):
-    """One line per trial per epoch, in the driver (Ray's own table is switched off: verbose=0).
-
-    The elapsed time counts search time only: after ``--resume`` it continues from where the
-    interrupted session stopped (``resumed_at``), without the time the search was not running.
-    ``Tuner.restore`` brings back a pickled copy of this callback, hence the class attribute.
-    """
-
-    resumed_at = 0.0
-
-    def __init__(self, spec: tune_config.TuneSpec, earlier: float = 0.0) -> None:
-        self.metric, self.epochs = spec.metric, int(spec.train["epochs"])
-        self.t0 = time.time() - earlier
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "t0"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.t0 = None  # set by setup(): the resumed session's start, less the time already spent
-
-    def setup(self, **info):
-        if getattr(self, "t0", None) is None:
-            self.t0 = time.time() - ProgressLines.resumed_at
-
-    def _say(self, trial, text: str) -> None:
-        print(f"{time.time() - self.t0:6.1f}s [{trial.trial_id}] {text}", flush=True)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._say(trial, f"epoch {result.get('epoch', '?')}/{self.epochs}  "
-                         f"{self.metric}={result.get(self.metric, float('nan')):.4f}  "
-                         f"train_loss={result.get('train_loss', float('nan')):.4f}  lr={result.get('lr', 0):.3g}  "
-                         f"{result.get('epoch_seconds', 0):.1f}s  node={str(result.get('node_id', '?'))[:8]}  "
-                         f"{short_params(trial.config)}")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._say(trial, "done")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        error = _error_name(trial)
-        hint = ("; failure_config: {max_failures: N} retries a trial from its last checkpoint"
-                if error in LOST and trial.max_failures == 0 else "")
-        self._say(trial, f"FAILED ({error}{_on_node(trial)}): see {trial.path}/error.txt{hint}")
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        """A failed trial that ``failure_config.max_failures`` retries: the line says from where.
-
-        The retry restores the last checkpoint Tune *registered*, which need not be the one of the
-        last epoch reported: Tune registers a reported checkpoint in a second round trip to the
-        trial's process (its ``save`` task), which a node that dies right after the report never
-        answers. The epoch is read from that checkpoint's own result, not from the last result.
-        """
-        registered = getattr(trial, "latest_checkpoint_result", None)
-        epoch = (getattr(registered, "metrics", None) or {}).get("epoch")
-        budget = "unlimited" if trial.max_failures < 0 else trial.max_failures
-        self._say(trial, f"failed ({_error_name(trial)}{_on_node(trial)}): retry {trial.num_failures} of {budget}, "
-                         + (f"from its epoch {epoch} checkpoint" if epoch else "from the start")
-                         + " on a node with room")
+def _parent_params(spec: schema.TuneSpec) -> Dict[str, Any]:
+    """The parent run's MLflow params: the sections as Ray gets them, the space as JSON."""
+    sections = {"train": spec.train, "tune_config": builders.plain(spec.tune_config),
+                "scheduler": builders.plain(spec.scheduler), "search_alg": builders.plain(spec.search_alg),
+                "resources": builders.plain(spec.resources)}
+    return {**flatten(sections), "space": json.dumps(builders.plain_space(spec.space))}
 
 
-# the errors of a trial whose process or node went away (not of its own code): what retries are for
-LOST = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "NodeDiedError", "WorkerCrashedError")
-
-
-def _error_name(trial) -> str:
-    """The class of a trial's last error (``ActorDiedError``: its node or process went away), read
-    back from the ``error.pkl`` Tune writes beside ``error.txt``; ``error`` when there is none."""
-    import cloudpickle
-
-    try:
-        with open(trial.pickled_error_file, "rb") as f:
-            exc = cloudpickle.load(f)
-        cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
-        return type(cause).__name__.replace("RayTaskError(", "").rstrip(")")
-    except Exception:  # no pickled error (e.g. a TuneError), or one that does not unpickle here
-        return "error"
-
-
-def _on_node(trial) -> str:
-    node = (trial.last_result or {}).get("node_id")
-    return f" on node {str(node)[:8]}" if node else ""
-
-
-class Outcomes(Callback):
-    """The trials that ended on their own (completed, stopped by the scheduler, or crashed).
-
-    When a signal stops a search, Tune marks the trials it cuts TERMINATED too; a trial not
-    listed here was cut, and is reported INTERRUPTED. Class-level, because ``Tuner.restore``
-    runs an unpickled copy of the callbacks.
-    """
-
-    ended: Set[str] = set()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        Outcomes.ended.add(trial.trial_id)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        Outcomes.ended.add(trial.trial_id)
-
-
-class StateCopies(Callback):
-    """Keeps the storage's copy of ``search.json`` current as trials start and end (the MLflow
-    tracker, earlier in the callback list, writes their run ids there), so that a search resumed
-    from its storage after the driver died knows the runs to close. Class-level target, because
-    ``Tuner.restore`` runs an unpickled copy of the callbacks: the folder is this session's."""
-
-    target: Optional[tuple] = None  # (search folder, Location)
-
-    def _copy(self) -> None:
-        if StateCopies.target is not None:
-            exp_dir, location = StateCopies.target
-            copy_files(location, exp_dir, [STATE])
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._copy()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._copy()
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._copy()
-
-
-def _collect(grid, spec: tune_config.TuneSpec, cut_by_stop: bool = False) -> List[Dict[str, Any]]:
-    """One dict per trial: id, status, params, the per-epoch history and the best metric value."""
-    from dcanets import _compat
-
+def _collect(grid, spec: schema.TuneSpec, ended: Optional[Set[str]] = None) -> List[TrialResult]:
+    """One record per trial: id, status, params, the per-epoch history and the best metric value.
+    ``ended``: when a signal stopped the search, the trials that ended on their own (Outcomes);
+    Tune marks the others TERMINATED too, they are reported INTERRUPTED (resumable)."""
     out = []
     # statuses live on the Trial objects, which ResultGrid does not expose (see _compat)
     for res, trial in zip(grid, _compat.result_grid_trials(grid)):
         status = trial.status
-        if cut_by_stop and status == "TERMINATED" and trial.trial_id not in Outcomes.ended:
+        if ended is not None and status == "TERMINATED" and trial.trial_id not in ended:
             status = "INTERRUPTED"  # stopped by Ctrl-C/SIGTERM, resumable
         df = res.metrics_dataframe
         # an epoch re-run after an interruption appears twice in Tune's log: keep the last one
-        hist = list({h.get("epoch"): h for h in (df.to_dict("records") if df is not None else [])}.values())
-        vals = [h[spec.metric] for h in hist if tune_config.is_finite(h.get(spec.metric))]
+        hist = tuple({h.get("epoch"): h for h in (df.to_dict("records") if df is not None else [])}.values())
+        vals = [h[spec.metric] for h in hist if is_finite(h.get(spec.metric))]
         best = (max(vals) if spec.mode == "max" else min(vals)) if vals else float("nan")
         trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name
         # a trial stopped by time_budget_s before its first report has no result: take its
         # sampled config from the Trial itself
-        out.append({"trial_id": trial_id, "status": status, "params": res.config or trial.config, "best": best,
-                    "epochs": len(hist), "history": hist, "node_id": (res.metrics or {}).get("node_id"),
-                    "checkpoint": res.checkpoint.path if res.checkpoint else None})
+        out.append(TrialResult(trial_id=trial_id, status=status, params=res.config or trial.config, history=hist,
+                               best=best, node_id=(res.metrics or {}).get("node_id"),
+                               checkpoint=res.checkpoint.path if res.checkpoint else None))
     return out
+
+
+__all__ = ["SearchInterrupted", "check_resources", "create_search_dir", "run_search", "start_ray", "trial"]

@@ -23,12 +23,11 @@ import os
 import posixpath
 import re
 import shlex
+import sys
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
-STATE = "search.json"  # dcanets.tune.search.STATE (kept here too, so the CLI need not import Ray)
-STATE_FILES = ("config.yaml", STATE)  # what --resume reads
 RESULT_FILES = ("best.yaml", "curves.png", "trials.csv")
 TUNER_STATE = "tuner.pkl"  # Ray's: present once Tune has started the search
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -51,6 +50,18 @@ def form_problem(text: str) -> Optional[str]:
         return ("credentials in the URI are refused (the URI is saved with the search); "
                 "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) on every machine")
     return None
+
+
+def parse(value: Any, base: Optional[Path] = None) -> str:
+    """A ``storage`` value (the YAML's ``storage:`` or ``--storage``) checked and normalized; one
+    ValueError line that says what is wrong with it."""
+    if not isinstance(value, str):
+        raise ValueError("must be a folder on a shared filesystem or a URI such as s3://bucket/prefix, "
+                         f"got {type(value).__name__}")
+    problem = form_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return normalize(value, base)
 
 
 def normalize(text: str, base: Optional[Path] = None) -> str:
@@ -180,10 +191,15 @@ class Location:
             raise ValueError(f"storage {self.uri}: cannot {what} there ({_reason(exc)})") from None
 
 
-def search_location(state: Dict[str, Any], folder: Path) -> Location:
-    """Where the search of ``folder`` (its ``search.json`` read into ``state``) is kept by Ray."""
-    root = state.get("storage")
-    return Location.open(join(root, folder.name)) if root else Location.local(folder)
+def copy_files(location: Location, folder: Path, names: Iterable[str]) -> None:
+    """Copy files of the search folder to shared storage; a failure is one warning line, not an
+    exception: this runs in ``finally`` blocks and after the search, where raising would hide
+    the outcome (the files stay in the search folder)."""
+    names = list(names)
+    try:
+        location.put(folder, names)
+    except ValueError as exc:
+        print(f"dcanets tune: warning: {exc}; {', '.join(names)} stay in {folder} only", file=sys.stderr)
 
 
 def _reason(exc: BaseException) -> str:
@@ -204,3 +220,7 @@ def _resolve(uri: str) -> tuple:
         return FileSystem.from_uri(uri)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
         raise ValueError(f"storage {uri}: pyarrow cannot open it ({_reason(exc)})") from None
+
+
+__all__ = ["RESULT_FILES", "TUNER_STATE", "Location", "copy_files", "form_problem", "is_uri", "join", "normalize",
+           "parse", "split"]

@@ -2,15 +2,15 @@
 
 Why not Ray's ``MLflowLoggerCallback``: it ends a trial's run only when the trial ends, so a
 killed driver leaves runs RUNNING. Here all logging happens in the driver (workers on other
-nodes never need to reach the tracking store), every run id is kept in ``search.json`` next to
-the Ray results, and :meth:`SearchTracker.close` (called from a ``finally``) ends whatever is
-still RUNNING as KILLED or FAILED. A resumed search re-opens the same parent run.
+nodes never need to reach the tracking store), every run id is kept in the search's state
+(``search.json``, next to the Ray results), and :meth:`SearchTracker.close` (called from a
+``finally``) ends whatever is still RUNNING as KILLED or FAILED. A resumed search re-opens the
+same parent run.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import re
 import sys
@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from ray.tune import Callback
+from dcanets.tune.callbacks import SessionCallback
+from dcanets.tune.state import SearchState, TrialRecord
+from dcanets.tune.storage import Location
 
 NUMERIC = (int, float)
 URI_VARIABLE = "MLFLOW_TRACKING_URI"  # MLflow's own variable: every MLflow client follows it
@@ -161,37 +163,43 @@ def experiment_url(uri: str, experiment_id: Optional[str]) -> Optional[str]:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-class SearchTracker(Callback):
-    """A Tune callback that mirrors trials into MLflow and records the run ids in ``state_path``.
+class SearchTracker(SessionCallback):
+    """A Tune callback that mirrors trials into MLflow and records the run ids in the search's state.
 
     Per-epoch metrics are written by a background thread: a Tune function trial waits in
     ``tune.report`` until the driver has run every callback on its result, and one ``log_batch``
     to SQLite took 33 ms, paid by every epoch of every trial. The writes of a run are waited for
     before the run is ended. (MLflow's own ``log_batch(synchronous=False)`` stops its logging
-    thread at every ``set_terminated``, 0.5-1 s per trial.)
+    thread at every ``set_terminated``, 0.5-1 s per trial.) The writes in flight and the writer
+    thread are this instance's: ``close`` is called on the tracker Tune ran (after ``--resume``,
+    the copy restored from ``tuner.pkl``, bound to this session by :meth:`bind`).
     """
 
-    # metric writes still in flight, per run id; class-level because Tuner.restore runs an
-    # unpickled copy of this callback and close() a fresh instance
-    in_flight: Dict[str, List[concurrent.futures.Future]] = {}
-    _writer: Optional[concurrent.futures.ThreadPoolExecutor] = None  # one thread: writes in order
+    def __init__(self, state: SearchState) -> None:
+        self.state = state
+        self.uri, self.experiment = state.tracking_uri, state.experiment
+        self._connect()
 
-    def __init__(self, uri: str, experiment: str, state_path: Path) -> None:
-        self.uri, self.experiment, self.state_path = uri, experiment, Path(state_path)
-        self.client = _client(uri)
-        self.state: Dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        self.state.setdefault("trials", {})
-        self.parent_id: Optional[str] = self.state.get("parent_run_id")
-
-    def __getstate__(self):  # Tune pickles callbacks into tuner.pkl; a client is not picklable
-        return {k: v for k, v in self.__dict__.items() if k != "client"}
-
-    def __setstate__(self, state):  # Tuner.restore: reconnect and take the ids saved last
-        self.__dict__.update(state)
+    def _connect(self) -> None:
         self.client = _client(self.uri)
-        if self.state_path.exists():
-            self.state = json.loads(self.state_path.read_text())
-        self.parent_id = self.state.get("parent_run_id")
+        self.in_flight: Dict[str, List[concurrent.futures.Future]] = {}  # metric writes, per run id
+        self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None  # one thread: writes in order
+
+    def __getstate__(self):  # Tune pickles callbacks into tuner.pkl; a client or a thread is not picklable
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "in_flight", "_writer")}
+
+    def __setstate__(self, state):  # Tuner.restore: reconnect (bind() then gives this session's state)
+        self.__dict__.update(state)
+        self._connect()
+
+    def bind(self, state: SearchState) -> None:
+        """Take this session's state: the search folder may have moved (a resume from the
+        storage, elsewhere) and the run ids saved last are there, not in ``tuner.pkl``."""
+        self.state = state
+
+    @property
+    def parent_id(self) -> Optional[str]:
+        return self.state.parent_run_id
 
     # -- parent run -------------------------------------------------------------------------
     def start(self, params: Dict[str, Any], config_path: Path, tags: Dict[str, str]) -> str:
@@ -200,33 +208,35 @@ class SearchTracker(Callback):
             self.experiment, artifact_location=artifact_location(self.uri))
         if exp is None or EXPERIMENT_KIND[0] not in exp.tags:  # a kind set by the user is kept
             self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
-        if self.parent_id:  # resumed search: same parent run, running again
-            self.client.update_run(self.parent_id, status="RUNNING")
+        parent_id = self.parent_id
+        if parent_id:  # resumed search: same parent run, running again
+            self.client.update_run(parent_id, status="RUNNING")
             self._close_stale_children()
         else:
-            run = self.client.create_run(exp_id, run_name=tags.get("name"), tags=tags)
-            self.parent_id = run.info.run_id
-            self._log_params(self.parent_id, params)
-            self.client.log_artifact(self.parent_id, str(config_path))
-        self.state.update(parent_run_id=self.parent_id, experiment_id=exp_id, tracking_uri=self.uri)
-        self._save()
-        return self.parent_id
+            parent_id = self.client.create_run(exp_id, run_name=tags.get("name"), tags=tags).info.run_id
+            self._log_params(parent_id, params)
+            self.client.log_artifact(parent_id, str(config_path))
+        self.state.parent_run_id, self.state.experiment_id, self.state.tracking_uri = parent_id, exp_id, self.uri
+        self.state.save()
+        return parent_id
 
     def close(self, status: str) -> None:
         """End every run of this search that is still RUNNING (children KILLED unless FINISHED)."""
         if not self.parent_id:
             return
         child_status = "FINISHED" if status == "FINISHED" else ("FAILED" if status == "FAILED" else "KILLED")
-        for run_id in list(SearchTracker.in_flight):
+        for run_id in list(self.in_flight):
             try:
-                _settle(run_id)
+                self._settle(run_id)
             except Exception as exc:  # this runs in a finally: the runs are ended all the same
                 print(f"dcanets tune: warning: metrics of MLflow run {run_id} were not all logged: {exc}",
                       file=sys.stderr)
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)
+            self._writer = None
         for run_id in self._running_children():
             self.client.set_terminated(run_id, child_status)
         self.client.set_terminated(self.parent_id, status)
-        self._save()
 
     def drop_orphans(self, restorable: set) -> None:
         """Delete the runs of trials ``Tuner.restore`` will not bring back.
@@ -239,13 +249,13 @@ class SearchTracker(Callback):
         """
         if not restorable:
             return
-        for trial_id in [t for t in self.state["trials"] if t not in restorable]:
-            entry = self.state["trials"].pop(trial_id)
+        for trial_id in [t for t in self.state.trials if t not in restorable]:
+            record = self.state.trials.pop(trial_id)
             try:
-                self.client.delete_run(entry["run_id"])
+                self.client.delete_run(record.run_id)
             except Exception:  # already deleted by hand
                 pass
-        self._save()
+        self.state.save()
 
     def summarize(self, metrics: Dict[str, float], tags: Dict[str, str], artifacts) -> None:
         """The search's outcome on the parent run (best value, best trial, best.yaml, curves)."""
@@ -267,15 +277,16 @@ class SearchTracker(Callback):
         A checkpoint that cannot be read is one warning line: the search's outcome stands."""
         from dcanets.engine.export import export_model
 
-        run_id = self.state["trials"].get(trial_id, {}).get("run_id")
+        record = self.state.trials.get(trial_id)
+        run_id = record.run_id if record else None
         path = self.client.get_run(run_id).data.tags.get("final_checkpoint") if run_id else None
         if not path:
             return
         try:
-            with (_checkpoint_folder(path, self.state, self.state_path.parent) as ckpt,
+            with (_checkpoint_folder(path, self.state.location) as ckpt,
                   tempfile.TemporaryDirectory(prefix="dcanets-best-model-") as tmp):
                 export_model(ckpt / "last.pt", tmp, trial_id=trial_id, run_id=run_id)
-                self.client.log_artifacts(self.parent_id, tmp, artifact_path=BEST_MODEL)
+                self.client.log_artifacts(str(self.parent_id), tmp, artifact_path=BEST_MODEL)
         except (OSError, ValueError) as exc:
             print(f"dcanets tune: warning: the best model was not logged to MLflow: {exc}", file=sys.stderr)
             return
@@ -283,28 +294,26 @@ class SearchTracker(Callback):
 
     # -- Tune callback hooks (called in the driver) -------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
-        entry = self.state["trials"].get(trial.trial_id)
-        if entry:  # restarted after an interruption: reopen the same run
-            self.client.update_run(entry["run_id"], status="RUNNING")
+        record = self.state.trials.get(trial.trial_id)
+        if record:  # restarted after an interruption: reopen the same run
+            self.client.update_run(record.run_id, status="RUNNING")
             return
-        exp_id = self.state["experiment_id"]
-        run = self.client.create_run(exp_id, run_name=str(trial), tags={
+        run = self.client.create_run(self.state.experiment_id, run_name=str(trial), tags={
             "mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id})
-        self.state["trials"][trial.trial_id] = {"run_id": run.info.run_id}
+        self.state.add_trial(trial.trial_id, run.info.run_id)
         self._log_params(run.info.run_id, trial.config)
-        self._save()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        entry = self.state["trials"].get(trial.trial_id)
-        if not entry:
+        record = self.state.trials.get(trial.trial_id)
+        if not record:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         metrics = logged_metrics(result)
-        write = _in_background(self.client.log_batch, entry["run_id"], metrics=_metric_objs(metrics, step),
-                               tags=_node_tag(entry, result))
-        SearchTracker.in_flight.setdefault(entry["run_id"], []).append(write)
+        write = self._in_background(self.client.log_batch, record.run_id, metrics=_metric_objs(metrics, step),
+                                    tags=_node_tag(record, result))
+        self.in_flight.setdefault(record.run_id, []).append(write)
         if result.get("checkpoint_path"):
-            entry["checkpoint"] = result["checkpoint_path"]
+            record.checkpoint = result["checkpoint_path"]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
@@ -314,20 +323,32 @@ class SearchTracker(Callback):
 
     # -- helpers ----------------------------------------------------------------------------
     def _end(self, trial, status: str) -> None:
-        entry = self.state["trials"].get(trial.trial_id)
-        if not entry:
+        record = self.state.trials.get(trial.trial_id)
+        if not record:
             return
-        _settle(entry["run_id"])
-        ckpt = _final_checkpoint(trial) or entry.get("checkpoint")
+        self._settle(record.run_id)
+        # the checkpoint Tune registered last (Trial.checkpoint), else the last one reported
+        ckpt = getattr(trial.checkpoint, "path", None) or record.checkpoint
         if ckpt:
-            self.client.set_tag(entry["run_id"], "final_checkpoint", ckpt)
-        self.client.set_terminated(entry["run_id"], status)
-        entry["status"] = status
-        self._save()
+            self.client.set_tag(record.run_id, "final_checkpoint", ckpt)
+        self.client.set_terminated(record.run_id, status)
+        record.status = status
+        self.state.save_trial(trial.trial_id)
+
+    def _in_background(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """``write(*args, **kwargs)`` on this tracker's writer thread (started at the first write)."""
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcanets-mlflow")
+        return self._writer.submit(write, *args, **kwargs)
+
+    def _settle(self, run_id: str) -> None:
+        """Wait for the metric writes of ``run_id`` still in flight (MLflow's error if one failed)."""
+        for write in self.in_flight.pop(run_id, []):
+            write.result()
 
     def _running_children(self):
         runs = self.client.search_runs(
-            [self.state["experiment_id"]],
+            [self.state.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'")
         return [r.info.run_id for r in runs]
 
@@ -339,15 +360,9 @@ class SearchTracker(Callback):
     def _log_params(self, run_id: str, params: Dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = _flatten(params)
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
-
-    def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, self.state_path)
 
 
 _LOGGED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s",
@@ -363,29 +378,15 @@ def logged_metrics(result: Dict[str, Any]) -> Dict[str, float]:
             if isinstance(v, NUMERIC) and not isinstance(v, bool) and (k in _LOGGED or k.startswith(_LOGGED_PREFIXES))}
 
 
-def _in_background(write: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-    """``write(*args, **kwargs)`` on the tracker's writer thread (started at the first write)."""
-    if SearchTracker._writer is None:
-        SearchTracker._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                                      thread_name_prefix="dcanets-mlflow")
-    return SearchTracker._writer.submit(write, *args, **kwargs)
-
-
-def _settle(run_id: str) -> None:
-    """Wait for the metric writes of ``run_id`` still in flight (MLflow's error if one failed)."""
-    for write in SearchTracker.in_flight.pop(run_id, []):
-        write.result()
-
-
-def _node_tag(entry: Dict[str, Any], result: Dict[str, Any]) -> List[Any]:
+def _node_tag(record: TrialRecord, result: Dict[str, Any]) -> List[Any]:
     """The ``node_id`` tag when a trial reports from a node it was not on before (its first result,
     or a retry elsewhere): one write per node, not one per epoch."""
     from mlflow.entities import RunTag
 
     node = result.get("node_id")
-    if not node or node == entry.get("node_id"):
+    if not node or node == record.node_id:
         return []
-    entry["node_id"] = node
+    record.node_id = str(node)
     return [RunTag("node_id", str(node))]
 
 
@@ -398,30 +399,27 @@ def _metric_objs(metrics: Dict[str, float], step: int):
     return [Metric(k, v, now, step) for k, v in metrics.items()]
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested mappings as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``): MLflow params."""
     out: Dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
 
 
 @contextlib.contextmanager
-def _checkpoint_folder(path: str, state: Dict[str, Any], exp_dir: Path) -> Iterator[Path]:
+def _checkpoint_folder(path: str, location: Location) -> Iterator[Path]:
     """A trial checkpoint as a local folder: itself, or a download from the search's storage
     (``storage:``, where Ray keeps checkpoints as paths on the storage's filesystem)."""
     from ray.tune import Checkpoint
 
-    from dcanets.tune.storage import search_location
-
-    with Checkpoint(path, filesystem=search_location(state, exp_dir).ray_filesystem).as_directory() as folder:
+    with Checkpoint(path, filesystem=location.ray_filesystem).as_directory() as folder:
         yield Path(folder)
 
 
-def _final_checkpoint(trial) -> Optional[str]:
-    ckpt = getattr(getattr(trial, "run_metadata", None), "checkpoint_manager", None)
-    latest = getattr(ckpt, "latest_checkpoint_result", None) if ckpt else None
-    return getattr(getattr(latest, "checkpoint", None), "path", None)
+__all__ = ["BEST_MODEL", "EXPERIMENT_KIND", "SearchTracker", "absolute_uri", "artifact_location", "check_uri",
+           "choose_uri", "default_uri", "experiment_url", "flatten", "logged_metrics", "open_store"]

@@ -26,7 +26,9 @@ def resume_dir(tmp_path: Path, **state: Any) -> Path:
     d.mkdir(parents=True)
     cfg = write_config_file(tmp_path)
     (d / "config.yaml").write_text(cfg.read_text())
-    (d / "search.json").write_text(json.dumps({"config_dir": str(tmp_path), "trials": {}, **state}))
+    saved = {"config_dir": str(tmp_path), "config_path": str(cfg), "experiment": "tiny", "num_samples": 3,
+             "tracking_uri": f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", "trials": {}}
+    (d / "search.json").write_text(json.dumps({**saved, **state}))
     (d / "tuner.pkl").write_bytes(b"")
     return d
 
@@ -80,6 +82,13 @@ def _resume_no_state(tmp: Path) -> List[str]:
 def _resume_damaged(tmp: Path) -> List[str]:
     d = resume_dir(tmp)
     (d / "search.json").write_text("{not json")
+    return ["--resume", str(d)]
+
+
+def _resume_incomplete(tmp: Path) -> List[str]:
+    d = resume_dir(tmp)
+    saved = json.loads((d / "search.json").read_text())
+    (d / "search.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "tracking_uri"}))
     return ["--resume", str(d)]
 
 
@@ -194,6 +203,7 @@ CASES: Dict[str, tuple] = {
     "resume-a-file": (_resume_file, 2, "--resume"),
     "resume-not-a-search": (_resume_no_state, 2, "not a dcanets tune output folder"),
     "resume-damaged-state": (_resume_damaged, 2, "search.json is unreadable or damaged"),
+    "resume-incomplete-state": (_resume_incomplete, 2, "search.json is unreadable or damaged (tracking_uri: "),
     "resume-never-started": (_resume_never_started, 2, "the search never started"),
     "resume-finished": (_resume(status="FINISHED"), 2, "already finished"),
     "resume-other-config": (_resume_other_config, 2, "differs from it"),

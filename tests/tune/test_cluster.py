@@ -32,7 +32,7 @@ def two_nodes():
 
 @pytest.mark.slow
 def test_trials_run_on_both_nodes(two_nodes, tmp_path):
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import schema
     from dcanets.tune import search as tune_cmd
 
     assert len(two_nodes) == 2
@@ -46,9 +46,9 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
         "resources": {"cpu": 1},
         "tracking": {"enabled": False},
     }))
-    spec = tune_config.load(path)
-    exp_dir, state = tune_cmd.create_search_dir(spec, tmp_path / "out")
-    result = tune_cmd.run_search(spec, exp_dir, state, quiet=True)
-    assert result["status"] == "FINISHED"
-    placed = {t["node_id"] for t in result["trials"]}
+    spec = schema.load(path)
+    state = tune_cmd.create_search_dir(spec, tmp_path / "out")
+    result = tune_cmd.run_search(spec, state, quiet=True)
+    assert result.status == "FINISHED"
+    placed = {t.node_id for t in result.trials}
     assert placed == two_nodes, f"trials on {placed}, cluster nodes {two_nodes}"

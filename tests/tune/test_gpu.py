@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow,
 def test_two_trials_share_one_gpu(tmp_path, monkeypatch):
     import ray
 
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import schema
     from dcanets.tune.search import create_search_dir, run_search
 
     monkeypatch.setenv("DCANETS_CACHE", str(tmp_path / "cache"))
@@ -33,14 +33,14 @@ def test_two_trials_share_one_gpu(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     if ray.is_initialized():
         ray.shutdown()
-    spec = tune_config.load(path)
-    exp_dir, state = create_search_dir(spec, tmp_path / "out")
-    result = run_search(spec, exp_dir, state, num_cpus=2, quiet=True)
-    trials = result["trials"]
-    assert result["status"] == "FINISHED" and len(trials) == 2
-    assert all(t["status"] == "TERMINATED" and t["epochs"] == 3 for t in trials)
+    spec = schema.load(path)
+    state = create_search_dir(spec, tmp_path / "out")
+    result = run_search(spec, state, num_cpus=2, quiet=True)
+    trials = result.trials
+    assert result.status == "FINISHED" and len(trials) == 2
+    assert all(t.status == "TERMINATED" and t.epochs == 3 for t in trials)
     # Ray hands each trial the same GPU (half of it) through CUDA_VISIBLE_DEVICES
-    assert [t["history"][-1]["gpu_ids"] for t in trials] == ["0", "0"]
-    spans = [(h[0]["timestamp"] - h[0]["time_total_s"], h[-1]["timestamp"]) for h in (t["history"] for t in trials)]
+    assert [t.history[-1]["gpu_ids"] for t in trials] == ["0", "0"]
+    spans = [(h[0]["timestamp"] - h[0]["time_total_s"], h[-1]["timestamp"]) for h in (t.history for t in trials)]
     (a0, a1), (b0, b1) = spans
     assert a0 <= b1 + 1 and b0 <= a1 + 1, f"the two trials did not overlap in time: {spans}"

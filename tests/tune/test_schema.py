@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from dcanets.cli import main
-from dcanets.tune import schema as tune_config
+from dcanets.tune import builders, schema
 
 
 def problems(path: Path) -> str:
     with pytest.raises(ValueError) as info:
-        tune_config.load(path)
+        schema.load(path)
     return str(info.value)
 
 
@@ -36,7 +36,7 @@ def test_every_problem_is_reported_with_its_yaml_path(tmp_path):
         trackin: {}
     """))
     with pytest.raises(ValueError) as info:
-        tune_config.load(path)
+        schema.load(path)
     msg = str(info.value)
     expected = [
         "space.lr.low: must be > 0 for loguniform",
@@ -67,9 +67,9 @@ def test_every_problem_is_reported_with_its_yaml_path(tmp_path):
 def test_unknown_model_and_optimizer_are_named_before_ray_starts(tmp_path, write_config):
     path = write_config(tmp_path, train={"opt": "sgdd", "model": None},
                         space={"model": {"type": "choice", "values": ["cifar_resnet20", "cifar_negnet2O"]}})
-    spec = tune_config.load(path)
+    spec = schema.load(path)
     with pytest.raises(ValueError) as info:
-        tune_config.check_registries(spec)
+        schema.check_registries(spec)
     msg = str(info.value)
     assert "space.model.values[1]: unknown model 'cifar_negnet2O'" in msg and "cifar_negnet20" in msg
     assert "train.opt: unknown opt 'sgdd'" in msg
@@ -79,7 +79,7 @@ def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path, write_con
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "set.tar").write_bytes(b"")
     (tmp_path / "cfg").mkdir()
-    spec = tune_config.load(write_config(tmp_path / "cfg", train={"data": "../data/set.tar"}))
+    spec = schema.load(write_config(tmp_path / "cfg", train={"data": "../data/set.tar"}))
     assert spec.train["data"] == str((tmp_path / "data" / "set.tar").resolve())
 
 
@@ -88,18 +88,18 @@ def test_shipped_configs_validate_and_match_the_json_schema():
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert {"quickstart.yaml", "negnet_vs_resnet_cifar10.yaml", "dca_rho_lambda.yaml",
             "double_resnet_mnist.yaml"} <= set(names)
-    validator = jsonschema.Draft202012Validator(tune_config.json_schema())
+    validator = jsonschema.Draft202012Validator(schema.json_schema())
     for name in names:
         assert not [e.message for e in validator.iter_errors(yaml.safe_load((root / name).read_text()))], name
         try:
-            spec = tune_config.load(root / name)
+            spec = schema.load(root / name)
         except ValueError as exc:  # a machine without ../shared/data: only the data paths may fail
             lines = str(exc).splitlines()
             problems = lines[1:] or lines  # one problem: one line
             assert all("data path not found" in p for p in problems), str(exc)
             continue
         assert spec.space and spec.train["epochs"] >= 1
-        tune_config.check_registries(spec)
+        schema.check_registries(spec)
 
 
 def test_define_by_run_conditions_and_fractions():
@@ -111,7 +111,7 @@ def test_define_by_run_conditions_and_fractions():
         "opt_kwargs.rho": {"type": "uniform", "low": 0.1, "high": 0.5, "times": "opt_kwargs.lam",
                            "when": {"opt": "dcacounter"}},
     }
-    fn = tune_config.DefineByRun(space)
+    fn = builders.DefineByRun(space)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):
@@ -123,8 +123,8 @@ def test_define_by_run_conditions_and_fractions():
             lam, rho = values["opt_kwargs.lam"], values["opt_kwargs.rho"]
             assert 0.1 * lam <= rho <= 0.5 * lam  # rho as a fraction of lam
     assert seen == {"sgd", "dcacounter"}
-    cfg = tune_config.trial_train_config({"opt_kwargs": {"eps": 1}}, {"opt_kwargs.rho:fraction": 0.2,
-                                                                      "opt_kwargs.rho": 0.5, "lr": 0.1})
+    cfg = builders.trial_train_config({"opt_kwargs": {"eps": 1}}, {"opt_kwargs.rho:fraction": 0.2,
+                                                                   "opt_kwargs.rho": 0.5, "lr": 0.1})
     assert cfg == {"opt_kwargs": {"eps": 1, "rho": 0.5}, "lr": 0.1}
 
 
@@ -186,24 +186,30 @@ def test_sections_reject_wrong_types_and_unknown_keys(tmp_path, write_config):
     assert "scheduler: must be a mapping, got ['asha']" in problems(path)
 
 
-def test_defaults_and_dict_shapes_the_search_reads(tmp_path, write_config):
-    spec = tune_config.load(write_config(tmp_path, name=None, scheduler={"type": "asha", "grace_period": None},
+def test_defaults_and_the_shapes_ray_gets(tmp_path, write_config):
+    spec = schema.load(write_config(tmp_path, name=None, scheduler={"type": "asha", "grace_period": None},
                                          search_alg={"sampler": None}, tune_config={"metric": "val_loss", "mode": None},
                                          train={"epochs": "3"}))
     assert spec.name == "search" and spec.path == (tmp_path / "search.yaml").resolve()
     assert spec.train == {"data": "digits", "limit": 300, "epochs": 3, "batch_size": 64, "model": "cifar_resnet20",
                           "sched": "none"}
-    assert spec.space == {"lr": {"type": "loguniform", "low": 0.01, "high": 0.2}}
-    assert spec.search_alg == {"type": "OptunaSearch", "sampler": {"type": "TPESampler", "seed": 0}}
-    assert spec.scheduler == {"type": "ASHAScheduler", "reduction_factor": 2, "time_attr": "epoch", "max_t": 3}
-    assert spec.tune_config == {"metric": "val_loss", "mode": "min", "num_samples": 3, "reuse_actors": True,
-                                "max_concurrent_trials": 2}
+    assert isinstance(spec.space["lr"], schema.LogUniform) and (spec.space["lr"].low, spec.space["lr"].high) == (
+        0.01, 0.2)
+    assert builders.plain_space(spec.space) == {"lr": {"type": "loguniform", "low": 0.01, "high": 0.2}}
+    assert builders.plain(spec.search_alg) == {"type": "OptunaSearch", "sampler": {"type": "TPESampler", "seed": 0}}
+    assert builders.plain(spec.scheduler) == {"type": "ASHAScheduler", "reduction_factor": 2, "time_attr": "epoch",
+                                              "max_t": 3}
+    assert builders.plain(spec.tune_config) == {"metric": "val_loss", "mode": "min", "num_samples": 3,
+                                                "reuse_actors": True, "max_concurrent_trials": 2}
     assert (spec.metric, spec.mode) == ("val_loss", "min")
-    assert spec.resources == {"cpu": 1, "gpu": 0}
-    assert spec.tracking == {"uri": None, "experiment": None, "enabled": True}
+    assert (spec.resources.cpu, spec.resources.gpu) == (1, 0) and builders.trial_resources(spec) == {"cpu": 1, "gpu": 0}
+    assert (spec.tracking.uri, spec.tracking.experiment, spec.tracking.enabled) == (None, None, True)
+    assert spec.failure_config.max_failures == 0
     assert spec.raw["scheduler"] == {"type": "asha", "reduction_factor": 2}
-    tune_config.build_scheduler(spec)
-    tune_config.build_search_alg(spec)
+    assert type(builders.build_scheduler(spec)).__name__ == "AsyncHyperBandScheduler"  # ASHAScheduler's class
+    assert builders.build_search_alg(spec).metric == "val_loss"
+    config = builders.build_tune_config(spec)
+    assert (config.num_samples, config.max_concurrent_trials, config.mode) == (3, 2, "min")
 
 
 def test_num_samples_flag_must_be_at_least_one(tmp_path, write_config, capsys):
@@ -226,3 +232,26 @@ def test_schema_flag_prints_the_json_schema_without_a_config(capsys):
     validator = jsonschema.Draft202012Validator(schema)
     bad = {"train": {"epochs": 0, "lrr": 1}, "space": {"lr": {"type": "gaussian"}}}
     assert len(list(validator.iter_errors(bad))) == 3
+
+
+def test_tuner_pkl_of_a_search_started_before_the_builders_module_still_loads():
+    """Ray's tuner.pkl names the classes where they were when the search started: a search
+    interrupted before ``dcanets.tune.builders`` existed must still resume."""
+    import pickle
+
+    import optuna
+
+    from dcanets.tune import callbacks, search, tracking
+
+    space = {"lr": {"type": "loguniform", "low": 0.01, "high": 0.2}}
+    legacy = pickle.dumps(builders.DefineByRun(space), protocol=0).replace(b"dcanets.tune.builders",
+                                                                           b"dcanets.tune.schema")
+    assert b"dcanets.tune.schema\nDefineByRun" in legacy
+    restored = pickle.loads(legacy)
+    assert isinstance(restored, builders.DefineByRun) and restored.space == space
+    assert 0.01 <= restored(optuna.create_study().ask())["lr"] <= 0.2
+    for name in ("ProgressLines", "Outcomes", "StateCopies"):  # the callbacks' old home
+        assert getattr(search, name) is getattr(callbacks, name)
+    assert tracking.SearchTracker.__module__ == "dcanets.tune.tracking"
+    with pytest.raises(AttributeError):
+        schema.NoSuchName  # noqa: B018

@@ -280,23 +280,24 @@ def test_resources_no_node_has_fail_before_any_trial(ray_local, tmp_path, capfd,
 
 
 def test_progress_clock_after_resume_excludes_the_downtime(write_config, tmp_path):
-    """Tuner.restore brings back a pickled ProgressLines: its clock continues from the time the
-    search had run (search.json's fit_seconds), not from when the search was first started."""
+    """Tuner.restore brings back a pickled ProgressLines: bound to the resumed session, its clock
+    continues from the time the search had run (search.json's fit_seconds), not from when the
+    search was first started."""
     import pickle
 
-    from dcanets.tune import schema as tune_config
-    from dcanets.tune.search import ProgressLines
+    from dcanets.tune import schema
+    from dcanets.tune.callbacks import ProgressLines
+    from dcanets.tune.search import create_search_dir
 
-    spec = tune_config.load(write_config(tmp_path))
+    spec = schema.load(write_config(tmp_path, tracking={"enabled": False}))
     saved = pickle.dumps(ProgressLines(spec))
     time.sleep(0.2)  # "downtime"
-    ProgressLines.resumed_at = 100.0
-    try:
-        restored = pickle.loads(saved)
-        restored.setup()
-        assert 100.0 <= time.time() - restored.t0 < 100.1
-    finally:
-        ProgressLines.resumed_at = 0.0
+    state = create_search_dir(spec, tmp_path / "out")
+    state.finish_session(100.0, "KILLED", [])
+    restored = pickle.loads(saved)
+    restored.bind(state)
+    restored.setup()
+    assert 100.0 <= time.time() - restored.t0 < 100.1
 
 
 def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config, tmp_path, monkeypatch):
@@ -305,16 +306,18 @@ def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dcanets.tune import report
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import report, schema
+    from dcanets.tune.state import TrialResult
 
     figures = []
     close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
-    spec = tune_config.load(write_config(tmp_path))
-    trials = [{"trial_id": "ok", "history": [{"epoch": e, "val_acc": 0.5, "train_loss": 2.0 / e} for e in (1, 2, 3)]},
-              {"trial_id": "diverged", "history": [{"epoch": 1, "val_acc": 0.1, "train_loss": 1e12},
-                                                   {"epoch": 2, "val_acc": 0.1, "train_loss": float("nan")}]}]
+    spec = schema.load(write_config(tmp_path))
+    ok = tuple({"epoch": e, "val_acc": 0.5, "train_loss": 2.0 / e} for e in (1, 2, 3))
+    diverged = ({"epoch": 1, "val_acc": 0.1, "train_loss": 1e12},
+                {"epoch": 2, "val_acc": 0.1, "train_loss": float("nan")})
+    trials = [TrialResult("ok", "TERMINATED", {"lr": 0.1}, ok, best=0.5),
+              TrialResult("diverged", "TERMINATED", {"lr": 1.0}, diverged, best=0.1)]
     report.plot_curves(trials, spec, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
     loss_ax = figures[0].axes[1]
@@ -331,27 +334,26 @@ def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config,
     (None, None, None, "out/mlflow.db"),  # else SQLite under --output
 ])
 def test_tracking_uri_precedence(flag, configured, variable, chosen, write_config, tmp_path, monkeypatch):
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import schema
     from dcanets.tune.search import create_search_dir
 
     if variable is not None:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / variable}" if variable else "")
     cfg = write_config(tmp_path, tracking={"uri": f"sqlite:///{tmp_path / configured}" if configured else None,
                                            "enabled": False})
-    _, state = create_search_dir(tune_config.load(cfg), tmp_path / "out",
-                                 f"sqlite:///{tmp_path / flag}" if flag else None)
-    assert state["tracking_uri"] == f"sqlite:///{tmp_path / chosen}"
+    state = create_search_dir(schema.load(cfg), tmp_path / "out", f"sqlite:///{tmp_path / flag}" if flag else None)
+    assert state.tracking_uri == f"sqlite:///{tmp_path / chosen}"
     saved = json.loads(next((tmp_path / "out").glob("tiny-*/search.json")).read_text())
-    assert saved["tracking_uri"] == state["tracking_uri"]  # what --resume uses, whatever the variable says then
+    assert saved["tracking_uri"] == state.tracking_uri  # what --resume uses, whatever the variable says then
 
 
 def test_an_unusable_tracking_uri_from_the_variable_is_named_as_such(write_config, tmp_path, monkeypatch):
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import schema
     from dcanets.tune.search import create_search_dir
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
     with pytest.raises(ValueError, match=r"^tracking uri foo://bar \(from MLFLOW_TRACKING_URI\): "):
-        create_search_dir(tune_config.load(write_config(tmp_path)), tmp_path / "out")
+        create_search_dir(schema.load(write_config(tmp_path)), tmp_path / "out")
     assert not list((tmp_path / "out").glob("tiny-*"))  # nothing left behind
 
 

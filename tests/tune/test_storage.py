@@ -130,12 +130,11 @@ def resumed_location(monkeypatch, where: str) -> str:
     """Where `dcanets tune --resume WHERE` finds Ray's state (the search itself is not run)."""
     from dcanets.cli import main
     from dcanets.tune import search
-    from dcanets.tune.storage import search_location
 
     found = []
 
-    def resolve_only(spec, exp_dir, state, **kwargs):
-        found.append(search_location(state, exp_dir).uri)
+    def resolve_only(spec, state, **kwargs):
+        found.append(state.location.uri)
         raise _Resolved
 
     with monkeypatch.context() as m:
@@ -185,16 +184,16 @@ def test_endpoint_from_aws_endpoint_url_s3(s3, tmp_path, monkeypatch, write_conf
     filesystem handed to Ray, which pickles it to the workers."""
     import pickle
 
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import schema
     from dcanets.tune.search import create_search_dir
-    from dcanets.tune.storage import search_location
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
-    spec = tune_config.load(write_config(tmp_path, storage=f"s3://{BUCKET}/by-env", tracking={"enabled": False}))
-    exp_dir, state = create_search_dir(spec, tmp_path / "out")
+    spec = schema.load(write_config(tmp_path, storage=f"s3://{BUCKET}/by-env", tracking={"enabled": False}))
+    state = create_search_dir(spec, tmp_path / "out")
+    exp_dir = state.folder
     where = f"s3://{BUCKET}/by-env/{exp_dir.name}"
     assert sorted(s3.keys(where)) == ["config.yaml", "search.json"]
-    fs = pickle.loads(pickle.dumps(search_location(state, exp_dir).ray_filesystem))
+    fs = pickle.loads(pickle.dumps(state.location.ray_filesystem))
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     with fs.open_input_stream(f"{BUCKET}/by-env/{exp_dir.name}/config.yaml") as f:
         assert f.read() == spec.path.read_bytes()
@@ -204,28 +203,31 @@ def test_relative_storage_paths(tmp_path, monkeypatch, write_config):
     """In the YAML against the YAML's folder (like the data paths), on the command line against
     the current directory (like --output)."""
     from dcanets.cli.tune import _storage_flag
-    from dcanets.tune import schema as tune_config
+    from dcanets.tune import schema
 
-    assert tune_config.load(write_config(tmp_path, storage="shared/tune")).storage == str(tmp_path / "shared" / "tune")
+    assert schema.load(write_config(tmp_path, storage="shared/tune")).storage == str(tmp_path / "shared" / "tune")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     assert _storage_flag("shared") == str(tmp_path / "cwd" / "shared")
     assert _storage_flag("s3://bucket/x?endpoint_override=http://h:9000") == "s3://bucket/x?endpoint_override=http://h:9000"
 
 
-def test_search_json_is_copied_as_trials_start_and_end(tmp_path):
+def test_search_json_is_copied_as_trials_start_and_end(tmp_path, write_config):
     """StateCopies, a Tune callback after the MLflow tracker: the run ids reach the storage while
     the search runs, for a resume after the driver died."""
-    from dcanets.tune.search import StateCopies
-    from dcanets.tune.storage import Location
+    from dcanets.tune import schema
+    from dcanets.tune.callbacks import StateCopies
+    from dcanets.tune.search import create_search_dir
 
-    folder, shared = tmp_path / "search", tmp_path / "shared" / "search"
-    folder.mkdir()
-    StateCopies.target = (folder, Location.open(str(shared)))
-    try:
-        for hook, ids in ((StateCopies().on_trial_start, ["a"]), (StateCopies().on_trial_error, ["a", "b"])):
-            (folder / "search.json").write_text(json.dumps({"trials": ids}))
-            hook(0, [], None)
-            assert json.loads((shared / "search.json").read_text()) == {"trials": ids}
-    finally:
-        StateCopies.target = None
+    shared = tmp_path / "shared"
+    state = create_search_dir(schema.load(write_config(tmp_path, storage=str(shared), tracking={"enabled": False})),
+                              tmp_path / "out")
+    copies = StateCopies()
+    copies.bind(state)
+    for hook, ids in ((copies.on_trial_start, ["a"]), (copies.on_trial_error, ["a", "b"])):
+        for trial_id in ids:
+            if trial_id not in state.trials:
+                state.add_trial(trial_id, f"run-{trial_id}")
+        hook(0, [], None)
+        stored = json.loads((shared / state.folder.name / "search.json").read_text())
+        assert {k: v["run_id"] for k, v in stored["trials"].items()} == {i: f"run-{i}" for i in ids}
