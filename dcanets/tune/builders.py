@@ -131,5 +131,12 @@ def trial_resources(spec: schema.TuneSpec) -> Dict[str, float]:
     return {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
 
 
+# A search interrupted before the space builder moved here has a tuner.pkl that names
+# ``dcanets.tune.schema.DefineByRun``; Ray resolves that name when it restores the search, always
+# after this module is imported (dcanets.tune.search imports it). Naming the class there too keeps
+# such searches resumable without schema importing this module back.
+schema.DefineByRun = DefineByRun  # type: ignore[attr-defined]
+
+
 __all__ = ["DERIVED", "DefineByRun", "build_failure_config", "build_scheduler", "build_search_alg",
            "build_tune_config", "plain", "plain_space", "short_params", "trial_resources", "trial_train_config"]

@@ -587,13 +587,6 @@ def _near(name: str, known: Optional[set]) -> str:
     return did_you_mean(name, known)
 
 
-def __getattr__(name: str) -> Any:  # tuner.pkl of a search started before dcanets.tune.builders names it here
-    if name == "DefineByRun":
-        from dcanets.tune.builders import DefineByRun
-        return DefineByRun
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["Choice", "FailureConfigSection", "IntRange", "LogUniform", "Resources", "Sampler", "Scheduler", "SearchAlg",
            "SearchFile", "SpaceParam", "Tracking", "TrainSection", "TuneConfigSection", "TuneSpec", "Uniform",
            "check_registries", "json_schema", "load", "validate"]
