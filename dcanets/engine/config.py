@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Mapping, Optional, Union, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import Annotated, TypedDict  # pydantic needs typing_extensions' TypedDict before 3.12
 
 from dcanets.validation import (
@@ -42,6 +51,7 @@ def _listed(value: Any) -> Any:
 
 
 Milestones = Annotated[List[Positive], BeforeValidator(_listed)]
+MinMax = Annotated[List[Number], BeforeValidator(_listed)]
 
 
 def _rho(value: Any) -> Any:
@@ -139,6 +149,31 @@ class TrainConfig(BaseModel):
     label_smoothing: Number = Field(
         0.0, ge=0, lt=1, description="training loss: cross-entropy against targets smoothed by this much "
                                      "(validation loss is plain cross-entropy)")
+    # timm's ImageNet recipe (dcanets/engine/recipe.py), named as timm's train.py names them
+    mixup: NonNegative = Field(
+        0.0, description="Mixup alpha: mix image pairs (and their targets) by Beta(alpha, alpha); 0: off")
+    cutmix: NonNegative = Field(0.0, description="CutMix alpha: paste a box of the paired image, area from "
+                                                 "Beta(alpha, alpha); 0: off")
+    cutmix_minmax: Optional[MinMax] = Field(
+        None, description="CutMix box side as a fraction of the image, drawn in [min, max) (turns CutMix on, "
+                          "overrides cutmix's alpha)")
+    mixup_prob: Number = Field(1.0, ge=0, le=1, description="probability of mixing a batch (or an element)")
+    mixup_switch_prob: Number = Field(
+        0.5, ge=0, le=1, description="with mixup and cutmix both on: probability of CutMix instead of Mixup")
+    mixup_mode: Literal["batch", "pair", "elem"] = Field(
+        "batch", description="draw the mixing per batch, per pair of images or per image")
+    mixup_off_epoch: Integer = Field(0, ge=0, description="mix only the first N epochs (0: every epoch)")
+    model_ema: bool = Field(False, description="keep an exponential moving average of the weights "
+                                               "(timm.utils.ModelEmaV3), evaluated every epoch")
+    model_ema_decay: Number = Field(0.9998, ge=0, lt=1, description="EMA decay per optimizer update")
+    model_ema_warmup: bool = Field(False, description="EMA decay warm-up: 1 - (1 + step)^(-2/3), capped at the decay")
+    clip_grad: Optional[Positive] = Field(
+        None, description="clip the gradients before each optimizer step at this norm/value/factor (unset: off)")
+    clip_mode: Literal["norm", "value", "agc"] = Field(
+        "norm", description="norm: total L2 norm; value: each element; agc: adaptive, unit-wise (head excluded)")
+    grad_accum_steps: Count = Field(
+        1, description="optimizer update after this many batches, their gradients summed (effective batch "
+                       "batch_size x N)")
     seed: Integer = Field(0, description="seed of initialization, shuffling and augmentation")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     amp: bool = Field(True, description="mixed precision (CUDA only)")
@@ -196,6 +231,24 @@ class TrainConfig(BaseModel):
             bound = "epochs - warmup_epochs" if prefix else "epochs"
             fail(f"must be < {bound} ({plain(epochs - prefix)}), got {plain(cooldown)}")
         return cooldown
+
+    @field_validator("cutmix_minmax")
+    @classmethod
+    def _box_fractions(cls, minmax: Optional[List[float]]) -> Optional[List[float]]:
+        if minmax is not None and not (len(minmax) == 2 and 0 <= minmax[0] < minmax[1] <= 1):
+            fail(f"must be two fractions 0 <= min < max <= 1, got {[plain(m) for m in minmax]}")
+        return minmax
+
+    @model_validator(mode="after")
+    def _mixup_pairs(self) -> "TrainConfig":
+        if self.mixup_active and self.batch_size % 2:  # timm's Mixup mixes image i with image n-1-i
+            fail(f"batch_size: must be even with mixup/cutmix (they mix pairs of images), got {self.batch_size}")
+        return self
+
+    @property
+    def mixup_active(self) -> bool:
+        """Mixup or CutMix is on (timm's train.py: ``mixup > 0 or cutmix > 0 or cutmix_minmax``)."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":

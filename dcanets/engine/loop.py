@@ -8,7 +8,6 @@ runs.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
@@ -18,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dcanets.engine import data as data_mod
 from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.fidelity import FidelityProbe
+from dcanets.engine.recipe import Recipe, evaluate_metrics, group_position, training_loss, updates_per_epoch
 from dcanets.names import check_model, did_you_mean
 from dcanets.optim.protocol import hooks_model, measured_curvature, prepare, remember_batch, take_step
 
@@ -210,25 +209,6 @@ def restore_schedule(scheduler: Scheduler, state: Dict[str, Any], epoch: int, up
     return num_updates
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: data_mod.BatchLoader, amp: bool,
-             dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``loader``.
-
-    Sums stay on the device until the end: a ``float()`` per batch would wait for the GPU each time.
-    """
-    model.eval()
-    loss_sum = correct = torch.zeros((), dtype=torch.float64, device=loader.device)
-    n = 0
-    for x, y in loader:
-        with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=amp):
-            out = model(x)
-        loss_sum = loss_sum + F.cross_entropy(out.float(), y, reduction="sum")
-        correct = correct + (out.argmax(1) == y).sum()
-        n += len(y)
-    return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
-
-
 # ----------------------------------------------------------------------------- the run
 class _Run:
     """One training run's state: built from a config, stepped epoch by epoch, checkpointable."""
@@ -255,10 +235,13 @@ class _Run:
         self.model = build_model(cfg, train.num_classes, train.in_chans).to(self.device)
         if self.channels_last:  # NHWC: the layout cuDNN and oneDNN convolutions run fastest on
             self.model.to(memory_format=torch.channels_last)
+        self.recipe = Recipe(cfg, self.model, train.num_classes)  # Mixup, EMA, clipping, accumulation
         self.optimizer = build_optimizer(cfg, self.model)
         self.needs_closure = prepare(self.optimizer, self.model)
+        self.recipe.check(self.optimizer, self.needs_closure, len(train), len(self.train_loader))
         self.create_graph = second_order(cfg.opt)
-        self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
+        self.updates_per_epoch = updates_per_epoch(len(self.train_loader), self.recipe.accum)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.updates_per_epoch)
         self.num_updates = 0  # optimizer steps so far: the position of a per-update schedule
         # GradScaler cannot drive closure-stepped optimizers: those run in full precision
         if self.needs_closure:
@@ -268,7 +251,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.forward = self._compiled() if cfg.compile else self.model
         # the training loss, also the one a curvature-measuring decomposition differentiates
-        self.loss_fn = functools.partial(F.cross_entropy, label_smoothing=float(cfg.label_smoothing))
+        self.loss_fn = training_loss(cfg)
         self.epoch, self.best_val_acc, self.history = 0, 0.0, []  # type: ignore[var-annotated]
         self.augment = augment
         self.fidelity = self._fidelity_probe()
@@ -309,15 +292,19 @@ class _Run:
         every = int(self.cfg.fidelity_every)
         self.fidelity_reports = []
         for k, (x, y) in enumerate(self.train_loader, 1):
+            position, count = group_position(k - 1, batches, self.recipe.accum)  # grad_accum_steps
+            inputs, targets = self.recipe.batch(x, y, self.epoch)  # Mixup/CutMix: mixed images, soft targets
             if self.fidelity is not None and self.num_updates % every == 0:
-                loss, out = self._measured_step(x, y, self.num_updates)
+                loss, out = self._measured_step(inputs, targets, self.num_updates)
             else:
-                loss, out = self._step(x, y)
+                loss, out = self._step(inputs, targets, position, count)
             loss_sum = loss_sum + loss.double() * len(y)
             correct = correct + (out.argmax(1) == y).sum()
             n += len(y)
-            self.num_updates += 1  # the global count, restored on resume: timm's lr is a function of it
-            self.scheduler.step_update(num_updates=self.num_updates)
+            if self.recipe.stepped(position, count):
+                self.num_updates += 1  # the global count, restored on resume: timm's lr is a function of it
+                self.recipe.after_update(self.model, self.num_updates)  # model_ema
+                self.scheduler.step_update(num_updates=self.num_updates)
             if self.on_batch is not None:  # counts only: reading the loss here would stall the GPU
                 self.on_batch(self.epoch + 1, k, batches)
         loss_mean, acc = float(loss_sum) / max(n, 1), float(correct) / max(n, 1)  # one wait per epoch
@@ -368,22 +355,30 @@ class _Run:
                            for r, d in ((r, r.to_dict()) for r in reports)]
         return out
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, position: int = 0,
+              count: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``position`` of an accumulation group of ``count``: the gradients of the group's
+        batches are summed and the optimizer steps after the last one."""
         opt = self.optimizer
         remember_batch(opt, x, y, self.loss_fn)  # rho="auto" / a measured kappa: curvature on this batch
         outputs: List[torch.Tensor] = []
 
         def closure() -> torch.Tensor:
             # closure-stepped optimizers run without AMP (amp and the scaler are off, compile refused)
-            opt.zero_grad(set_to_none=True)
+            if position == 0:
+                opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 out = self.forward(x)
                 loss = self.loss_fn(out.float(), y)
-            self.scaler.scale(loss).backward(create_graph=self.create_graph)
+            self.scaler.scale(self.recipe.micro_loss(loss, count)).backward(create_graph=self.create_graph)
             outputs.append(out.detach())
             return loss.detach()
 
-        loss = take_step(opt, closure, self.needs_closure, self.scaler)
+        if position + 1 < count:  # not the group's last batch: gradients only
+            with torch.enable_grad():
+                return closure(), outputs[0]
+        loss = take_step(opt, closure, self.needs_closure, self.scaler,
+                         before_step=self.recipe.clipping(opt, self.scaler))  # clip_grad
         return loss, outputs[0]
 
     def state_dict(self) -> Dict[str, Any]:
@@ -391,15 +386,16 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(), "scheduler": schedule_state(self.scheduler, self.num_updates),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "best_val_acc": self.best_val_acc,
                 "history": self.history, "classes": self.train_data.classes,
-                "mean": self.mean, "std": self.std}
+                "mean": self.mean, "std": self.std, **self.recipe.state_dict()}
 
     def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.best_val_acc = int(ckpt["epoch"]), float(ckpt["best_val_acc"])
-        self.num_updates = restore_schedule(self.scheduler, ckpt["scheduler"], self.epoch, len(self.train_loader))
+        self.num_updates = restore_schedule(self.scheduler, ckpt["scheduler"], self.epoch, self.updates_per_epoch)
         self.history = list(ckpt["history"])
+        self.recipe.load_state_dict(ckpt)
         set_rng_state(ckpt["rng"])
 
 
@@ -425,7 +421,8 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     """Train ``cfg.model`` on ``cfg.data``; returns the final metrics.
 
     ``on_epoch`` receives after every epoch: epoch (1-based), train_loss, train_acc, val_loss,
-    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint, and with ``fidelity_every``
+    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint, val_acc5 (at least five classes),
+    with ``model_ema`` val_loss_ema, val_acc_ema, val_acc5_ema (``dcanets.engine.recipe``), with ``fidelity_every``
     the epoch's mean direction fidelity: fidelity_cos, fidelity_sgd_cos, fidelity_cos_<stage> (the
     raw measurements go to the history entry's ``fidelity`` list, see docs/fidelity.md). ``resume`` (a last.pt or
     its directory) restores model, optimizer, scheduler, epoch and RNG so the run continues
@@ -450,15 +447,17 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     while run.epoch < cfg.epochs:
         t0 = time.perf_counter()
         stats = run.train_epoch()
-        val_loss, val_acc = (evaluate(run.model, run.val_loader, run.amp, run.amp_dtype) if len(run.val_data)
-                             else (float("nan"), float("nan")))
-        run.best_val_acc = max(run.best_val_acc, val_acc) if val_acc == val_acc else run.best_val_acc
-        run.end_epoch(val_loss, val_acc)
+        val = run.recipe.validate(run.model, run.val_loader, run.amp, run.amp_dtype, len(run.val_data))
+        val_loss, val_acc = val["val_loss"], val["val_acc"]
+        followed_loss, followed_acc = run.recipe.followed(val)  # model_ema: the EMA's, as timm's train.py
+        run.best_val_acc = max(run.best_val_acc, followed_acc) if followed_acc == followed_acc else run.best_val_acc
+        run.end_epoch(followed_loss, followed_acc)
         metrics = {"epoch": run.epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                    "val_loss": val_loss, "val_acc": val_acc, "lr": run.optimizer.param_groups[0]["lr"],
                    "epoch_seconds": time.perf_counter() - t0, "images_per_s": stats["images_per_s"],
                    "data_seconds": stats["data_seconds"], "train_seconds": stats["train_seconds"],
                    "checkpoint": None}
+        metrics.update(val)  # val_acc5 (>= 5 classes); val_loss_ema, val_acc_ema (model_ema)
         if out_dir:
             metrics["checkpoint"] = str(out_dir / "last.pt")
         fidelity = run.fidelity_metrics()
@@ -496,6 +495,6 @@ def _evaluate_held_out(run: _Run, spec: str, progress: bool) -> Dict[str, Any]:
     if held.classes != train.classes:
         raise ValueError(f"eval data '{spec}' has classes {held.classes[:5]}... but the training data "
                          f"{train.classes[:5]}...; both need the same class folders")
-    loss, acc = evaluate(run.model, run._loader(held, EVAL_BATCH, shuffle=False, augment=False), run.amp,
-                         run.amp_dtype)
-    return {"eval_loss": loss, "eval_acc": acc, "eval_images": len(held)}
+    metrics = evaluate_metrics(run.model, run._loader(held, EVAL_BATCH, shuffle=False, augment=False), run.amp,
+                               run.amp_dtype)
+    return {**{f"eval_{name}": value for name, value in metrics.items()}, "eval_images": len(held)}

@@ -75,7 +75,8 @@ def hooks_model(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def take_step(optimizer: torch.optim.Optimizer, closure: Closure, needs_closure: bool,
-              scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+              scaler: Optional[torch.amp.GradScaler] = None,
+              before_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """One training step; returns the loss at w_k. ``closure`` zeroes the gradients, runs forward,
     loss and backward and returns the (detached) loss.
 
@@ -84,13 +85,19 @@ def take_step(optimizer: torch.optim.Optimizer, closure: Closure, needs_closure:
     needs; an optimizer that returns no loss from it gets one more closure run for the loss.
     Otherwise the closure runs once, then ``optimizer.step()`` (``scaler.step`` and
     ``scaler.update`` when a ``GradScaler`` drives the step; the closure then backpropagates
-    ``scaler.scale(loss)``).
+    ``scaler.scale(loss)``). ``before_step`` runs between the backward and the step (gradient
+    clipping); the closure path has no such point, so it refuses one.
     """
     if needs_closure:
+        if before_step is not None:
+            raise ValueError("before_step needs the plain step: a closure-stepped optimizer computes its "
+                             "gradients inside optimizer.step(closure)")
         stepped: Any = optimizer.step(closure)  # type: ignore[arg-type]  # torch types closures as -> float
         return closure() if stepped is None else stepped
     with torch.enable_grad():
         loss = closure()
+    if before_step is not None:
+        before_step()
     if scaler is None:
         optimizer.step()
     else:

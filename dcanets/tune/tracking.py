@@ -366,7 +366,8 @@ class SearchTracker(SessionCallback):
 
 
 _LOGGED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s",
-           "data_seconds", "fidelity_cos", "fidelity_sgd_cos")
+           "data_seconds", "fidelity_cos", "fidelity_sgd_cos",
+           "val_acc5", "val_loss_ema", "val_acc_ema", "val_acc5_ema")  # top-5 and model_ema (engine/recipe.py)
 _LOGGED_PREFIXES = ("fidelity_cos_",)  # the per-stage direction fidelity (TrainConfig.fidelity_every)
 
 

@@ -119,3 +119,26 @@ def test_small_decoded_sets_live_on_the_gpu():
     assert loader.images.device.type == "cuda"
     x, y = next(iter(loader))
     assert x.device.type == "cuda" and x.dtype == torch.float32 and y.device.type == "cuda"
+
+
+def test_recipe_under_fp16_amp_clips_the_unscaled_gradient():
+    """Mixup, EMA, clipping and accumulation under fp16 autocast with a GradScaler: the optimizer steps
+    with the unscaled gradient clipped to clip_grad (steps the scaler skips for inf never reach it)."""
+    from dcanets.engine import loop as engine
+
+    run = engine._Run(tiny(amp=True, amp_dtype="float16", mixup=0.2, cutmix=1.0, model_ema=True, clip_grad=0.5,
+                           grad_accum_steps=2), progress=False)
+    assert run.scaler.is_enabled()
+    norms, step = [], run.optimizer.step
+
+    def recording(*args, **kwargs):
+        grads = [p.grad.double() for p in run.model.parameters() if p.grad is not None]
+        norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads))))
+        return step(*args, **kwargs)
+
+    run.optimizer.step = recording
+    stats = run.train_epoch()
+    assert math.isfinite(stats["train_loss"]) and run.num_updates == 4  # 256 images, batches of 32, pairs
+    assert norms and all(n <= 0.5 * (1 + 1e-3) for n in norms), norms
+    assert any(not torch.equal(e, m) for e, m in zip(run.recipe.ema.module.state_dict().values(),
+                                                      run.model.state_dict().values()))

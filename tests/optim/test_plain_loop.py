@@ -300,3 +300,34 @@ def test_a_model_whose_blocks_all_change_shape_fails_at_the_first_plain_step():
     x, y = _batches(1, 8, (4,), 3)[0]
     with pytest.raises(ValueError, match="no same-shape blocks"):
         _plain_step(model, opt, x, y)
+
+
+def test_take_step_runs_before_step_between_the_backward_and_the_step():
+    """``before_step`` (the engine's gradient clipping) sees the gradients of this backward before the
+    step uses them; the closure path has no such point and refuses one in one line."""
+    from dcanets.optim import take_step
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def halve():
+        for p in model.parameters():
+            p.grad.mul_(0.5)
+
+    take_step(opt, closure, False, before_step=halve)
+    twin = Net()
+    twin.load_state_dict({k: v for k, v in zip(model.state_dict(), before)})
+    F.cross_entropy(twin(x), y).backward()
+    for p, w, q in zip(model.parameters(), before, twin.parameters()):
+        assert torch.allclose(p, w - 0.1 * 0.5 * q.grad, atol=1e-7)
+    with pytest.raises(ValueError, match="before_step needs the plain step"):
+        take_step(opt, closure, True, before_step=halve)

@@ -255,3 +255,19 @@ def test_tuner_pkl_of_a_search_started_before_the_builders_module_still_loads():
     assert tracking.SearchTracker.__module__ == "dcanets.tune.tracking"
     with pytest.raises(AttributeError):
         schema.NoSuchName  # noqa: B018
+
+
+def test_timms_recipe_keys_are_train_and_space_keys(tmp_path, write_config):
+    """The recipe fields (TrainConfig, docs/training.md) go under train: and space: by timm's names and
+    are checked there as dcanets train checks them."""
+    recipe = {"mixup": 0.8, "cutmix": 1.0, "cutmix_minmax": [0.2, 0.8], "mixup_mode": "pair", "model_ema": True,
+              "model_ema_decay": 0.999, "clip_grad": 1.0, "clip_mode": "agc", "grad_accum_steps": 2}
+    spec = schema.load(write_config(tmp_path, train=recipe,
+                                    space={"mixup_prob": {"type": "uniform", "low": 0.5, "high": 1.0}}))
+    assert {k: spec.train[k] for k in recipe} == recipe and isinstance(spec.space["mixup_prob"], schema.Uniform)
+    msg = problems(write_config(tmp_path, train={"clip_mode": "l1"},
+                                space={"model_ema_decay": {"type": "uniform", "low": 0.9, "high": 1.0}}))
+    assert "train.clip_mode: must be one of 'norm', 'value' or 'agc', got 'l1'" in msg
+    assert "space.model_ema_decay.high: must be < 1, got 1" in msg
+    msg = problems(write_config(tmp_path, train={"mixup": 0.2, "batch_size": 63}))
+    assert "train: batch_size: must be even with mixup/cutmix (they mix pairs of images), got 63" in msg
