@@ -80,7 +80,8 @@ class OptKwargs(TypedDict, total=False):
     __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
 
     rho: Annotated[Rho, Field(description="DC decomposition: rho >= 0 (Hessian units) convexifies; 'auto' measures "
-                                          "it; rho = 0 (the default) leaves G not convex: eq. 19's formula, not a DCA step")]
+                                          "it; rho = 0 (the default) leaves G not convex: eq. 19's formula, not a "
+                                          "DCA step")]
     lam: Annotated[Positive, Field(description="DC decomposition: lam > 0 weights the L2 term")]
 
 
