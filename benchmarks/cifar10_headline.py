@@ -44,7 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
-from common import RESULTS, benchmark_data, figure_path, is_stand_in, parse_args, progress, shared_data, write_result
+from common import (
+    RESULTS,
+    benchmark_data,
+    data_label,
+    figure_path,
+    is_stand_in,
+    parse_args,
+    progress,
+    shared_data,
+    write_result,
+)
 
 if TYPE_CHECKING:
     from dcanets.engine import TrainConfig
@@ -301,8 +311,12 @@ def one_run(cfg: TrainConfig, result: Path, quick: bool) -> Dict[str, Any]:
 
 
 def summarize(cfg: TrainConfig, doc: Dict[str, Any]) -> Dict[str, Any]:
-    """The row of one finished run: final metrics, speed and curves (its metrics.json is the record)."""
+    """The row of one finished run: final metrics, speed, curves and the run's whole TrainConfig (data
+    paths as ``cifar10/train.tar``-style labels, the output folder left out), so the committed file
+    says how the run was made even after its run folder is gone (its metrics.json is the record)."""
     hist = doc["history"]
+    config = {k: v for k, v in cfg.to_dict().items() if k != "output"}
+    config.update(data=data_label(cfg.data), eval_data=data_label(cfg.eval_data) if cfg.eval_data else None)
     data_share = sum(h["data_seconds"] for h in hist) / sum(h["train_seconds"] for h in hist)
     return {"model": cfg.model, "opt": cfg.opt, "lr": cfg.lr, "seed": cfg.seed, "opt_kwargs": cfg.opt_kwargs,
             "final": {k: doc["final"].get(k) for k in ("val_acc", "best_val_acc", "train_loss", "train_acc",
@@ -310,7 +324,7 @@ def summarize(cfg: TrainConfig, doc: Dict[str, Any]) -> Dict[str, Any]:
             "images_per_s": sum(h["images_per_s"] for h in hist) / len(hist), "data_share": data_share,
             "wall_seconds": sum(h["epoch_seconds"] for h in hist), "device_name": _device_name(doc),
             "momentum": cfg.momentum, "curves": {k: [h[k] for h in hist] for k in ("train_loss", "val_acc")},
-            "fidelity": [m for h in hist for m in h.get("fidelity", [])]}
+            "fidelity": [m for h in hist for m in h.get("fidelity", [])], "config": config}
 
 
 def _device_name(doc: Dict[str, Any]) -> str:
