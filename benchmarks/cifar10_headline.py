@@ -7,8 +7,8 @@ Three experiments, each one command, all through the one training engine
 * ``depth``: He et al. 2015 protocol at a short budget: cifar_{plainnet,resnet,negnet,actresnet}20
   and cifar_{plainnet,resnet,negnet,gradnet}56; momentum SGD lr 0.1, wd 5e-4, 1 warm-up epoch,
   cosine, 40 epochs, the same for every arm (REPORT.md says how close cifar_resnet20 comes to 88%).
-* ``recipe``: cifar_resnet20 with the depth recipe plus label smoothing 0.1, the candidate recipe
-  for the >= 88% goal at a longer budget (``--epochs``), and cifar_negnet20 at the same recipe.
+* ``recipe``: the depth study's arms with the depth recipe plus label smoothing 0.1, the recipe for
+  the >= 88% goal (cifar_resnet20) at a longer budget (``--epochs``, 60 in the report).
 * ``resnet18``: the 3x3-stem 18-layer nets with the authors' recipe (lr 0.1, momentum 0.9,
   wd 5e-4, cosine, batch 128): cifar_negnet18 against both ResNet baselines (timm's
   post-activation cifar_resnet18 and the authors' act-before-add cifar_actresnet18).
@@ -26,7 +26,12 @@ resumes unfinished runs and skips finished ones. Each finished run writes its ow
 and machines), and ``--collect`` builds the experiment's JSON and PNG from whichever of those
 files exist, listing the arms still missing; the JSON and PNG in benchmarks/results/ are also
 rewritten after every experiment that trains (``--out results/_pilot.json`` writes
-``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). ``--quick`` (CI): 128 training
+``results/cifar10_<experiment>_pilot.json`` + ``.png`` instead). The result file of the budget the
+report tabulates (:data:`REPORTED`) is ``cifar10_<experiment>.json``; any other budget writes
+``cifar10_<experiment>_e<epochs>[_n<limit>].json``, so it never overwrites it. ``--only NAME`` with
+an arm's exact name runs one arm (one GPU job per arm), and ``--pending`` prints, for each arm and
+seed of the budget with no result file yet, the command that runs it (:data:`PLANNED`: the arms
+the report lists as not yet run). ``--quick`` (CI): 128 training
 images, 2 epochs, one seed; without ``../shared/data/cifar10/train.tar`` (and no ``--data``) it
 trains on a generated CIFAR-like stand-in.
 """
@@ -39,7 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
-from common import RESULTS, benchmark_data, figure_path, is_stand_in, parse_args, progress, shared_data, write_result
+from common import (
+    RESULTS,
+    benchmark_data,
+    data_label,
+    figure_path,
+    is_stand_in,
+    parse_args,
+    progress,
+    shared_data,
+    write_result,
+)
 
 if TYPE_CHECKING:
     from dcanets.engine import TrainConfig
@@ -64,6 +79,30 @@ DCA_STEP_LENGTH = 1.22
 FIDELITY_EVERY = 20
 CLAIM_DCA_KWARGS = {"beta_policy": "clamp"}  # eq. 19 with rho = 0; beta > beta_max is clamped, not fatal
 DCA_OPTS = ("dcacounter", "dcaquasihalf", "dcaquasineghalf")
+# (epochs, limit) of the runs each experiment's result file cifar10_<experiment>.json tabulates
+REPORTED = {"depth": (40, None), "recipe": (60, None), "claim": (3, None), "resnet18": (2, 10000), "dca": (3, 10000)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Runs the report lists until they exist: ``experiment`` at ``epochs`` over ``seeds``, why, and the
+    device kind they are meant for (``"cuda"`` or ``"cpu"``: where their time is estimated)."""
+
+    experiment: str
+    epochs: int
+    seeds: Tuple[int, ...]
+    why: str
+    device: str
+
+
+# the arms that wait (REPORT.md and README.md list them, with these commands, until their result files exist)
+PLANNED = [
+    Plan("depth", 40, (0, 1), "the depth study's second seeds (the 56-layer arms ran one seed)", "cuda"),
+    Plan("recipe", 60, (0, 1), "the depth study at the 60-epoch + label-smoothing recipe (one recipe for every arm)",
+         "cuda"),
+    Plan("claim", 40, (0, 1), "the DCA claim at the depth study's 40 epochs", "cuda"),
+    Plan("claim", 3, (0, 1), "seed-1 runs of the claim's shortcut nets at the CPU budget", "cpu"),
+]
 
 
 @dataclass(frozen=True)
@@ -139,8 +178,9 @@ def experiment_arms(experiment: str, dca_lr: Optional[float] = None,
                 + [arm(f"cifar_{f}56") for f in ("plainnet", "resnet", "negnet", "gradnet")])
     if experiment == "resnet18":
         return [arm("cifar_resnet18"), arm("cifar_actresnet18"), arm("cifar_negnet18")]
-    if experiment == "recipe":  # the recipe's own arm, and NegNet-20 beside it: paper 000's claim at the 88% budget
-        return [arm("cifar_resnet20"), arm("cifar_negnet20")]
+    if experiment == "recipe":  # the depth study's arms at the recipe of the 88% goal (cifar_resnet20)
+        return ([arm(f"cifar_{f}20") for f in ("plainnet", "resnet", "negnet", "actresnet")]
+                + [arm(f"cifar_{f}56") for f in ("plainnet", "resnet", "negnet", "gradnet")])
     if experiment == "dca":
         lr = {"lr": dca_lr} if dca_lr else {}
         arms = [arm("cifar_plainnet56"), arm("cifar_resnet56")]
@@ -175,6 +215,8 @@ def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collect", action="store_true",
                    help="train nothing: build the result file from the per-run result files of the command's "
                         "budget (arms run with fewer seeds appear with the seeds they have, absent arms as missing)")
+    p.add_argument("--pending", action="store_true",
+                   help="train nothing: print the command of every arm whose runs at this budget have no result file")
     p.add_argument("--only", nargs="+", default=["*"], metavar="PATTERN",
                    help="train only runs whose name (model-opt) matches, e.g. '*dcacounter' "
                         "(to split one experiment over processes; the result file is written by an unfiltered call)")
@@ -203,7 +245,41 @@ def run_config(args: argparse.Namespace, experiment: str, arm: Arm, seed: int) -
 
 def group(args: argparse.Namespace, experiment: str) -> str:
     """Runs of one group and budget share a folder (checkpoints and result files alike)."""
-    return f"{RUN_GROUP[experiment]}-e{args.epochs}" + (f"-n{args.limit}" if args.limit else "")
+    return budget_group(experiment, args.epochs, args.limit)
+
+
+def budget_group(experiment: str, epochs: int, limit: Optional[int]) -> str:
+    return f"{RUN_GROUP[experiment]}-e{epochs}" + (f"-n{limit}" if limit else "")
+
+
+def result_name(experiment: str, epochs: int, limit: Optional[int]) -> str:
+    """``cifar10_<experiment>`` for the budget the report tabulates (:data:`REPORTED`), else with the budget."""
+    if REPORTED.get(experiment) == (epochs, limit):
+        return f"cifar10_{experiment}"
+    return f"cifar10_{experiment}_e{epochs}" + (f"_n{limit}" if limit else "")
+
+
+def run_file(experiment: str, epochs: int, limit: Optional[int], run: str, quick: bool = False) -> Path:
+    """A run's own result file: one folder per experiment group and budget, one file per run."""
+    folder = RESULTS / f"cifar10_runs{'_quick' if quick else ''}"
+    return folder / budget_group(experiment, epochs, limit) / f"{run}.json"
+
+
+def pending(plan: Plan, quick: bool = False) -> List[Tuple[Arm, List[int]]]:
+    """The arms of ``plan`` with the seeds that have no result file yet."""
+    out = []
+    for arm in experiment_arms(plan.experiment):
+        seeds = [s for s in plan.seeds if not run_file(plan.experiment, plan.epochs, None, f"{arm.name}-s{s}",
+                                                       quick).exists()]
+        if seeds:
+            out.append((arm, seeds))
+    return out
+
+
+def command(plan: Plan, arm: Arm, seeds: List[int]) -> str:
+    """The command that trains ``arm`` at the plan's budget for ``seeds`` (one process; resumable)."""
+    return (f"python benchmarks/cifar10_headline.py --experiment {plan.experiment} --epochs {plan.epochs} "
+            f"--seeds {' '.join(map(str, seeds))} --only {arm.name}")
 
 
 def finished(cfg: TrainConfig) -> bool:
@@ -212,9 +288,8 @@ def finished(cfg: TrainConfig) -> bool:
 
 
 def result_path(args: argparse.Namespace, experiment: str, cfg: TrainConfig) -> Path:
-    """The run's own result file: one folder per experiment group and budget, one file per run."""
-    folder = f"cifar10_runs{'_quick' if args.quick else ''}"
-    return RESULTS / folder / group(args, experiment) / f"{Path(cfg.output).name}.json"
+    """The run's own result file (:func:`run_file`)."""
+    return run_file(experiment, args.epochs, args.limit, Path(cfg.output).name, args.quick)
 
 
 def one_run(cfg: TrainConfig, result: Path, quick: bool) -> Dict[str, Any]:
@@ -236,8 +311,12 @@ def one_run(cfg: TrainConfig, result: Path, quick: bool) -> Dict[str, Any]:
 
 
 def summarize(cfg: TrainConfig, doc: Dict[str, Any]) -> Dict[str, Any]:
-    """The row of one finished run: final metrics, speed and curves (its metrics.json is the record)."""
+    """The row of one finished run: final metrics, speed, curves and the run's whole TrainConfig (data
+    paths as ``cifar10/train.tar``-style labels, the output folder left out), so the committed file
+    says how the run was made even after its run folder is gone (its metrics.json is the record)."""
     hist = doc["history"]
+    config = {k: v for k, v in cfg.to_dict().items() if k != "output"}
+    config.update(data=data_label(cfg.data), eval_data=data_label(cfg.eval_data) if cfg.eval_data else None)
     data_share = sum(h["data_seconds"] for h in hist) / sum(h["train_seconds"] for h in hist)
     return {"model": cfg.model, "opt": cfg.opt, "lr": cfg.lr, "seed": cfg.seed, "opt_kwargs": cfg.opt_kwargs,
             "final": {k: doc["final"].get(k) for k in ("val_acc", "best_val_acc", "train_loss", "train_acc",
@@ -245,7 +324,7 @@ def summarize(cfg: TrainConfig, doc: Dict[str, Any]) -> Dict[str, Any]:
             "images_per_s": sum(h["images_per_s"] for h in hist) / len(hist), "data_share": data_share,
             "wall_seconds": sum(h["epoch_seconds"] for h in hist), "device_name": _device_name(doc),
             "momentum": cfg.momentum, "curves": {k: [h[k] for h in hist] for k in ("train_loss", "val_acc")},
-            "fidelity": [m for h in hist for m in h.get("fidelity", [])]}
+            "fidelity": [m for h in hist for m in h.get("fidelity", [])], "config": config}
 
 
 def _device_name(doc: Dict[str, Any]) -> str:
@@ -321,8 +400,14 @@ def plot_fidelity(rows: List[Dict[str, Any]], recipe: Mapping[str, Any], path: P
     plt.close(fig)
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], extra)
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], extra, argv)
+    if args.pending:
+        for experiment in args.experiment:
+            plan = Plan(experiment, args.epochs, tuple(args.seeds), "", "")
+            for arm, seeds in pending(plan, args.quick):
+                print(command(plan, arm, seeds))
+        return
     if args.quick:
         args.limit, args.val_limit, args.epochs, args.seeds = 128, 64, 2, [0]  # 2: past the warm-up epoch
         args.runs = args.runs.parent / "cifar10_quick"
@@ -356,7 +441,7 @@ def main() -> None:
                   "split_seed": 0, "dca_lr": args.dca_lr, "data": Path(args.data).name,
                   "recipe": recipe, "dca_kwargs": args.dca_kwargs,
                   "devices": sorted({r["device_name"] for r in rows})}
-        name = f"cifar10_{experiment}"
+        name = f"cifar10_{experiment}" if args.quick else result_name(experiment, args.epochs, args.limit)
         out = None if args.out is None else args.out.with_name(f"{name}{args.out.stem}.json")
         plot(rows, recipe, out.with_suffix(".png") if out else figure_path(name, args.quick),
              f"CIFAR-10 {experiment}, {args.epochs} epochs")

@@ -1,11 +1,15 @@
-"""Tables of the CIFAR-10 headline reproduction, generated from its result files.
+"""Tables and readings of the CIFAR-10 headline reproduction, generated from its result files.
 
-Reads ``results/cifar10_{depth,recipe,resnet18,dca,claim}.json`` (written by ``cifar10_headline.py``) and, if
-present, ``results/cifar10_dca_tune_trials.csv`` (the ``trials.csv`` of the
+Reads ``results/cifar10_{depth,recipe,resnet18,dca,claim}.json`` (written by ``cifar10_headline.py``),
+``results/cifar10_claim_e40.json`` when the claim has run at 40 epochs, ``results/cifar10_gpu_resnet18.json``
+and, if present, ``results/cifar10_dca_tune_trials.csv`` (the ``trials.csv`` of the
 ``tune_configs/dca_rho_lambda.yaml`` search), and rewrites the generated parts of
-``benchmarks/REPORT.md`` and of the README's headline table (between ``<!-- cifar10:NAME -->``
-markers), so every number in the report comes from a result file and none is typed by hand.
-``--quick`` reads the quick results and writes ``results/REPORT_quick.md`` instead.
+``benchmarks/REPORT.md`` and README.md (between ``<!-- cifar10:NAME -->`` markers): the tables, and
+the readings around them with their verdicts (``cifar10_prose.py``), so every number in those parts
+comes from a result file and none is typed by hand (``tests/benchmarks/test_cifar10_report.py``
+regenerates them and compares). ``--collect`` first rebuilds each planned experiment's result file
+from whichever per-run files exist (``cifar10_headline.py --collect``), so the tables show whatever
+has finished. ``--quick`` reads the quick results and writes ``results/REPORT_quick.md`` instead.
 ``--repro FIRST SECOND`` compares every run of the runs folder SECOND (a re-run of some of the
 same commands) with its namesake in FIRST and writes ``results/cifar10_repro.json`` first.
 """
@@ -15,9 +19,22 @@ import csv
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
-from cifar10_headline import Arm
+import cifar10_headline
+import cifar10_prose as prose
+from cifar10_results import (
+    LONGER_STEP,
+    accs,
+    arms,
+    fidelity_means,
+    gpu_resnet18,
+    load,
+    load_budget,
+    longer_step_arm,
+    mean_spread,
+    paired_gaps,
+)
 
 from common import RESULTS, fill_block, parse_args, write_result
 
@@ -28,8 +45,6 @@ MIN_GAP = 0.02  # a "share of the gap closed" needs a gap well above validation 
 BASELINES = {"resnet18": "cifar_resnet18", "dca": "cifar_plainnet56", "recipe": "cifar_resnet20"}
 # the claim's comparisons (arm, against): DCA against SGD on the same plain net, then against SGD on
 # the shortcut nets, each at the same momentum; arms missing from the result file are left out.
-# LONGER_STEP stands for SGD without momentum at eq. 19's longer step, whose lr the experiment sets
-LONGER_STEP = "plain-56 SGD m0 at eq. 19's step length"
 CLAIM_PAIRS = [("cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0"),
                ("cifar_plainnet56 + dcacounter m0", LONGER_STEP),
                ("cifar_plainnet56 + dcacounter", "cifar_plainnet56"),
@@ -39,45 +54,15 @@ CLAIM_PAIRS = [("cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0")
                ("cifar_gradnet56", "cifar_plainnet56")]
 
 
-def load(name: str, quick: bool) -> Dict[str, Any] | None:
-    path = RESULTS / f"cifar10_{name}{'_quick' if quick else ''}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def arms(doc: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
-    """Runs grouped by arm (:attr:`cifar10_headline.Arm.label`), seeds in order."""
-    out: Dict[str, List[Dict[str, Any]]] = {}
-    for r in sorted(doc["runs"], key=lambda r: r["seed"]):
-        out.setdefault(Arm.of_run(r, doc["budget"]["recipe"]).label, []).append(r)
-    return out
-
-
-def mean_spread(xs: Sequence[float]) -> str:
-    """Mean and half range over seeds: with two seeds the half range is the honest spread."""
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f} (1 seed)"
-    return f"{100 * statistics.mean(xs):.1f} ± {50 * (max(xs) - min(xs)):.1f}"
-
-
-def accs(runs: List[Dict[str, Any]]) -> List[float]:
-    return [r["final"]["val_acc"] for r in runs]
-
-
-def fidelity_means(runs: List[Dict[str, Any]]) -> tuple[float, float, float] | None:
-    """Means over every measured step (and seed) of cos(Δw, −∇ gradnet), of SGD's gradient's cosine at
-    the same weights, and of cos(Δw, −∇ gradnet) on layer3 (the stage of the block eq. 19 skips)."""
-    pts = [m for r in runs for m in r.get("fidelity", []) if m["cos"] is not None]
-    if not pts:
-        return None
-    return (statistics.mean(m["cos"] for m in pts), statistics.mean(m["sgd_cos"] for m in pts),
-            statistics.mean(m["stages"]["layer3"] for m in pts))
-
-
 def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
+    """One row per arm; a "trained on" column when the table's runs come from more than one machine."""
     fid = any(r.get("fidelity") for r in doc["runs"])
+    mixed = len({r.get("device_name") for r in doc["runs"]}) > 1
     fid_head, fid_rule = (" cos with gradnet grad: step / SGD grad (layer3: step) |", "---:|") if fid else ("", "")
+    dev_head, dev_rule = (" trained on |", "---|") if mixed else ("", "")
     rows = ["| arm | params | val acc % per seed | val acc % (mean ± half range) | final train loss "
-            "| images/s | data share | wall min/run |" + fid_head, "|---|---:|---|---:|---:|---:|---:|---:|" + fid_rule]
+            "| images/s | data share | wall min/run |" + fid_head + dev_head,
+            "|---|---:|---|---:|---:|---:|---:|---:|" + fid_rule + dev_rule]
     for name, runs in arms(doc).items():
         per_seed = ", ".join(f"s{r['seed']}: {100 * r['final']['val_acc']:.1f}" for r in runs)
         loss = statistics.mean(r["final"]["train_loss"] for r in runs)
@@ -86,8 +71,9 @@ def arm_table(doc: Dict[str, Any], baseline: str | None = None) -> str:
         wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
         rows.append(f"| {name} | {runs[0]['final']['num_params'] / 1e6:.2f}M | {per_seed} | "
                     f"{mean_spread(accs(runs))} | {loss:.3f} | {ips:.0f} | {100 * share:.1f}% | {wall:.1f} |"
-                    + (f" {fidelity_cell(runs)} |" if fid else ""))
-    rows += [f"| {name} | | missing (not trained yet) | | | | | |" + (" |" if fid else "")
+                    + (f" {fidelity_cell(runs)} |" if fid else "")
+                    + (f" {prose.where(doc, name)} |" if mixed else ""))
+    rows += [f"| {name} | | missing (not trained yet) | | | | | |" + (" |" if fid else "") + (" |" if mixed else "")
              for name in doc.get("missing", [])]
     table = "\n".join(rows)
     if baseline:
@@ -100,13 +86,6 @@ def fidelity_cell(runs: List[Dict[str, Any]]) -> str:
     return "–" if means is None else f"{means[0]:.3f} / {means[1]:.3f} ({means[2]:.3f})"
 
 
-def longer_step_arm(groups: Dict[str, List[Dict[str, Any]]]) -> str:
-    """The arm name of :data:`LONGER_STEP` (plain-56, SGD at another lr, momentum 0), or LONGER_STEP
-    itself when the result file has no such arm."""
-    found = [n for n in groups if n.startswith("cifar_plainnet56 + SGD lr ") and n.endswith(" m0")]
-    return found[0] if found else LONGER_STEP
-
-
 def claim_lines(doc: Dict[str, Any]) -> str:
     """The claim's paired comparisons (:data:`CLAIM_PAIRS`), those whose two arms both finished."""
     groups, lines = arms(doc), []
@@ -117,13 +96,6 @@ def claim_lines(doc: Dict[str, Any]) -> str:
             each = ", ".join(f"{100 * g:+.1f}" for g in gaps)
             lines.append(f"- {arm} − {against}: {100 * statistics.mean(gaps):+.1f} points (per seed: {each})")
     return "\n".join(lines)
-
-
-def paired_gaps(doc: Dict[str, Any], arm: str, baseline: str) -> List[float]:
-    """Accuracy gaps arm − baseline, paired by seed (same split, same initial RNG state)."""
-    groups = arms(doc)
-    base = {r["seed"]: r["final"]["val_acc"] for r in groups.get(baseline, [])}
-    return [r["final"]["val_acc"] - base[r["seed"]] for r in groups.get(arm, []) if r["seed"] in base]
 
 
 def gap_lines(doc: Dict[str, Any], baseline: str) -> str:
@@ -205,7 +177,8 @@ def headline(docs: Dict[str, Dict[str, Any]]) -> str:
            "|---|---|---|"]
     want = {"depth": ["cifar_plainnet20", "cifar_plainnet56", "cifar_resnet20", "cifar_resnet56",
                       "cifar_negnet20", "cifar_negnet56", "cifar_gradnet56"],
-            "recipe": ["cifar_resnet20", "cifar_negnet20"],
+            "recipe": ["cifar_plainnet20", "cifar_plainnet56", "cifar_resnet20", "cifar_resnet56",
+                       "cifar_negnet20", "cifar_negnet56", "cifar_actresnet20", "cifar_gradnet56"],
             "resnet18": ["cifar_resnet18", "cifar_actresnet18", "cifar_negnet18"],
             "dca": ["cifar_plainnet56 + dcacounter", "cifar_plainnet56 + dcaquasihalf",
                     "cifar_plainnet56 + dcaquasineghalf"]}
@@ -215,12 +188,13 @@ def headline(docs: Dict[str, Dict[str, Any]]) -> str:
     want["claim"] = ["cifar_plainnet56 + dcacounter m0", "cifar_plainnet56 + SGD m0", longer, "cifar_resnet56 + SGD m0",
                      "cifar_plainnet56 + dcacounter", "cifar_plainnet56", "cifar_resnet56", "cifar_gradnet56"]
     claims = {"depth": "plain-56 < plain-20; ResNet-56 > ResNet-20; NegNet?",
-              "recipe": "NegNet-20 on par with ResNet-20 at the ≥ 88% recipe",
-              "resnet18": "NegNet18 on par with ResNet18", "dca": "DCA + plain net = SGD + shortcut net",
+              "recipe": "the depth study at the 60-epoch + label-smoothing recipe (goal: ResNet-20 ≥ 88%)",
+              "resnet18": "NegNet18 on par with ResNet18 (paper 000's claim)",
+              "dca": "DCA + plain net = SGD + shortcut net",
               "claim": "DCA + plain net = SGD + shortcut net, one lr for every arm (eq. 19, momentum 0 / 0.9)"}
     for exp, names in want.items():
         doc = docs.get(exp)
-        if exp == "resnet18" and (gpu := gpu_resnet18()):
+        if exp == "resnet18" and (gpu := gpu_row()):
             out.append(f"| {claims[exp]} | {gpu} |")
             continue
         if not doc:
@@ -234,16 +208,12 @@ def headline(docs: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def gpu_resnet18() -> str | None:
+def gpu_row() -> str | None:
     """The 18-layer row from the GPU run of ``tune_configs/negnet18_cifar10_gpu.yaml`` (the larger budget)."""
-    path = RESULTS / "cifar10_gpu_resnet18.json"
-    if not path.exists():
+    doc = gpu_resnet18()
+    if doc is None:
         return None
-    doc = json.loads(path.read_text())
-    by: Dict[str, List[float]] = {}
-    for r in sorted(doc["runs"], key=lambda r: r["seed"]):
-        by.setdefault(r["model"], []).append(r["final_val_acc"])
-    cells = "; ".join(f"{m.replace('cifar_', '')} {mean_spread(v)}" for m, v in by.items())
+    cells = "; ".join(f"{m.replace('cifar_', '')} {mean_spread(accs(runs))}" for m, runs in arms(doc).items())
     b = doc["budget"]
     return (f"{cells} | {b['epochs']} ep × {b['train_images']:,} img, seeds {b['seeds']}, "
             f"{doc['machine']['gpu']}")
@@ -284,10 +254,11 @@ def fill(text: str, name: str, body: str) -> str:
 
 
 def blocks(docs: Dict[str, Dict[str, Any]], quick: bool) -> Dict[str, str]:
+    """Every generated part: the tables (by experiment), the readings and verdicts, the pending arms."""
     out: Dict[str, str] = {}
     for exp, doc in docs.items():
         body = budget_line(doc) + "\n\n" + arm_table(doc, BASELINES.get(exp))
-        if exp == "claim":
+        if exp.startswith("claim"):
             body += "\n\n" + claim_lines(doc)
         if exp == "dca":
             body += "\n" + gap_closed(doc)
@@ -297,19 +268,80 @@ def blocks(docs: Dict[str, Dict[str, Any]], quick: bool) -> Dict[str, str]:
     out["tune"] = tune_table(RESULTS / f"cifar10_dca_tune_trials{'_quick' if quick else ''}.csv")
     out["headline"] = headline(docs)
     out["repro"] = repro_block(quick)
+    out.update(readings(docs, quick))
+    return out
+
+
+# the experiment whose result file each reading needs
+READINGS = {"depth_reading": "depth", "recipe_reading": "recipe", "resnet18_reading": "resnet18",
+            "dca_reading": "dca", "claim_reading": "claim", "claim_missing": "claim", "goal": "recipe"}
+
+
+def readings(docs: Dict[str, Dict[str, Any]], quick: bool) -> Dict[str, str]:
+    """The prose parts (``cifar10_prose``) whose result files exist; the README's verdicts and GPU section,
+    the 40-epoch claim's table or its absence, and the arms not yet run."""
+    make = {"depth_reading": lambda: prose.depth_reading(docs["depth"]),
+            "recipe_reading": lambda: prose.recipe_reading(docs),
+            "resnet18_reading": lambda: prose.resnet18_reading(docs["resnet18"]),
+            "dca_reading": lambda: prose.dca_reading(docs),
+            "claim_reading": lambda: prose.claim_reading(docs["claim"]),
+            "claim_missing": lambda: prose.missing_note(docs["claim"]), "goal": lambda: prose.goal(docs)}
+    out = {name: fn() for name, fn in make.items() if READINGS[name] in docs}
+    if quick:
+        return out
+    gpu = gpu_resnet18()
+    if gpu:
+        out["gpu18"] = prose.gpu18(gpu)
+    out["verdicts"] = prose.verdicts(docs, gpu)
+    if "claim_e40" not in docs:
+        out["claim_e40"] = "Not run yet: the commands are under \"Arms not yet run\" below."
+    out["pending"] = prose.pending_block()
     return out
 
 
 def extra(p) -> None:
     p.add_argument("--repro", nargs=2, type=Path, metavar=("FIRST", "SECOND"),
                    help="runs folders of a result and of its re-run, compared epoch by epoch")
+    p.add_argument("--collect", action="store_true",
+                   help="first rebuild each planned experiment's result file from its per-run files "
+                        "(cifar10_headline.py --collect), so the tables show whatever has finished")
+
+
+def collect_all() -> None:
+    """``cifar10_headline.py --collect`` for every reported and planned budget that has per-run files."""
+    budgets = {(e, ep) for e, (ep, limit) in cifar10_headline.REPORTED.items() if limit is None}
+    budgets |= {(p.experiment, p.epochs) for p in cifar10_headline.PLANNED}
+    for exp, epochs in sorted(budgets):
+        if cifar10_headline.run_file(exp, epochs, None, "x").parent.is_dir():
+            cifar10_headline.main(["--collect", "--experiment", exp, "--epochs", str(epochs)])
+
+
+def load_docs(quick: bool) -> Dict[str, Dict[str, Any]]:
+    """The result files the report tabulates, by table name (``claim_e40``: the claim at 40 epochs)."""
+    docs = {exp: d for exp in ("depth", "recipe", "resnet18", "dca", "claim") if (d := load(exp, quick))}
+    if not quick and (e40 := load_budget("claim", 40)):
+        docs["claim_e40"] = e40
+    return docs
+
+
+def write_pages(parts: Dict[str, str]) -> None:
+    """Fill every marker each page has (README.md: the headline, verdicts, GPU section, pending arms)."""
+    for path in (REPORT, README):
+        text = path.read_text()
+        for name, body in parts.items():
+            if f"<!-- cifar10:{name} -->" in text:
+                text = fill(text, name, body)
+        path.write_text(text)
+        print(f"wrote {path}")
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.repro:
         write_result("cifar10_repro", args.quick, compare_runs(*args.repro))
-    docs = {exp: d for exp in ("depth", "recipe", "resnet18", "dca", "claim") if (d := load(exp, args.quick))}
+    if args.collect and not args.quick:
+        collect_all()
+    docs = load_docs(args.quick)
     if not docs:
         raise SystemExit("no cifar10_*.json results yet: run cifar10_headline.py first")
     parts = blocks(docs, args.quick)
@@ -320,12 +352,7 @@ def main() -> None:
         out.write_text("\n\n".join(note + [f"## {k}\n\n{v}" for k, v in parts.items()]) + "\n")
         print(out.read_text())
         return
-    for path, names in ((REPORT, list(parts)), (README, ["headline"])):
-        text = path.read_text()
-        for name in names:
-            text = fill(text, name, parts[name])
-        path.write_text(text)
-        print(f"wrote {path}")
+    write_pages(parts)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,10 @@ def is_stand_in(path: str) -> bool:
     return str(path) in _GENERATED
 
 
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The common flags (``--quick``/``--full``, ``--seed``, ``--out``) and a script's own; ``argv``: parse
+    these instead of the command line (one script driving another)."""
     parser = argparse.ArgumentParser(description=description)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny budget, for CI")
@@ -103,7 +106,7 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     if extra:
         extra(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def machine() -> Dict[str, Any]:

@@ -13,7 +13,9 @@ least-squares projection of g_ref onto the span (:func:`best_in_span`) is the up
 what any linear combination of the family's vectors can reach, and the rank-one-curvature Newton
 steps of the multi-block decompositions (:func:`model_newton`, :func:`quasi_newton`) are inside
 that span. :func:`newton_cg` is the exact (true-Hessian) Newton step of eq. 12's G2 by conjugate
-gradients. docs/decompositions.md, "The deep-network question", has the measurements.
+gradients. :func:`all_block` is the one counter loss that mixes every block at α = ½
+(L'^{all}_{½}, eq. 23's G₃ over the whole chain), exact and linearised: a direction outside the
+family's span. docs/decompositions.md, "The deep-network question", has the measurements.
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ from dcanets.analysis.paths import (
     by_skips,
     gradnet_vector,
     last_same_shape,
+    plain_blocks,
     record,
     skip_vector,
     spans,
 )
 from dcanets.hessian import FrozenBuffers, hvp
+from dcanets.layers.shortcut import ShortcutBlock
 from dcanets.optim.rho import LossFn
 
 # -- a family of vectors and its Gram matrices --------------------------------------------------
@@ -284,6 +288,68 @@ def newton_cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor,
     return NewtonCG(x, iters, False)
 
 
+# -- the all-block counter loss at α = ½ (eq. 10 at every block; eq. 23's G₃ with L'^{all}_{½}) --
+
+ALL_BLOCK_ALPHA = 0.5
+ALL_BLOCK: Dict[str, Tuple[str, str]] = {
+    # key: (what it is, the decomposition behind it): directions outside the family's span
+    "allhalf_exact": ("(f) ∇L'^{all}_{½}: every block ½·out + ½·S(in), gradient at that net's own forward",
+                      "quasi-DC: G₃ = L'^{all}_{½} + ρ/2·L2 (eq. 23 at every block), its gradient"),
+    "allhalf_exact_rescaled": ("(f) the same, block l's part × 2^{B−l+1} (stem × 2^B)",
+                               "no G: ∇L'^{all}_{½} with a per-block step size"),
+    "allhalf_linear": ("(f) ∇L'^{all}_{½} linearised at the plain forward: ½(J + S) at every block",
+                       "quasi-DC (eq. 23 at every block), linearised"),
+    "allhalf_linear_rescaled": ("(f) the linearised one, block l's part × 2^{B−l+1}: g_ref by construction",
+                                "check: cos 1 by the identity"),
+}
+
+
+@contextmanager
+def all_mixed(model: nn.Module, alpha: float = ALL_BLOCK_ALPHA, linearised: bool = False) -> Iterator[None]:
+    """Within the block every block of the plain chain outputs α·out + (1 − α)·S(in), S its shortcut
+    (the identity, or the zero-padding map at a stage transition, as g_ref's): the loss is then
+    L'^{all}_α, eq. 10's counter loss at every block at once, the loss of an α-scaled residual net on
+    the same weights. ``linearised=True`` keeps the plain forward (the value is ``out`` exactly) and
+    gives the backward of the mixed net, α·J + (1 − α)·S per block (the ``s − s.detach()`` trick of
+    the gradnet): the gradient of L'^{all}_α linearised at the plain network's activations."""
+    def hook(block: nn.Module, inputs: Tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        down = cast(ShortcutBlock, block).downsample
+        mix = alpha * out + (1 - alpha) * (inputs[0] if down is None else down(inputs[0]))
+        return out.detach() + (mix - mix.detach()) if linearised else mix
+
+    handles = [cast(nn.Module, b).register_forward_hook(hook) for _, b in plain_blocks(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def block_rescale(vec: torch.Tensor, layout: Layout, alpha: float = ALL_BLOCK_ALPHA) -> torch.Tensor:
+    """Each group's part of ``vec`` times (1/α)^{blocks above it}: block l (0-based, of B) × (1/α)^{B−l},
+    the stem × (1/α)^B, the head × 1 — the factors the mixed backward puts on a path through every
+    block, undone (a per-block step size an optimizer built on it would use)."""
+    depth, out = len(layout.groups) - 2, vec.clone()
+    for j, g in enumerate(layout.groups[:-1]):          # j = 0: the stem, j = l + 1: block l
+        out[g.start:g.stop] *= (1 / alpha) ** (depth - max(j - 1, 0))
+    return out
+
+
+def all_block(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layout: Layout,
+              alpha: float = ALL_BLOCK_ALPHA, loss_fn: LossFn = F.cross_entropy) -> Dict[str, torch.Tensor]:
+    """The directions of :data:`ALL_BLOCK` (flat, the layout's order): ∇L'^{all}_α exact and linearised,
+    each also block-rescaled (:func:`block_rescale`). Train mode, running statistics restored."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, linearised in (("exact", False), ("linear", True)):
+        model.train()
+        with FrozenBuffers(model), all_mixed(model, alpha, linearised), torch.enable_grad():
+            loss = loss_fn(model(inputs), targets)
+            grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
+        vec = layout.flatten(dict(enumerate(grads)))
+        out[f"allhalf_{key}"], out[f"allhalf_{key}_rescaled"] = vec, block_rescale(vec, layout, alpha)
+    return out
+
+
 # -- one measurement: every direction, bound and path class on one batch ------------------------
 
 DIRECTIONS: Dict[str, Tuple[str, str]] = {
@@ -306,13 +372,15 @@ DIRECTIONS: Dict[str, Tuple[str, str]] = {
 
 @dataclass
 class DeepMeasurement:
-    """Cosines with g_ref (``{"whole": …, stage: …}``) of every direction (:data:`DIRECTIONS`), of the
-    span bounds (``best_single_<per>``, ``best_span_<per>``) and of the path classes
+    """Cosines with g_ref (``{"whole": …, stage: …}``) of every direction (:data:`DIRECTIONS`,
+    :data:`ALL_BLOCK`) and, in ``lengths``, its step-length ratio ‖d‖/‖a‖ (SGD's step at the same lr
+    is 1), of the span bounds (``best_single_<per>``, ``best_span_<per>``) and of the path classes
     (``skips_le_<n>``, ``runs_le_1``); ``shares``: ‖class‖/‖g_ref‖; the Gram matrices and the
     whole-net projection coefficients, to carry to another batch (:func:`transfer`); g_ref (flat) and
     the layout, for directions computed outside the family (:func:`newton_cg`)."""
 
     cosines: Dict[str, Dict[str, float]]
+    lengths: Dict[str, float]
     shares: Dict[str, float]
     grams: Grams
     coef: Dict[str, torch.Tensor]
@@ -383,26 +451,35 @@ def measure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, max_l
             rhos: Sequence[float] = (0.0,), skips_cap: int = 4, loss_fn: LossFn = F.cross_entropy) -> DeepMeasurement:
     """Every direction of :data:`DIRECTIONS`, the span bounds and the path classes on one batch, at the
     model's current weights (train mode, running statistics untouched); ``rhos``: ridges ρ/(2κ) in
-    units of ‖a‖² (see :func:`_all_directions`). Cost: one forward, about
-    B³/6 single-block products for the spans (B = blocks; ``max_len=1`` keeps the single blocks:
-    about B²/2), and (``skips_cap`` + 4) backward passes for the path classes."""
+    units of ‖a‖² (see :func:`_all_directions`); the directions of :data:`ALL_BLOCK` beside them. Cost:
+    one forward, about B³/6 single-block products for the spans (B = blocks; ``max_len=1`` keeps the
+    single blocks: about B²/2), (``skips_cap`` + 4) backward passes for the path classes and two
+    forward-backward passes for the all-block counter loss."""
     chain = record(model, inputs, targets, loss_fn)
     ref = gradnet_vector(chain)
     fam = family(chain, max_len)
     grams = Grams.of(fam.rows, ref, chain.layout)
     last = chain.blocks.index(last_same_shape(model))
-    cosines = {k: grams.cosines(t) for k, t in _all_directions(grams, fam, last, rhos).items()}
+    coefs = _all_directions(grams, fam, last, rhos)
+    cosines = {k: grams.cosines(t) for k, t in coefs.items()}
+    K, _, rr = grams.pick(None)
+    lengths = {k: (float(t @ K @ t) / float(K[0, 0])) ** 0.5 for k, t in coefs.items()}
+    mixed_all = all_block(model, inputs, targets, chain.layout, loss_fn=loss_fn)
+    extra = Grams.of(torch.stack([chain.a] + list(mixed_all.values())), ref, chain.layout)
+    Ke, _, _ = extra.pick(None)
+    for i, key in enumerate(mixed_all, start=1):
+        cosines[key] = extra.cosines(indicator(len(mixed_all) + 1, [i]))
+        lengths[key] = (float(Ke[i, i]) / float(Ke[0, 0])) ** 0.5
     singles = grams.sub(fam.singles())
     for per in ("whole", "stage", "group"):
         cosines[f"best_single_{per}"] = best_in_span(singles, per)
         cosines[f"best_span_{per}"] = best_in_span(grams, per)
     skips, skip_shares = _class_cosines(by_skips(chain, skips_cap), ref, chain.layout, "skips")
     runs, run_shares = _class_cosines(by_runs(chain, 2), ref, chain.layout, "runs")
-    K, _, rr = grams.pick(None)
     diagnostics = {"loss": float(chain.loss.detach()), "ref_norm": float(rr) ** 0.5, "a_norm": float(K[0, 0]) ** 0.5,
                    "blocks": chain.depth, "vectors": fam.rows.shape[0],
                    **{f"ref_share_{s}": (float(grams.pick(s)[2]) / float(rr)) ** 0.5 for s in chain.layout.stages()}}
-    return DeepMeasurement({**cosines, **skips, **runs}, {**skip_shares, **run_shares}, grams,
+    return DeepMeasurement({**cosines, **skips, **runs}, lengths, {**skip_shares, **run_shares}, grams,
                            {"single": projection_coef(singles), "span": projection_coef(grams)},
                            diagnostics, fam.spans, ref, chain.layout)
 
@@ -415,4 +492,5 @@ def transfer(coef: torch.Tensor, grams: Grams) -> Dict[str, float]:
 
 __all__ = ["Family", "family", "Grams", "eq19", "combine", "model_newton", "counter_newton", "quasi_newton",
            "best_in_span", "projection_coef", "mixed", "g2_operator", "NewtonCG", "newton_cg", "DIRECTIONS",
+           "ALL_BLOCK", "ALL_BLOCK_ALPHA", "all_mixed", "block_rescale", "all_block",
            "RHO_DEPENDENT", "DeepMeasurement", "indicator", "measure", "transfer"]

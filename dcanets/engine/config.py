@@ -89,7 +89,9 @@ class OptKwargs(TypedDict, total=False):
 
     __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
 
-    rho: Annotated[Rho, Field(description="DC decomposition: rho >= 0 (Hessian units) convexifies; 'auto' measures it")]
+    rho: Annotated[Rho, Field(description="DC decomposition: rho >= 0 (Hessian units) convexifies; 'auto' measures "
+                                          "it; rho = 0 (the default) leaves G not convex: eq. 19's formula, not a "
+                                          "DCA step")]
     lam: Annotated[Positive, Field(description="DC decomposition: lam > 0 weights the L2 term")]
 
 
@@ -116,7 +118,8 @@ class TrainConfig(BaseModel):
     weight_decay: Number = Field(5e-4, ge=0, description="L2 weight decay (not on biases and norm parameters)")
     opt_kwargs: OptKwargs = Field(
         default_factory=lambda: OptKwargs(),
-        description="extra optimizer kwargs, e.g. 'rho=0.01,lam=10' or JSON (DC decompositions: rho >= 0, lam > 0)")
+        description="extra optimizer kwargs, e.g. 'rho=0.01,lam=10' or JSON (DC decompositions: rho >= 0, lam > 0; "
+                    "at rho = 0 G is not convex, so the step is not a DCA step)")
     sched: Schedule = Field(
         "cosine", description="lr schedule, a timm scheduler name (none = constant); fitted into epochs")
     sched_on_updates: bool = Field(

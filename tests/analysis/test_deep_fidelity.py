@@ -273,3 +273,51 @@ def test_compare_steps_leaves_the_model_and_reports_refusals():
     assert isinstance(out["refused"], str) and "beta" in out["refused"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# -- the all-block counter loss at alpha = 1/2 ----------------------------------------------------
+
+def _group_factor(j, depth):
+    """(1/2)^(blocks above group j): the stem (j = 0) 2^-B, block l (j = l + 1) 2^-(B-l), the head 1."""
+    return 1.0 if j == depth + 1 else 0.5 ** (depth - max(j - 1, 0))
+
+
+def test_linearised_all_block_gradient_is_the_gradnet_gradient_halved_per_block(net):
+    """The identity the all-block rows rest on: L'^{all}_{1/2} linearised at the plain forward has, on
+    block l (1-based), (1/2)^(B-l+1) times the gradnet twin's gradient (the twin's own merge, not the
+    chain), (1/2)^B on the stem, the twin's on the head; rescaled per block it is g_ref itself."""
+    model, x, y, chain = net
+    vecs = D.all_block(model, x, y, chain.layout)
+    ref = _flat(chain, reference_gradient(model, x, y, "gradnet")[0])
+    for j, g in enumerate(chain.layout.groups):
+        part = slice(g.start, g.stop)
+        torch.testing.assert_close(vecs["allhalf_linear"][part], _group_factor(j, chain.depth) * ref[part], **TOL)
+    torch.testing.assert_close(vecs["allhalf_linear_rescaled"], ref, **TOL)
+    assert float(ref.norm()) > 0
+
+
+def test_exact_all_block_gradient_is_the_half_scaled_residual_nets_and_not_the_linearised(net):
+    """∇L'^{all}_{1/2} is the gradient of the net whose every block is 1/2·(act(F(x)) + s(x)): the
+    twin's own act-before-add merge with alpha = 1 (zero padding at the transitions), output halved.
+    Taken at that net's forward, it is not the linearised direction."""
+    model, x, y, chain = net
+    vecs = D.all_block(model, x, y, chain.layout)
+    twin = copy.deepcopy(model)
+    for _, b in shortcut_blocks(twin):
+        b.shortcut_alpha, b.act_placement = 1.0, "before_add"
+        b.register_forward_hook(lambda m, i, o: 0.5 * o)
+    loss = torch.nn.functional.cross_entropy(twin(x), y)
+    grads = torch.autograd.grad(loss, [p for p in twin.parameters() if p.requires_grad])
+    torch.testing.assert_close(vecs["allhalf_exact"], _flat(chain, grads), rtol=1e-7, atol=1e-12)
+    exact, lin = vecs["allhalf_exact_rescaled"], vecs["allhalf_linear_rescaled"]
+    assert float(exact @ lin / (exact.norm() * lin.norm())) < 0.99
+
+
+def test_measure_reports_the_all_block_rows_and_step_lengths():
+    model, x, y = _setup()
+    m = D.measure(model, x, y)
+    assert m.cosines["allhalf_linear_rescaled"]["whole"] == pytest.approx(1.0, abs=1e-9)
+    assert set(D.ALL_BLOCK) <= set(m.lengths) and m.lengths["sgd"] == pytest.approx(1.0)
+    ratio = m.diagnostics["ref_norm"] / m.diagnostics["a_norm"]
+    assert m.lengths["allhalf_linear_rescaled"] == pytest.approx(ratio, rel=1e-9)
+    assert m.lengths["allhalf_linear"] < m.lengths["allhalf_linear_rescaled"]
