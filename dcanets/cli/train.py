@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from pydantic.fields import FieldInfo
 
+from dcanets import safe_yaml
 from dcanets.engine.checkpoint import load_checkpoint
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.loop import train
@@ -65,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = safe_yaml.load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"invalid YAML in '{path}': {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):

@@ -162,8 +162,10 @@ def _check_same_config(config: Optional[Path], saved: Path) -> None:
 def _yaml_or_none(path: Path):
     import yaml
 
+    from dcanets import safe_yaml
+
     try:
-        return yaml.safe_load(path.read_text())
+        return safe_yaml.load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
 
