@@ -23,13 +23,16 @@ FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFull(OSError):
-    """No space left for ``path`` (an ``OSError`` with errno ENOSPC/EDQUOT); one line."""
+    """No space left for ``path`` (an ``OSError`` with errno ENOSPC/EDQUOT); one line. ``path`` is
+    None when the failed write happened elsewhere (in Ray) and only its message came back."""
 
-    def __init__(self, path: Path, cause: Optional[OSError] = None) -> None:
+    def __init__(self, path: Optional[str | Path], cause: Optional[OSError] = None) -> None:
         super().__init__(cause.errno if cause is not None else errno.ENOSPC, "No space left on device")
-        self.path = Path(path)
+        self.path = Path(path) if path else None
 
     def __str__(self) -> str:
+        if self.path is None:
+            return "no space left on device; free space on the disk of the output folder"
         return (f"no space left on device writing '{self.path}' (it was not changed, and no temporary file "
                 "is left); free space on that disk")
 
@@ -65,19 +68,19 @@ def torch_save(obj: Any, path: Path) -> None:
     write_bytes(path, buffer.getbuffer())
 
 
-def no_space(exc: BaseException) -> Optional[str]:
-    """The file a full disk failed to write, if ``exc`` (or an exception it was raised from, or
-    the text of one Ray passed along from another process) is a full disk; else None."""
+def no_space(exc: Optional[BaseException]) -> Optional[str]:
+    """If ``exc`` (or an exception it was raised from, or the text of one that Ray passed along from
+    another process) is a full disk: the file it failed to write, ``""`` when unknown; else None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, DiskFull):
-            return str(exc.path)
+            return str(exc.path or "")
         if isinstance(exc, OSError) and exc.errno in FULL:
-            return str(exc.filename or "?")
-        if "No space left on device" in str(exc) or "no space left on device" in str(exc):
-            return "?"
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+            return str(exc.filename or "")
+        if "no space left on device" in str(exc).lower():
+            return ""
+        exc = exc.__cause__ or exc.__context__
     return None
 
 

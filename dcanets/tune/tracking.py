@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from dcanets.engine import divergence
 from dcanets.tune.callbacks import SessionCallback
 from dcanets.tune.state import SearchState, TrialRecord
 from dcanets.tune.storage import Location
@@ -101,11 +102,46 @@ def check_uri(uri: str, origin: Optional[str] = None) -> None:
 
 def open_store(uri: str, origin: Optional[str] = None) -> None:
     """Reach the MLflow store at ``uri`` (a SQLite file that does not exist yet is created); one
-    ValueError line when MLflow cannot use it."""
+    ValueError line when MLflow cannot use it.
+
+    A SQLite store is opened under a lock beside it (``mlflow.db.lock``): MLflow creates the
+    tables of a new file without one, and two searches started at once on a fresh ``--output``
+    both ran the migrations, one failing ("table tags already exists", "Circular dependency
+    detected"). The second now waits for the first's migrations, then finds the tables made.
+    """
+    with _creation_lock(uri, origin):
+        try:
+            _client(uri).search_experiments(max_results=1)
+        except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
+            raise ValueError(f"{_named(uri, origin)}: {_problem(uri, exc)}") from None
+
+
+STORE_LOCK_WAIT_S = 600.0  # MLflow's migrations of a new store take seconds; minutes on a loaded machine
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str, origin: Optional[str]) -> Iterator[None]:
+    """An exclusive lock on ``<store>.lock`` for a SQLite store; nothing for a server."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    from dcanets.engine.rundir import FolderLock
+
+    path = Path(uri[len(prefix):])
+    lock = FolderLock(path.with_name(path.name + ".lock"))
     try:
-        _client(uri).search_experiments(max_results=1)
-    except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
-        raise ValueError(f"{_named(uri, origin)}: {_problem(uri, exc)}") from None
+        acquired = lock.acquire(wait=STORE_LOCK_WAIT_S)
+    except OSError as exc:
+        raise ValueError(f"{_named(uri, origin)}: cannot lock it for its creation ({exc.strerror or exc})") from None
+    if not acquired:
+        raise ValueError(f"{_named(uri, origin)}: {lock.holder()} has held it for {STORE_LOCK_WAIT_S:.0f} s while "
+                         "creating it; stop that process or give another --tracking-uri")
+    try:
+        lock.record_holder()
+        yield
+    finally:
+        lock.release()
 
 
 def _named(uri: str, origin: Optional[str]) -> str:
@@ -316,17 +352,23 @@ class SearchTracker(SessionCallback):
             record.checkpoint = result["checkpoint_path"]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "FINISHED")
+        result = trial.last_result or {}
+        if divergence.diverged(result):  # stopped by the engine: a failure, with the reason as tags
+            self._end(trial, "FAILED", divergence.tags(result))
+        else:
+            self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED")
 
     # -- helpers ----------------------------------------------------------------------------
-    def _end(self, trial, status: str) -> None:
+    def _end(self, trial, status: str, tags: Optional[Dict[str, str]] = None) -> None:
         record = self.state.trials.get(trial.trial_id)
         if not record:
             return
         self._settle(record.run_id)
+        for key, value in (tags or {}).items():
+            self.client.set_tag(record.run_id, key, value)
         # the checkpoint Tune registered last (Trial.checkpoint), else the last one reported
         ckpt = getattr(trial.checkpoint, "path", None) or record.checkpoint
         if ckpt:
