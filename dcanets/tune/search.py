@@ -221,6 +221,8 @@ class _Session:
         self.t_fit = time.perf_counter()
         grid = tuner.fit()
         self.stop.deferring = True  # from here on a first signal does not cut the session's bookkeeping
+        if self.state.write_error is not None:  # a full disk stopped the search (tracking: SearchTracker)
+            raise self.state.write_error
         self.timings["fit"] = time.perf_counter() - self.t_fit
         trials = _collect(grid, self.spec, ended=self._outcomes().ended if self.stop.received else None)
         self.status = session_status(trials, self.stop.received, self.state.num_samples)

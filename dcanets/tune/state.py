@@ -61,7 +61,7 @@ class SearchState(BaseModel):
     by the driver and the Tune callbacks of that session.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)  # write_error: an OSError
     folder: Path = Field(exclude=True)  # where the file is; not in it (the folder may move)
     config_dir: str  # relative data paths of the config resolve against it
     config_path: str
@@ -75,6 +75,8 @@ class SearchState(BaseModel):
     fit_seconds: float = 0.0  # search time of the sessions that ended, for the progress clock
     status: Optional[str] = None  # FINISHED, KILLED or FAILED after a session ended
     ended_trials: List[str] = Field(default_factory=list)  # trials that ended on their own
+    # a write that failed in a Tune callback (a full disk), raised by the session once Tune stopped
+    write_error: Optional[OSError] = Field(default=None, exclude=True)
 
     @classmethod
     def create(cls, folder: Path, **values: Any) -> "SearchState":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from dcanets.engine import divergence
+from dcanets.engine.atomic import DiskFull
 from dcanets.tune.callbacks import SessionCallback
 from dcanets.tune.state import SearchState, TrialRecord
 from dcanets.tune.storage import Location
@@ -336,7 +337,8 @@ class SearchTracker(SessionCallback):
             return
         run = self.client.create_run(self.state.experiment_id, run_name=str(trial), tags={
             "mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id})
-        self.state.add_trial(trial.trial_id, run.info.run_id)
+        with _disk_full_stops_the_search(self.state):
+            self.state.add_trial(trial.trial_id, run.info.run_id)
         self._log_params(run.info.run_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -375,7 +377,8 @@ class SearchTracker(SessionCallback):
             self.client.set_tag(record.run_id, "final_checkpoint", ckpt)
         self.client.set_terminated(record.run_id, status)
         record.status = status
-        self.state.save_trial(trial.trial_id)
+        with _disk_full_stops_the_search(self.state):
+            self.state.save_trial(trial.trial_id)
 
     def _in_background(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """``write(*args, **kwargs)`` on this tracker's writer thread (started at the first write)."""
@@ -451,6 +454,27 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+@contextlib.contextmanager
+def _disk_full_stops_the_search(state: SearchState) -> Iterator[None]:
+    """A full disk while a Tune callback writes ``search.json`` stops the search, as SIGUSR1 does.
+
+    Tune blames an exception of a callback on the trial it was called for (ERROR, and a resumed
+    search never runs it again), and the search would go on filling the disk. Instead the error is
+    kept in ``state.write_error``, which the session raises once ``Tuner.fit`` has returned, and
+    Tune is asked to stop through the SIGUSR1 handler it installs for that (Tune's documented way
+    to end a run gracefully: trials stopped, its experiment state saved for ``--resume``).
+    """
+    import signal
+
+    try:
+        yield
+    except DiskFull as exc:
+        state.write_error = exc
+        stop = signal.getsignal(signal.SIGUSR1)
+        if callable(stop):
+            stop(signal.SIGUSR1, None)
 
 
 @contextlib.contextmanager
