@@ -84,7 +84,7 @@ def trusted_spec(spec: Any, source: str) -> Tuple[str, Dict[str, Any]]:
     """
     import timm
 
-    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs", {}), dict):
+    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs") or {}, dict):
         raise ValueError(f"{source}: not a model description (a mapping with 'model' and 'kwargs')")
     name, kwargs = spec.get("model"), dict(spec.get("kwargs") or {})
     if not isinstance(name, str) or name not in timm.list_models():
