@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 
 from common import benchmark_data, data_label, load_images, parse_args, progress, write_result  # noqa: E402
+from dcanets import safe_yaml  # noqa: E402
 
 NAME = "dca_rho_effect"
 CONFIG = Path(__file__).resolve().parents[1] / "tune_configs" / "dca_rho_lambda.yaml"
@@ -41,7 +41,7 @@ DECADES = [10.0 ** k for k in range(-3, 5)]      # a fixed reference grid of ρ,
 
 def config_ranges(path: Path = CONFIG) -> Dict[str, Any]:
     """The searched lr range and the ρ range it implies (``over: lr``: ρ = sample / lr)."""
-    doc = yaml.safe_load(path.read_text())
+    doc = safe_yaml.load(path.read_text())
     lr, rho, train = doc["space"]["lr"], doc["space"]["opt_kwargs.rho"], doc["train"]
     lr_lo, lr_hi = float(lr["low"]), float(lr["high"])
     lo, hi = float(rho["low"]), float(rho["high"])

@@ -16,8 +16,9 @@ through public APIs only.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Any, Iterator, List
 
 if TYPE_CHECKING:
     import torch
@@ -159,6 +160,29 @@ def quiet_tune_output() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+@contextlib.contextmanager
+def ray_init_keeps_sigterm_handler() -> Iterator[None]:
+    """Inside the block, ``ray.init`` leaves the driver's SIGTERM handler alone.
+
+    ``ray.init`` (Ray 2.x) puts its own SIGTERM handlers in the driver as it starts: ``sys.exit(15)``
+    first, then the local node's, which kills the node's processes and calls ``sys.exit(1)``. A
+    SIGTERM in the seconds ``ray.init`` takes then raises SystemExit wherever start-up is, inside
+    Ray's C++ core worker too: the driver aborted (exit 134, a C++ stack) and left Ray's agents
+    running. Both handlers are installed through ``ray._private.utils.set_sigterm_handler``, made a
+    no-op here, so that ``dcanets tune`` keeps its own handler (which only records the signal until
+    Ray is up, then stops the search as a signal during the search would, Ray included). No public
+    setting keeps them out.
+    """
+    import ray._private.utils as ray_utils
+
+    installer = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = installer
+
+
 __all__ = ["will_engine_execute_node", "autograd_transforms_active", "has_forward_hooks", "wrapped_optimizers",
            "unwrap_optimizer", "register_optimizer", "unregister_optimizer", "unregister_model", "result_grid_trials",
-           "tuner_callbacks", "quiet_tune_output"]
+           "tuner_callbacks", "quiet_tune_output", "ray_init_keeps_sigterm_handler"]

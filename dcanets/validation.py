@@ -172,6 +172,8 @@ def parse_kv(text: str) -> Dict[str, Any]:
     """``'rho=0.01,lam=10'`` or a JSON object -> dict (values parsed as YAML scalars)."""
     import yaml
 
+    from dcanets import safe_yaml
+
     text = text.strip()
     if not text:
         return {}
@@ -189,7 +191,7 @@ def parse_kv(text: str) -> Dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"bad key=value item '{item}' in '{text}'; use e.g. 'rho=0.01,lam=10'")
         try:
-            out[key.strip()] = yaml.safe_load(val.strip())
+            out[key.strip()] = safe_yaml.load(val.strip())
         except yaml.YAMLError as exc:
             raise ValueError(f"bad value '{val.strip()}' for '{key.strip()}' in '{text}' ({yaml_problem(exc)}); "
                              "quote lists and mappings as JSON, e.g. '{\"k\": [1, 2]}'") from None

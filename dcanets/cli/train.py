@@ -8,9 +8,14 @@ from typing import Any, Dict, Optional
 
 from pydantic.fields import FieldInfo
 
+from dcanets import safe_yaml
+from dcanets.engine.atomic import DiskFull
 from dcanets.engine.checkpoint import load_checkpoint
 from dcanets.engine.config import TrainConfig
+from dcanets.engine.divergence import describe
+from dcanets.engine.export import trusted_spec
 from dcanets.engine.loop import train
+from dcanets.engine.rundir import resume_hint, resume_output, unused
 from dcanets.validation import kv_argument, yaml_problem
 
 
@@ -57,7 +62,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     values: Dict[str, Any] = {}
     if getattr(args, "resume", None):  # a resumed run starts from the config it was written with
-        values.update(load_checkpoint(args.resume).get("config", {}))
+        saved = load_checkpoint(args.resume).get("config", {})
+        trusted_spec({"model": saved.get("model"), "kwargs": saved.get("model_kwargs")}, f"checkpoint '{args.resume}'")
+        values.update({k: v for k, v in saved.items() if k != "output"})  # it writes where it is now
     if getattr(args, "config", None):
         path = Path(args.config)
         if path.is_dir():
@@ -65,30 +72,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = safe_yaml.load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"invalid YAML in '{path}': {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"'{path}' must hold a mapping of TrainConfig fields")
         values.update(loaded)
     values.update({name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)})
-    if not values.get("output"):  # a run is always saved: resumable, and its metrics kept
-        resumed = Path(args.resume) if getattr(args, "resume", None) else None
-        if resumed is not None:
-            values["output"] = str(resumed if resumed.is_dir() else resumed.parent)
-        else:
-            model = values.get("model") or TrainConfig.model_fields["model"].default
-            values["output"] = str(default_output(str(model)))
+    if getattr(args, "resume", None):  # into the folder it resumed from, never the checkpoint's old output
+        values["output"] = resume_output(args.resume, values.get("output"))
+    elif not values.get("output"):  # a run is always saved: resumable, and its metrics kept
+        model = values.get("model") or TrainConfig.model_fields["model"].default
+        values["output"] = str(default_output(str(model)))
     return TrainConfig.from_dict(values)
 
 
 def default_output(model: str) -> Path:
-    """``runs/train/<model>-<YYYYmmdd-HHMMSS>``, for a run started without ``--output``."""
+    """``runs/train/<model>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3`` if taken), for a run started without ``--output``."""
     import re
     import time
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("._") or "model"
-    return Path("runs") / "train" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return unused(Path("runs") / "train" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}")  # -2, -3 if taken
 
 
 def epoch_line(m: Dict[str, Any], epochs: int) -> str:
@@ -140,14 +145,21 @@ def run(args: argparse.Namespace) -> int:
             print("dcanets train: interrupted before the first epoch ended; no checkpoint to resume from",
                   file=sys.stderr)
         return 130
-    except BaseException:
+    except BaseException as exc:
         if bar is not None:
             bar.leave = False  # the error line is what the user needs to see
             bar.close()
+        if isinstance(exc, DiskFull):  # the last complete checkpoint is intact: say so, and how to continue
+            print(f"dcanets train: error: {exc}; {resume_hint(cfg.output or '')}", file=sys.stderr)
+            return 2
         raise
     if bar is not None:
         bar.close()
     final.pop("history", None)
     print(json.dumps(final, indent=2, default=float))
+    if final.get("diverged"):  # a failure: never reported as a run that ended well
+        print(f"dcanets train: error: the run {describe(final)}; lower --lr (it was {cfg.lr:g}) or add "
+              f"--warmup-epochs; its metrics.json and last.pt are in {cfg.output}", file=sys.stderr)
+        return 1
     print(f"dcanets train: saved last.pt and metrics.json in {cfg.output}", file=sys.stderr)
     return 0

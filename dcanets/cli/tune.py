@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Tuple
 
-from dcanets.tune import schema
+from dcanets.engine.atomic import DiskFull
+from dcanets.engine.divergence import describe, first_diverged
+from dcanets.tune import raytoken, schema
 from dcanets.tune import storage as search_storage
-from dcanets.tune.state import STATE, STATE_FILES, SearchState
+from dcanets.tune.state import DIVERGED, STATE, STATE_FILES, SearchState
 from dcanets.validation import Count, argparse_type
 
 if TYPE_CHECKING:
@@ -77,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from dcanets.tune.search import SearchInterrupted, run_search
 
     location = state.location
+    exposed = raytoken.exposure()  # a valid search is about to use the token: is it private?
+    if exposed:
+        print(f"dcanets tune: warning: {exposed}", file=sys.stderr)
     try:
         result = run_search(spec, state, address=args.address, num_cpus=args.num_cpus,
                             resume=args.resume is not None, quiet=args.quiet, worker_logs=args.worker_logs)
@@ -89,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"dcanets tune: interrupted ({exc.signal_name} received) before any trial started; "
                   f"nothing to resume", file=sys.stderr)
         return 130
+    except DiskFull as exc:  # the runs ended KILLED; what Tune saved last stands
+        _discard_unstarted(args, state.folder, location)
+        then = (f"then continue with  {location.resume_command()}" if location.started() else
+                "the search had not started, nothing to resume")
+        print(f"dcanets tune: error: {exc}; {then}", file=sys.stderr)
+        return 2
     except BaseException:
         _discard_unstarted(args, state.folder, location)  # e.g. no node has the resources a trial asks for
         raise
@@ -102,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
 def _warn_failed_trials(result: "SearchResult", spec: schema.TuneSpec) -> None:
     """One stderr line when a search finished (status 0: its best trial is usable) with some trials
     failed, e.g. on a node that died: otherwise only their ERROR rows in the table would say so."""
+    diverged = [t for t in result.trials if t.status == DIVERGED]
+    if diverged:  # failures too, whatever the search's status: never left to a row of the table
+        print(f"dcanets tune: warning: {len(diverged)} of {len(result.trials)} trial(s) diverged (trial "
+              f"{diverged[0].trial_id} {describe(first_diverged(diverged[0].history) or {})}); they are kept in "
+              "trials.csv as DIVERGED, never ranked", file=sys.stderr)
     failed = [t for t in result.trials if t.status == "ERROR"]
     if result.status != "FINISHED" or not failed:
         return
@@ -121,12 +137,14 @@ def configure_ray_auth(address: str | None) -> None:
     (``RAY_AUTH_MODE=token``; Ray creates ``~/.ray/auth_token`` if there is none) keeps the same,
     authenticated, cluster and the warning away. A mode the user set is left alone, and so is an
     explicit address (Ray then follows the user's settings). Only before Ray is imported: Ray reads
-    the mode once, when it is loaded.
+    the mode once, when it is loaded. The token file a local Ray needs is created readable by its
+    owner only (Ray would make it world-readable; :mod:`dcanets.tune.raytoken`).
     """
     if "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
         return
     if address is None:
         os.environ["RAY_AUTH_MODE"] = "token"
+        raytoken.create_private_token()
     elif address == "auto" and _ray_token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
 
@@ -162,8 +180,10 @@ def _check_same_config(config: Optional[Path], saved: Path) -> None:
 def _yaml_or_none(path: Path):
     import yaml
 
+    from dcanets import safe_yaml
+
     try:
-        return yaml.safe_load(path.read_text())
+        return safe_yaml.load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
 

@@ -1,9 +1,10 @@
 """Checkpoints that resume exactly: model, optimizer, schedule, scaler and every RNG state.
 
-Writes are atomic (a temporary file renamed into place), so a run killed mid-write leaves the
-previous checkpoint readable. Reads use ``torch.load(weights_only=True)``: a checkpoint holds only
-tensors and plain Python data (numpy's RNG state is stored as a tensor for that reason), so a
-crafted ``last.pt`` passed to ``--resume`` cannot run code; it is refused with one line.
+Writes are atomic (:mod:`dcanets.engine.atomic`: a temporary file renamed into place), so a run
+killed mid-write, or one that fills the disk, leaves the previous checkpoint readable. Reads use
+``torch.load(weights_only=True)``: a checkpoint holds only tensors and plain Python data (numpy's
+RNG state is stored as a tensor for that reason), so a crafted ``last.pt`` passed to ``--resume``
+cannot run code; it is refused with one line.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any, Dict
 
 import numpy as np
 import torch
+
+from dcanets.engine import atomic
 
 
 def rng_state() -> Dict[str, Any]:
@@ -37,12 +40,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+def checkpoint_file(path: str | Path) -> Path:
+    """The ``last.pt`` of ``path`` (the file, or the run folder holding it); one line if there is none."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass a last.pt or the run's output directory")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+    path = checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -57,14 +66,10 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
 
 
 def save(obj: Dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic.torch_save(obj, path)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 

@@ -9,7 +9,6 @@ runs.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -19,10 +18,12 @@ import numpy as np
 import torch
 
 from dcanets.engine import data as data_mod
-from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
+from dcanets.engine.checkpoint import rng_state, save, set_rng_state, write_json
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.fidelity import FidelityProbe
 from dcanets.engine.recipe import Recipe, evaluate_metrics, group_position, training_loss, updates_per_epoch
+from dcanets.engine.resume import load as resumed_checkpoint
+from dcanets.engine.rundir import holds_output, prepare_output
 from dcanets.names import check_model, did_you_mean
 from dcanets.optim.protocol import hooks_model, measured_curvature, prepare, remember_batch, take_step
 
@@ -399,22 +400,7 @@ class _Run:
         set_rng_state(ckpt["rng"])
 
 
-def prepare_output(output: str | Path) -> Path:
-    """Create the output directory and check it is writable, before any data is decoded."""
-    out_dir = Path(output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output '{output}' is a file, not a directory; pass a directory for last.pt and metrics.json")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".dcanets-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ValueError(f"cannot write to output directory '{output}': {reason}; pass a writable --output") from None
-    return out_dir
-
-
+@holds_output  # the output folder is locked while the run runs; a fresh run never replaces an earlier one
 def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
           resume: str | Path | None = None, progress: bool = True,
           on_batch: Optional[BatchCallback] = None) -> Dict[str, Any]:
@@ -435,13 +421,9 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     if cfg.eval_data and cfg.eval_data not in ("digits",) and not cfg.eval_data.startswith("synthetic"):
         data_mod.check_path(cfg.eval_data)  # a missing held-out set fails now, not after the last epoch
     out_dir = prepare_output(cfg.output) if cfg.output else None
+    ckpt = resumed_checkpoint(resume, cfg) if resume is not None else None  # refuses changes a resume must keep
     run = _Run(cfg, progress, on_batch)
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        for key in ("model", "model_kwargs", "data"):
-            if key in ckpt.get("config", {}) and ckpt["config"][key] != getattr(cfg, key):
-                raise ValueError(f"checkpoint '{resume}' was trained with {key}={ckpt['config'][key]!r}, "
-                                 f"not {getattr(cfg, key)!r}; resume with the same {key}")
+    if ckpt is not None:
         run.load_state_dict(ckpt)
     metrics: Dict[str, Any] = run.history[-1] if run.history else {}
     while run.epoch < cfg.epochs:

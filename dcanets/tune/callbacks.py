@@ -14,6 +14,7 @@ from typing import Iterable, Optional, Set
 
 from ray.tune import Callback
 
+from dcanets.engine.divergence import describe, diverged
 from dcanets.tune import schema
 from dcanets.tune.builders import short_params
 from dcanets.tune.state import SearchState
@@ -76,7 +77,8 @@ class ProgressLines(SessionCallback):
                          f"{short_params(trial.config)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._say(trial, "done")
+        result = trial.last_result or {}
+        self._say(trial, f"DIVERGED ({describe(result)})" if diverged(result) else "done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = _error_name(trial)

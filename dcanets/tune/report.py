@@ -7,7 +7,7 @@ from typing import Any, List, Sequence
 
 from dcanets.tune import schema
 from dcanets.tune.builders import short_params, trial_train_config
-from dcanets.tune.state import SearchResult, SearchState, TrialResult, is_finite
+from dcanets.tune.state import DIVERGED, SearchResult, SearchState, TrialResult, is_finite
 from dcanets.tune.storage import RESULT_FILES, join
 
 
@@ -18,7 +18,7 @@ def report(result: SearchResult, spec: schema.TuneSpec, state: SearchState, top:
     ranked = result.ranked(spec.mode)
     print(f"\n{spec.name}: {len(trials)} trials in {result.seconds:.1f}s, status {result.status}")
     print(f"{'trial':14s} {'status':11s} {'epochs':>6s} {spec.metric:>9s}  params")
-    for t in ranked[:top]:
+    for t in ranked[:top] + [t for t in trials if t.status == DIVERGED]:  # diverged: shown, never ranked
         print(f"{t.trial_id:14s} {t.status:11s} {t.epochs:6d} {t.best:9.4f}  {short_params(t.params)}")
     _write_trials_csv(trials, exp_dir / "trials.csv")
     if ranked:
@@ -35,6 +35,8 @@ def report(result: SearchResult, spec: schema.TuneSpec, state: SearchState, top:
               file=sys.stderr)
     elif result.status == "FAILED":
         first = f"; first error: {result.errors[0]}" if result.errors else ""
+        diverged = sum(t.status == DIVERGED for t in trials)
+        first += f"; {diverged} diverged" if diverged else ""
         print(f"dcanets tune: error: all {len(trials)} trial(s) failed{first} "
               f"(each trial's traceback: {join(location.uri, 'trial_*/error.txt')})", file=sys.stderr)
 

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Callable, Dict, Iterable, List, Literal, Opti
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from dcanets import safe_yaml
 from dcanets.engine.config import TrainConfig
 from dcanets.names import did_you_mean
 from dcanets.tune import storage as search_storage
@@ -345,7 +346,7 @@ def load(path: str | Path, base: Optional[Path] = None) -> TuneSpec:
     if not path.is_file():
         raise FileNotFoundError(f"tune config not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = safe_yaml.load(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(doc, dict):

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +26,19 @@ from typing import Any, Dict, List, Optional, Set
 from ray.tune import Callback
 
 from dcanets import _compat
+from dcanets.engine.atomic import DiskFull, no_space
 from dcanets.tune import builders, schema
 from dcanets.tune import storage as search_storage
 from dcanets.tune.callbacks import Outcomes, ProgressLines, StateCopies, bind_session
-from dcanets.tune.state import STATE_FILES, SearchResult, SearchState, TrialResult, is_finite
+from dcanets.tune.state import (
+    STATE_FILES,
+    SearchResult,
+    SearchState,
+    TrialResult,
+    is_finite,
+    session_status,
+    trial_status,
+)
 from dcanets.tune.storage import Location
 from dcanets.tune.tracking import SearchTracker, check_uri, choose_uri, flatten, open_store
 
@@ -154,10 +164,13 @@ class _Session:
     def run(self, address: Optional[str], num_cpus: Optional[int], worker_logs: bool) -> SearchResult:
         t0 = time.perf_counter()
         store = _open_store_meanwhile(self.state.tracking_uri) if self.spec.tracking.enabled else None
-        started_ray = start_ray(address, num_cpus, worker_logs)
-        self.stop.install()  # again: ray.init puts its own (fatal) SIGTERM handler in the driver
+        with self.stop.deferred(), _compat.ray_init_keeps_sigterm_handler():  # Ray's start cannot be cut safely
+            started_ray = start_ray(address, num_cpus, worker_logs)
+        self.stop.install()
         self.timings["ray_init"] = time.perf_counter() - t0
         try:
+            if self.stop.received:  # a signal while Ray started: stop as before Tune runs (Ray stopped below)
+                raise KeyboardInterrupt
             check_resources(self.spec.resources, address)
             if store is not None:
                 self._start_tracking(store)
@@ -165,7 +178,14 @@ class _Session:
         except KeyboardInterrupt:
             self.status = "KILLED"
             raise
+        except Exception as exc:
+            full = no_space(exc)
+            if full is None:
+                raise
+            self.status = "KILLED"  # resumable once there is space: the runs end KILLED, not FAILED
+            raise DiskFull(full) from None
         finally:
+            self.stop.deferring = True  # the teardown ends the runs and stops Ray: a first signal waits for it
             self._end(started_ray)
         return dataclasses.replace(result, timings=dict(self.timings))  # with the teardown's time
 
@@ -200,11 +220,12 @@ class _Session:
     def _fit(self, tuner: Any) -> SearchResult:
         self.t_fit = time.perf_counter()
         grid = tuner.fit()
+        self.stop.deferring = True  # from here on a first signal does not cut the session's bookkeeping
+        if self.state.write_error is not None:  # a full disk stopped the search (tracking: SearchTracker)
+            raise self.state.write_error
         self.timings["fit"] = time.perf_counter() - self.t_fit
         trials = _collect(grid, self.spec, ended=self._outcomes().ended if self.stop.received else None)
-        interrupted = self.stop.received or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
-        n_ok = sum(t.status == "TERMINATED" for t in trials)
-        self.status = "KILLED" if interrupted else ("FINISHED" if n_ok else "FAILED")
+        self.status = session_status(trials, self.stop.received, self.state.num_samples)
         return SearchResult(status=self.status, trials=tuple(trials), seconds=self.earlier + self.timings["fit"],
                             location=self.location, signal=self.stop.name, errors=tuple(_errors(grid)), grid=grid)
 
@@ -213,14 +234,19 @@ class _Session:
         import ray
 
         t0 = time.perf_counter()
-        if self.t_fit is not None:
-            self.state.finish_session(self.earlier + (time.perf_counter() - self.t_fit), self.status,
-                                      sorted(self._outcomes().ended))
-            self.state.share()
-        if self.tracker and self.tracker.parent_id:
-            self._live(SearchTracker, self.tracker).close(self.status)
-        if started_ray:
-            ray.shutdown()
+        try:
+            if self.t_fit is not None:
+                try:
+                    self.state.finish_session(self.earlier + (time.perf_counter() - self.t_fit), self.status,
+                                              sorted(self._outcomes().ended))
+                    self.state.share()
+                except OSError as exc:  # a full disk: the runs are still ended and Ray still stopped
+                    print(f"dcanets tune: warning: {exc}", file=sys.stderr)
+            if self.tracker and self.tracker.parent_id:
+                self._live(SearchTracker, self.tracker).close(self.status)
+        finally:
+            if started_ray:
+                ray.shutdown()
         self.timings["teardown"] = time.perf_counter() - t0
 
     def _outcomes(self) -> Outcomes:
@@ -265,15 +291,27 @@ class _Interruption:
     variable) so that dcanets sees every signal: a search stopped by Ctrl-C must end KILLED even
     when its trials were marked TERMINATED by the stop, which ``fit``'s result alone cannot tell
     from a search that ran out of its time budget. A second signal, or one that arrives before
-    Tune runs, raises KeyboardInterrupt.
+    Tune runs, raises KeyboardInterrupt. Where that would leave things half done (``ray.init``,
+    whose processes would be orphaned; the teardown, which ends the MLflow runs) a first signal is
+    only recorded (``deferring``): after Ray's start it stops the search as one before Tune would.
     """
 
     def __init__(self) -> None:
         self.name: Optional[str] = None
+        self.deferring = False  # a first signal is only recorded (Ray starting, the session's teardown)
 
     @property
     def received(self) -> bool:
         return self.name is not None
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A first signal inside the block is recorded, and acted on after it (``received``)."""
+        self.deferring = True
+        try:
+            yield self
+        finally:
+            self.deferring = False
 
     @contextlib.contextmanager
     def catching(self):
@@ -299,6 +337,8 @@ class _Interruption:
     def _handle(self, signum, frame) -> None:
         first = self.name is None
         self.name = self.name or signal.Signals(signum).name
+        if first and self.deferring:
+            return
         tune_handler = signal.getsignal(signal.SIGUSR1)
         if first and callable(tune_handler) and tune_handler is not self._usr1_before:
             tune_handler(signal.SIGUSR1, frame)  # logs "Stop signal received ..." and sets Tune's stop event
@@ -411,16 +451,15 @@ def _parent_params(spec: schema.TuneSpec) -> Dict[str, Any]:
 def _collect(grid, spec: schema.TuneSpec, ended: Optional[Set[str]] = None) -> List[TrialResult]:
     """One record per trial: id, status, params, the per-epoch history and the best metric value.
     ``ended``: when a signal stopped the search, the trials that ended on their own (Outcomes);
-    Tune marks the others TERMINATED too, they are reported INTERRUPTED (resumable)."""
+    Tune marks the others TERMINATED too, they are reported INTERRUPTED (resumable); a trial whose
+    train loss became NaN/inf is DIVERGED (state.trial_status)."""
     out = []
     # statuses live on the Trial objects, which ResultGrid does not expose (see _compat)
     for res, trial in zip(grid, _compat.result_grid_trials(grid)):
-        status = trial.status
-        if ended is not None and status == "TERMINATED" and trial.trial_id not in ended:
-            status = "INTERRUPTED"  # stopped by Ctrl-C/SIGTERM, resumable
         df = res.metrics_dataframe
         # an epoch re-run after an interruption appears twice in Tune's log: keep the last one
         hist = tuple({h.get("epoch"): h for h in (df.to_dict("records") if df is not None else [])}.values())
+        status = trial_status(trial.status, ended is None or trial.trial_id in ended, hist)
         vals = [h[spec.metric] for h in hist if is_finite(h.get(spec.metric))]
         best = (max(vals) if spec.mode == "max" else min(vals)) if vals else float("nan")
         trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name

@@ -17,17 +17,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dcanets.engine.atomic import write_text
+from dcanets.engine.divergence import first_diverged
 from dcanets.tune.storage import Location, copy_files, join
 from dcanets.validation import is_number
 
 STATE = "search.json"  # in the search folder, beside Ray's experiment state
 STATE_FILES = ("config.yaml", STATE)  # what --resume reads
+DIVERGED = "DIVERGED"  # a trial whose train loss became NaN/inf: ended on its own, failed, never ranked
+ENDED = ("TERMINATED", "ERROR", DIVERGED)  # the statuses of trials that ended on their own
 
 
 def is_finite(x: Any) -> bool:
@@ -58,7 +61,7 @@ class SearchState(BaseModel):
     by the driver and the Tune callbacks of that session.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)  # write_error: an OSError
     folder: Path = Field(exclude=True)  # where the file is; not in it (the folder may move)
     config_dir: str  # relative data paths of the config resolve against it
     config_path: str
@@ -72,6 +75,8 @@ class SearchState(BaseModel):
     fit_seconds: float = 0.0  # search time of the sessions that ended, for the progress clock
     status: Optional[str] = None  # FINISHED, KILLED or FAILED after a session ended
     ended_trials: List[str] = Field(default_factory=list)  # trials that ended on their own
+    # a write that failed in a Tune callback (a full disk), raised by the session once Tune stopped
+    write_error: Optional[OSError] = Field(default=None, exclude=True)
 
     @classmethod
     def create(cls, folder: Path, **values: Any) -> "SearchState":
@@ -109,10 +114,9 @@ class SearchState(BaseModel):
         return Location.open(join(self.storage, self.folder.name)) if self.storage else Location.local(self.folder)
 
     def save(self) -> None:
-        """Write the whole file atomically (a new file moved over the old one)."""
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2))
-        os.replace(tmp, self.path)
+        """Write the whole file atomically (a new file moved over the old one; on a full disk the old
+        one stays and :class:`~dcanets.engine.atomic.DiskFull` names it)."""
+        write_text(self.path, json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2))
 
     def save_trial(self, trial_id: str) -> None:
         """Save after the record of ``trial_id`` changed (today: the whole file)."""
@@ -176,12 +180,35 @@ class SearchResult:
     grid: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def ranked(self, mode: str) -> List[TrialResult]:
-        """The trials with a finite best value, best first (``mode``: max or min)."""
-        return sorted((t for t in self.trials if is_finite(t.best)), key=lambda t: t.best, reverse=mode == "max")
+        """The trials with a finite best value, best first (``mode``: max or min); a diverged trial
+        is never ranked (its weights are NaN, its config diverges)."""
+        return sorted((t for t in self.trials if is_finite(t.best) and t.status != DIVERGED), key=lambda t: t.best,
+                      reverse=mode == "max")
 
     def best(self, mode: str) -> Optional[TrialResult]:
         ranked = self.ranked(mode)
         return ranked[0] if ranked else None
 
 
-__all__ = ["STATE", "STATE_FILES", "SearchState", "TrialRecord", "SearchResult", "TrialResult", "is_finite"]
+def trial_status(tune_status: str, ended_on_its_own: bool, history: Sequence[Mapping[str, Any]]) -> str:
+    """A trial's status as dcanets reports it: Tune's, except INTERRUPTED for a trial a signal cut
+    (Tune marks it TERMINATED too; ``ended_on_its_own`` is False) and DIVERGED for one whose train
+    loss became NaN/inf (the engine stopped it; Tune saw a trial that ended well)."""
+    if tune_status == "TERMINATED" and not ended_on_its_own:
+        return "INTERRUPTED"  # stopped by Ctrl-C/SIGTERM, resumable
+    if tune_status == "TERMINATED" and first_diverged(history) is not None:
+        return DIVERGED
+    return tune_status
+
+
+def session_status(trials: Sequence[TrialResult], signal_received: bool, num_samples: int) -> str:
+    """FINISHED (a trial ended well), FAILED (every trial crashed or diverged) or KILLED: a trial
+    was cut, or a signal came before every sample was tried. A signal that arrives once every
+    trial has ended does not make a finished search KILLED."""
+    if any(t.status not in ENDED for t in trials) or (signal_received and len(trials) < num_samples):
+        return "KILLED"
+    return "FINISHED" if any(t.status == "TERMINATED" for t in trials) else "FAILED"
+
+
+__all__ = ["DIVERGED", "ENDED", "STATE", "STATE_FILES", "SearchResult", "SearchState", "TrialRecord", "TrialResult",
+           "is_finite", "session_status", "trial_status"]

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from dcanets.engine import divergence
+from dcanets.engine.atomic import DiskFull
 from dcanets.tune.callbacks import SessionCallback
 from dcanets.tune.state import SearchState, TrialRecord
 from dcanets.tune.storage import Location
@@ -101,11 +103,46 @@ def check_uri(uri: str, origin: Optional[str] = None) -> None:
 
 def open_store(uri: str, origin: Optional[str] = None) -> None:
     """Reach the MLflow store at ``uri`` (a SQLite file that does not exist yet is created); one
-    ValueError line when MLflow cannot use it."""
+    ValueError line when MLflow cannot use it.
+
+    A SQLite store is opened under a lock beside it (``mlflow.db.lock``): MLflow creates the
+    tables of a new file without one, and two searches started at once on a fresh ``--output``
+    both ran the migrations, one failing ("table tags already exists", "Circular dependency
+    detected"). The second now waits for the first's migrations, then finds the tables made.
+    """
+    with _creation_lock(uri, origin):
+        try:
+            _client(uri).search_experiments(max_results=1)
+        except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
+            raise ValueError(f"{_named(uri, origin)}: {_problem(uri, exc)}") from None
+
+
+STORE_LOCK_WAIT_S = 600.0  # MLflow's migrations of a new store take seconds; minutes on a loaded machine
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str, origin: Optional[str]) -> Iterator[None]:
+    """An exclusive lock on ``<store>.lock`` for a SQLite store; nothing for a server."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    from dcanets.engine.rundir import FolderLock
+
+    path = Path(uri[len(prefix):])
+    lock = FolderLock(path.with_name(path.name + ".lock"))
     try:
-        _client(uri).search_experiments(max_results=1)
-    except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
-        raise ValueError(f"{_named(uri, origin)}: {_problem(uri, exc)}") from None
+        acquired = lock.acquire(wait=STORE_LOCK_WAIT_S)
+    except OSError as exc:
+        raise ValueError(f"{_named(uri, origin)}: cannot lock it for its creation ({exc.strerror or exc})") from None
+    if not acquired:
+        raise ValueError(f"{_named(uri, origin)}: {lock.holder()} has held it for {STORE_LOCK_WAIT_S:.0f} s while "
+                         "creating it; stop that process or give another --tracking-uri")
+    try:
+        lock.record_holder()
+        yield
+    finally:
+        lock.release()
 
 
 def _named(uri: str, origin: Optional[str]) -> str:
@@ -300,7 +337,8 @@ class SearchTracker(SessionCallback):
             return
         run = self.client.create_run(self.state.experiment_id, run_name=str(trial), tags={
             "mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id})
-        self.state.add_trial(trial.trial_id, run.info.run_id)
+        with _disk_full_stops_the_search(self.state):
+            self.state.add_trial(trial.trial_id, run.info.run_id)
         self._log_params(run.info.run_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -316,24 +354,31 @@ class SearchTracker(SessionCallback):
             record.checkpoint = result["checkpoint_path"]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "FINISHED")
+        result = trial.last_result or {}
+        if divergence.diverged(result):  # stopped by the engine: a failure, with the reason as tags
+            self._end(trial, "FAILED", divergence.tags(result))
+        else:
+            self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED")
 
     # -- helpers ----------------------------------------------------------------------------
-    def _end(self, trial, status: str) -> None:
+    def _end(self, trial, status: str, tags: Optional[Dict[str, str]] = None) -> None:
         record = self.state.trials.get(trial.trial_id)
         if not record:
             return
         self._settle(record.run_id)
+        for key, value in (tags or {}).items():
+            self.client.set_tag(record.run_id, key, value)
         # the checkpoint Tune registered last (Trial.checkpoint), else the last one reported
         ckpt = getattr(trial.checkpoint, "path", None) or record.checkpoint
         if ckpt:
             self.client.set_tag(record.run_id, "final_checkpoint", ckpt)
         self.client.set_terminated(record.run_id, status)
         record.status = status
-        self.state.save_trial(trial.trial_id)
+        with _disk_full_stops_the_search(self.state):
+            self.state.save_trial(trial.trial_id)
 
     def _in_background(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """``write(*args, **kwargs)`` on this tracker's writer thread (started at the first write)."""
@@ -410,6 +455,27 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+@contextlib.contextmanager
+def _disk_full_stops_the_search(state: SearchState) -> Iterator[None]:
+    """A full disk while a Tune callback writes ``search.json`` stops the search, as SIGUSR1 does.
+
+    Tune blames an exception of a callback on the trial it was called for (ERROR, and a resumed
+    search never runs it again), and the search would go on filling the disk. Instead the error is
+    kept in ``state.write_error``, which the session raises once ``Tuner.fit`` has returned, and
+    Tune is asked to stop through the SIGUSR1 handler it installs for that (Tune's documented way
+    to end a run gracefully: trials stopped, its experiment state saved for ``--resume``).
+    """
+    import signal
+
+    try:
+        yield
+    except DiskFull as exc:
+        state.write_error = exc
+        stop = signal.getsignal(signal.SIGUSR1)
+        if callable(stop):
+            stop(signal.SIGUSR1, None)
 
 
 @contextlib.contextmanager

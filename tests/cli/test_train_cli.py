@@ -53,12 +53,19 @@ def test_resume_without_output_writes_into_the_resumed_directory(capsys, tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default handler. A shell starts background jobs with SIGINT ignored,
+    children inherit that, and Python then never installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", DCANETS_CACHE=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "dcanets", "train", "--data", "synthetic:1024", "--epochs", "200",
                              "--batch-size", "64", "--no-progress", "--output", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (out / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -41,3 +41,49 @@ def test_weights_that_would_run_code_are_refused(tmp_path):
 def test_a_folder_without_a_model_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="not a model saved by dcanets"):
         dcanets.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("spec, refused", [
+    ({"model": "hf-hub:timm/resnet18.a1_in1k", "kwargs": {}}, "model 'hf-hub:timm/resnet18.a1_in1k' is not a model "
+                                                              "name registered in timm"),
+    ({"model": "resnet18.a1_in1k", "kwargs": {}}, "model 'resnet18.a1_in1k' is not a model name registered"),
+    ({"model": "cifar_resnet20", "kwargs": {"checkpoint_path": "{secret}"}}, "refusing kwargs.checkpoint_path: timm "
+                                                                             "would load weights"),
+    ({"model": "cifar_resnet20", "kwargs": {"pretrained": True}}, "refusing kwargs.pretrained"),
+    ({"model": "cifar_resnet20", "kwargs": {"pretrained_cfg_overlay": {"file": "{secret}"}}},
+     "refusing kwargs.pretrained_cfg_overlay"),
+    ({"model": "cifar_resnet20", "kwargs": {"shortcut_type": "{secret}"}}, "refusing kwargs.shortcut_type: '.*' "
+                                                                           "looks like a path or a URL"),
+    ({"model": "cifar_resnet20", "kwargs": {"block_args": [{"url": "https://example.invalid/w.pt"}]}},
+     "refusing kwargs.block_args: 'https://example.invalid/w.pt' looks like a path or a URL"),
+    ({"model": "cifar_resnet20", "kwargs": {"when": "2020-01-01"}}, "refusing kwargs.when: a date is not a plain"),
+])
+def test_a_model_yaml_that_would_make_timm_fetch_or_read_is_refused(spec, refused, tmp_path, monkeypatch):
+    """model.yaml is an artifact: timm is never asked to build from a hub name, a pretrained tag or
+    kwargs it would follow (checkpoint_path, pretrained_cfg_overlay.file, a path or URL value)."""
+    import re
+
+    import timm
+
+    secret = tmp_path / "secret.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, secret)
+    text = yaml.safe_dump(spec).replace("{secret}", str(secret)).replace("'2020-01-01'", "2020-01-01")
+    (tmp_path / "model.yaml").write_text(text)
+    torch.save({}, tmp_path / "model.pt")
+    built = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append((a, k)))
+    with pytest.raises(ValueError) as info:
+        dcanets.load_model(str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path}: model.yaml: ")
+    assert re.search(refused, message), message
+    assert built == []  # refused before timm saw any of it
+
+
+def test_an_alias_bomb_in_model_yaml_is_one_line(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp_path / "model.yaml").write_text("\n".join(lines) + "\nmodel: cifar_resnet20\nkwargs: {x: *a8}\n")
+    torch.save({}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"model.yaml is not valid YAML: its aliases expand to more than 100000 "):
+        dcanets.load_model(str(tmp_path))

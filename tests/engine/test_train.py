@@ -62,7 +62,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert numbers(resumed["history"]) == numbers(full["history"])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["final"]["epoch"] == 3 and len(saved["history"]) == 3
-    with pytest.raises(ValueError, match="trained with model='cifar_resnet20'"):
+    with pytest.raises(ValueError, match=r"other values of model \('cifar_resnet20', now 'cifar_negnet20'\)"):
         train(tiny(model="cifar_negnet20", epochs=4), resume=tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         train(cfg, resume=tmp_path / "nothing")

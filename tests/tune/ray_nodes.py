@@ -127,6 +127,7 @@ class RayCluster:
         # the token, as on a real head: `ray get-auth-token --generate` (it writes ~/.ray/auth_token)
         token_env = {k: v for k, v in self.env.items() if k != "RAY_AUTH_TOKEN_PATH"}  # it must exist if set
         self._run("token", [RAY, "get-auth-token", "--generate"], env={**token_env, "HOME": str(home)})
+        (home / ".ray" / "auth_token").chmod(0o600)  # Ray writes it world-readable; dcanets tune warns then
 
     def start_head(self, num_cpus: int = 1) -> str:
         port = free_port()

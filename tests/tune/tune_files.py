@@ -7,6 +7,7 @@ cannot import a conftest by package name: ``tests`` is not a package.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,11 +46,18 @@ def write_config_file(folder: Path, **overrides: Any) -> Path:
 
 def start_search(cfg: Path, out: Path, address: str, stderr_path: Path, env: Any = None,
                  extra: Sequence[str] = ()) -> subprocess.Popen:
-    """`python -m dcanets tune` joined to the shared Ray; stderr to a file (no pipe to fill)."""
+    """`python -m dcanets tune` joined to the shared Ray; stderr to a file (no pipe to fill). The
+    child gets Ctrl-C's default handler: tests send it SIGINT, and a test suite started as a
+    background job (`pytest &`) would pass SIGINT on ignored."""
     return subprocess.Popen(
         [sys.executable, "-m", "dcanets", "tune", str(cfg), "--output", str(out), "--address", address, *extra],
         stdout=subprocess.PIPE, stderr=stderr_path.open("w"), text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """In the child, before exec: SIGINT handled as by default (Python then raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:
