@@ -237,6 +237,8 @@ class _Session:
 
         t0 = time.perf_counter()
         try:
+            if self.tracker and self.tracker.parent_id:  # the trials' runs written before the search's status
+                self._live(SearchTracker, self.tracker).flush()
             if self.t_fit is not None:
                 try:
                     self.state.finish_session(self.earlier + (time.perf_counter() - self.t_fit), self.status,

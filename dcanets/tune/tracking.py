@@ -25,6 +25,7 @@ from dcanets.tune.storage import Location
 from dcanets.tune.writer import Writer
 
 NUMERIC = (int, float)
+FAILED_WRITES = "dcanets.failed_writes"  # parent run tag: MLflow writes of the trials that failed
 URI_VARIABLE = "MLFLOW_TRACKING_URI"  # MLflow's own variable: every MLflow client follows it
 
 
@@ -265,9 +266,19 @@ class SearchTracker(SessionCallback):
         self.flush()  # a write that failed is a warning: this runs in a finally, the runs are ended all the same
         self.writer.shutdown()
         self.state.share()  # the trial records the writer saved last
+        self._report_failed_writes()
         for run_id in self._running_children():
             self.client.set_terminated(run_id, child_status)
         self.client.set_terminated(self.parent_id, status)
+
+    def _report_failed_writes(self) -> None:
+        """Writes of this session that failed: one line, and a tag on the parent run (a search whose
+        MLflow runs miss something does not look complete there)."""
+        if not self.writer.failures:
+            return
+        line = f"{self.writer.failures} MLflow write(s) failed, the first: {self.writer.first_failure}"
+        print(f"dcanets tune: warning: {line}; the search's own files (search folder) are complete", file=sys.stderr)
+        self.client.set_tag(self.parent_id, FAILED_WRITES, line[:5000])
 
     def drop_orphans(self, restorable: set) -> None:
         """Delete the runs of trials ``Tuner.restore`` will not bring back.
@@ -486,5 +497,5 @@ def _checkpoint_folder(path: str, location: Location) -> Iterator[Path]:
         yield Path(folder)
 
 
-__all__ = ["BEST_MODEL", "EXPERIMENT_KIND", "SearchTracker", "absolute_uri", "artifact_location", "check_uri",
+__all__ = ["BEST_MODEL", "EXPERIMENT_KIND", "FAILED_WRITES", "SearchTracker", "absolute_uri", "artifact_location", "check_uri",
            "choose_uri", "default_uri", "experiment_url", "flatten", "logged_metrics", "open_store"]
