@@ -497,5 +497,5 @@ def _checkpoint_folder(path: str, location: Location) -> Iterator[Path]:
         yield Path(folder)
 
 
-__all__ = ["BEST_MODEL", "EXPERIMENT_KIND", "FAILED_WRITES", "SearchTracker", "absolute_uri", "artifact_location", "check_uri",
-           "choose_uri", "default_uri", "experiment_url", "flatten", "logged_metrics", "open_store"]
+__all__ = ["BEST_MODEL", "EXPERIMENT_KIND", "FAILED_WRITES", "SearchTracker", "absolute_uri", "artifact_location",
+           "check_uri", "choose_uri", "default_uri", "experiment_url", "flatten", "logged_metrics", "open_store"]
