@@ -47,6 +47,7 @@ from dcanets.tune.state import SearchState
 from dcanets.tune.storage import Location
 
 MARKER = "dcanets-snapshot.json"  # beside Ray's experiment state: which snapshot the storage holds
+REPORTED = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY: a gang's reported checkpoint
 
 
 def ray_checkpoint_config() -> Any:
@@ -109,7 +110,10 @@ class CheckpointKeeper(SessionCallback):
         self._end(trials, trial, errored=True)
 
     def _end(self, trials, trial, errored: bool) -> None:
-        path = self.latest.pop(trial.trial_id, None) or getattr(trial.checkpoint, "path", None)
+        # a gang trial registers no Tune checkpoint: Ray Train keeps its newest one (num_to_keep=1)
+        # under the search's storage, and its reports carry the path (TuneReportCallback)
+        path = (self.latest.pop(trial.trial_id, None) or getattr(trial.checkpoint, "path", None)
+                or (getattr(trial, "last_result", None) or {}).get(REPORTED))
         self._doom(self.ranking.end(trial.trial_id, path, _position(trials, trial), errored))
 
     def _doom(self, paths: List[str]) -> None:

@@ -187,3 +187,28 @@ def test_curves_of_many_trials_draw_the_best_as_lines_and_the_rest_as_a_density(
     assert drawn == [f"t{i:03d}" for i in range(59, 59 - TOP, -1)]  # the best TOP, best first
     assert any(label.startswith(f"the other {60 - TOP}") for label in labels)  # the rest: their median ...
     assert any(isinstance(c, QuadMesh) for c in metric_ax.collections)  # ... and their density
+
+
+def test_a_gang_trials_reported_checkpoint_is_ranked_and_deleted_like_the_others(tmp_path, write_config):
+    """A gang trial (Ray Train inside the Tune trial) registers no Tune checkpoint: its reports carry
+    Ray Train's checkpoint path, which the keeper ranks and deletes all the same."""
+    from dcanets.tune import schema
+    from dcanets.tune.checkpoints import CheckpointKeeper
+    from dcanets.tune.storage import Location
+
+    spec = schema.load(write_config(tmp_path, checkpoints={"keep_best": 1}))
+    folder = tmp_path / "search"
+    keeper = CheckpointKeeper(spec)
+    keeper.bind(SimpleNamespace(location=Location.local(folder)))
+    paths = {}
+    trials = []
+    for name, value in (("a", 0.9), ("b", 0.4)):
+        paths[name] = folder / "gangs" / name / "checkpoint_2026-01-01_00-00-00.000000"
+        paths[name].mkdir(parents=True)
+        result = {"epoch": 1, "val_acc": value, "checkpoint_path": str(paths[name])}
+        trials.append(SimpleNamespace(trial_id=name, checkpoint=None, last_result=result))
+        keeper.on_trial_result(0, trials, trials[-1], result)
+        keeper.on_trial_complete(0, trials, trials[-1])
+    keeper.get_state()  # Tune's last snapshot, as Tuner.fit ends
+    keeper.purge()
+    assert paths["a"].exists() and not paths["b"].exists()
