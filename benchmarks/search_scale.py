@@ -19,6 +19,9 @@ Measured per size:
   trials started: the slope of a least-squares line over the trials after the first 20%.
 - **search folder bytes per trial beyond the kept checkpoints** (Ray's ``checkpoint_*`` folders),
   and how many checkpoints are kept.
+- **where the driver's memory goes** (``--full``, or ``--heap N``): one more search of N trials
+  under ``tracemalloc``, the Python heap's growth from 30% to 95% of the trials started, per
+  trial, by the package that allocated it (timings of that run are not used: tracing slows it).
 
 Goals (issue 23): overhead <= 0.2 s per trial and flat (the 1,000-trial median within 1.2x of the
 100-trial median); driver RSS grows <= 2 KB per trial; folder <= 1 MB per trial beyond the kept
@@ -52,8 +55,10 @@ def sizes(quick: bool) -> List[int]:
 
 def _extra(parser) -> None:
     parser.add_argument("--sizes", help="comma-separated trial counts (default: 12 quick, 100,300,1000 full)")
+    parser.add_argument("--heap", type=int, help="trials of the traced search (default: 300 full, none quick)")
     parser.add_argument("--one", type=int, help=argparse_suppress())
     parser.add_argument("--part", type=Path, help=argparse_suppress())
+    parser.add_argument("--traced", action="store_true", help=argparse_suppress())
 
 
 def argparse_suppress() -> str:
@@ -171,6 +176,59 @@ def run_one(trials: int, tmp: Path) -> Dict[str, Any]:
     }
 
 
+PACKAGES = ("dcanets", "ray/tune", "ray", "optuna", "mlflow", "sqlalchemy", "pydantic")
+
+
+def _package(files: List[str]) -> str:
+    """The package of the innermost frame (the allocation's) that is one of ``PACKAGES``; else other."""
+    for name in reversed(files):  # tracemalloc: oldest frame first
+        for package in PACKAGES:
+            if f"/{package}/" in name:
+                return package
+    return "other"
+
+
+def run_traced(trials: int, tmp: Path) -> Dict[str, Any]:
+    """The Python heap's growth per trial between 30% and 95% of the trials started, by package."""
+    import tracemalloc
+
+    from dcanets.tune import search as tune
+
+    spec = write_spec(tmp, trials)
+    state = tune.create_search_dir(spec, tmp / "runs")
+    snaps: List[Any] = []
+    marks = [int(0.3 * trials), int(0.95 * trials)]
+
+    def watch(stop: threading.Event) -> None:
+        while marks and not stop.wait(0.1):
+            if len(state.trials) >= marks[0]:
+                snaps.append((len(state.trials), tracemalloc.take_snapshot()))
+                marks.pop(0)
+
+    tracemalloc.start(12)
+    stop = threading.Event()
+    thread = threading.Thread(target=watch, args=(stop,), daemon=True)
+    thread.start()
+    tune.run_search(spec, state, num_cpus=2, quiet=True)
+    stop.set()
+    thread.join()
+    (n0, first), (n1, last) = snaps
+    by: Dict[str, float] = {}
+    ours: Dict[str, float] = {}  # dcanets' own lines
+    for stat in last.compare_to(first, "traceback"):
+        package = _package([f.filename for f in stat.traceback])
+        by[package] = by.get(package, 0.0) + stat.size_diff
+        if package == "dcanets":
+            frame = next(f for f in reversed(stat.traceback) if "/dcanets/" in f.filename)
+            where = f"{frame.filename.split('/dcanets/')[-1]}:{frame.lineno}"
+            ours[where] = ours.get(where, 0.0) + stat.size_diff
+    return {"trials": trials, "between": [n0, n1],
+            "kb_per_trial": {k: round(v / 1024 / (n1 - n0), 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
+            "total_kb_per_trial": round(sum(by.values()) / 1024 / (n1 - n0), 2),
+            "dcanets_lines_kb_per_trial": {k: round(v / 1024 / (n1 - n0), 2)
+                                           for k, v in sorted(ours.items(), key=lambda kv: -kv[1])[:6]}}
+
+
 def _gaps(state, own: Dict[str, float]) -> List[float]:
     """Per trial in start order: the time to the next trial's start minus the trial's own time."""
     from mlflow.tracking import MlflowClient
@@ -189,11 +247,12 @@ def _gaps(state, own: Dict[str, float]) -> List[float]:
 
 
 # ------------------------------------------------------------------------------ all sizes
-def run_size(trials: int, quick: bool) -> Dict[str, Any]:
+def run_size(trials: int, quick: bool, traced: bool = False) -> Dict[str, Any]:
     """One size in a fresh Python process: its own driver, memory and Ray."""
     with tempfile.TemporaryDirectory(prefix="dcanets-scale-") as d:
         part = Path(d) / "part.json"
-        cmd = [sys.executable, __file__, "--quick" if quick else "--full", "--one", str(trials), "--part", str(part)]
+        cmd = [sys.executable, __file__, "--quick" if quick else "--full", "--one", str(trials), "--part", str(part),
+               *(["--traced"] if traced else [])]
         code = subprocess.run(cmd, cwd=Path(__file__).parent).returncode
         if code:
             raise SystemExit(f"search_scale: the {trials}-trial search failed (exit {code})")
@@ -252,22 +311,29 @@ def main() -> None:
     if args.one:
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         with tempfile.TemporaryDirectory(prefix="dcanets-scale-") as d:
-            args.part.write_text(json.dumps(run_one(args.one, Path(d))))
+            args.part.write_text(json.dumps((run_traced if args.traced else run_one)(args.one, Path(d))))
         return
     wanted = [int(x) for x in args.sizes.split(",")] if args.sizes else sizes(args.quick)
     results: List[Dict[str, Any]] = []
     budget = {"sizes": wanted, "train": TRAIN, "sampler": "RandomSampler", "scheduler": "FIFOScheduler",
               "max_concurrent_trials": 1, "resources_per_trial": {"cpu": 1}, "ray_cpus": 2, "mlflow": "sqlite"}
+    heap = args.heap if args.heap is not None else (None if args.quick else 300)
+    payload: Dict[str, Any] = {"budget": budget, "goal": GOAL}
     for n in wanted:
         progress(f"{n} trials ...")
         results.append(run_size(n, args.quick))
         _print(results[-1])
-        payload = {"budget": budget, "goal": GOAL, "results": results, "complete": len(results) == len(wanted)}
+        payload.update(results=results, complete=len(results) == len(wanted))
         if payload["complete"]:
             payload["verdict"] = verdict(results)
             payload["figure"] = plot(results, args.quick).name
         write_result("search_scale", args.quick, payload, args.out)
     print(f"verdict: {json.dumps(verdict(results))}")
+    if heap:
+        progress(f"{heap} trials under tracemalloc ...")
+        payload["driver_heap"] = run_size(heap, args.quick, traced=True)
+        print(f"driver heap growth per trial, by package: {json.dumps(payload['driver_heap'])}")
+        write_result("search_scale", args.quick, payload, args.out)
 
 
 def _print(r: Dict[str, Any]) -> None:
