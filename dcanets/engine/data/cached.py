@@ -14,7 +14,6 @@ line naming it. Channels follow the first image (grayscale stays 1 channel).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,12 +27,12 @@ from dcanets.engine.data.layout import (
     Part,
     check_classes,
     check_path,
-    split_reader,
     class_names,
     locator,
     open_blob,
     reader,
     resolve,
+    split_reader,
     tar_complete,
     val_reader,
     warn_once,

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 
-
 class BadImage(ValueError):
     """An image that cannot be used: not decodable, or outside the size limits. The message is the reason."""
 
@@ -30,7 +29,8 @@ class OutOfRange(BadImage):
 def _over_limit(pixels: int) -> OutOfRange:
     from PIL import Image
 
-    return OutOfRange(f"{pixels} pixels, over the decode limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
+    limit = Image.MAX_IMAGE_PIXELS
+    return OutOfRange(f"{pixels} pixels, over the decode limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def header(blob: bytes) -> Tuple[int, int, bool]:

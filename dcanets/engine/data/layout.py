@@ -250,7 +250,8 @@ def resolve(path: Path, train_split: Optional[str] = None, val_split: Optional[s
     others = [f for f in found if f not in (train, val) and f not in (*TRAIN_SPLITS, *VAL_SPLITS, *OTHER_SPLITS)]
     if others:
         raise ValueError(f"'{path}' mixes split folders ({train}/, {val}/) with other folders "
-                         f"({', '.join(o + '/' for o in others[:3])}): keep the splits alone, or pass one folder as data")
+                         f"({', '.join(o + '/' for o in others[:3])}): keep the splits alone, "
+                         "or pass one folder as data")
     return Layout(_part(path, train), _part(path, val))
 
 

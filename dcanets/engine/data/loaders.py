@@ -37,10 +37,10 @@ from dcanets.engine.data.layout import (
     Part,
     check_classes,
     check_path,
-    split_reader,
     class_names,
     reader,
     resolve,
+    split_reader,
     val_reader,
 )
 from dcanets.engine.data.sources import is_generated, is_torchvision_dir

@@ -158,7 +158,8 @@ class StreamLoader:
         # persistent workers), which would otherwise shift the training RNG after a resume
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                                 persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers > 0 else None,
+                                 persistent_workers=persistent and workers > 0,
+                                 prefetch_factor=2 if workers > 0 else None,
                                  generator=torch.Generator().manual_seed(seed))
         # timm's PrefetchLoader only iterates its loader and asks its len(): _Usable is enough
         usable: Any = _Usable(self)

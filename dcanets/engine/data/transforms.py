@@ -124,7 +124,8 @@ def build(dc: Dict[str, Any], training: bool, augment: bool, path: str = "tensor
             flat = list(tf.transforms)
     except (AssertionError, KeyError, ValueError, IndexError) as exc:
         raise ValueError(f"timm cannot build the transform (aa={aa!r}, interpolation={train_interpolation!r}): "
-                         f"{exc or type(exc).__name__}; see timm.data.create_transform for the accepted values") from None
+                         f"{exc or type(exc).__name__}; see timm.data.create_transform for the accepted values"
+                         ) from None
     return T.Compose(_tensorized(flat) if path == "tensor" else flat)
 
 
