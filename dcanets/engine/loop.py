@@ -1,8 +1,8 @@
 """The one training engine: ``dcanets train``, every Ray Tune trial and every reproduction call it.
 
 A model by timm name, an optimizer by timm registry name (the DCA decompositions are registered
-there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a timm lr schedule by name, a fixed-seed
-train/validation split of a decoded-once data set, checkpoints that resume exactly, and JSON
+there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a timm lr schedule by name, the
+loaders of ``dcanets.engine.data.build_loaders`` (cached or streamed), checkpoints that resume exactly, and JSON
 metrics. CUDA is used when present, with mixed precision; on CPU a fixed seed gives identical
 runs.
 """

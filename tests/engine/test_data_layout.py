@@ -95,6 +95,8 @@ def test_compressed_and_misnamed_tars_get_a_clear_message(tmp_path):
         tf.add(src, arcname="set")
     with pytest.raises(ValueError, match=r"is a compressed tar: .* decompress it first"):
         data.load(str(tmp_path / "set.tar.gz"))
+    with pytest.raises(ValueError, match=r"timm's wds/ datasets are not read by dcanets"):
+        data.load("wds/imagenet")
     with tarfile.open(tmp_path / "set.data", "w") as tf:
         tf.add(src, arcname="set")
     with pytest.raises(ValueError, match=r"tar archive without the .tar suffix"):

@@ -68,6 +68,10 @@ class Layout:
 def check_path(spec: str) -> Path:
     """The path of a data source given by path, or one line saying why it cannot be one."""
     path = Path(spec).expanduser()
+    prefix = spec.split("/", 1)[0]
+    if not path.exists() and prefix in ("wds", "hfds", "hfids", "tfds", "torch"):
+        raise ValueError(f"data '{spec}': timm's {prefix}/ datasets are not read by dcanets (iterable, or downloaded); "
+                         "pass an image-folder directory or .tar (timm's train/ + val/ layout works)")
     if not path.exists():
         raise FileNotFoundError(
             f"data path '{spec}' does not exist; pass 'digits', 'synthetic[:N]', an image-folder "
