@@ -1,5 +1,6 @@
 """Stream mode: the epoch sampler, per-sample seeds, timm's transforms on tensors, the recipe pieces
 (aa, random erasing) and exact resume (issue 22)."""
+import os
 import random
 
 import pytest
@@ -138,3 +139,23 @@ def test_held_out_data_streams_with_the_evaluation_transform(jpegs, tmp_path):
     held = data.write_jpeg_folder(tmp_path / "held", 12, 4, sizes=(24, 40), seed=5)
     final = train(cfg_of(jpegs, eval_data=str(held)))
     assert final["eval_images"] == 12 and 0 <= final["eval_acc"] <= 1
+
+
+def test_workers_reopen_a_tar_the_training_process_had_open(tmp_path):
+    """A tar read in the training process (auto mode's size sample does) is open in timm's reader;
+    forked workers sharing that file offset would read each other's bytes."""
+    tar = data.write_image_tar(data.synthetic(64, num_classes=4, size=24, seed=3), tmp_path / "set.tar")
+    part = layout.Part(tar)
+    r = layout.reader(part)
+    data.cached.size_policy(part, r, None)  # reads headers through the reader: the tar is now open here
+    inherited = r.tar_state.tf
+    assert inherited is not None
+    cfg = cfg_of(tar, val_fraction=0.0, batch_size=16)
+    x2, y2 = first_batch(cfg_of(tar, val_fraction=0.0, batch_size=16, workers=2))
+    x0, y0 = first_batch(cfg)
+    assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    ds = StreamDataset(part, r, transforms.build(transforms.data_config("cifar_resnet20", None, 16, None), False,
+                                                 False), 3, 2)
+    ds.pid = -1  # as a forked worker sees it
+    ds[(0, 0)]
+    assert r.tar_state.tf is not inherited and ds.pid == os.getpid()

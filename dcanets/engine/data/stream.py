@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import time
 import warnings
@@ -77,11 +78,14 @@ class StreamDataset(Dataset):
         self.index = list(range(len(r))) if index is None else [int(i) for i in index]
         self.classes = class_names(r)
         self.where = locator(part, r)
+        self.pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, key: Tuple[int, int]) -> Any:
+        if self.pid != os.getpid():
+            self._own_files()
         k, seed = key
         i = self.index[k]
         try:
@@ -94,6 +98,18 @@ class StreamDataset(Dataset):
             return Bad(self.where(i), str(exc))
         with _SeededRng(seed):
             return self.transform(img), target
+
+    def _own_files(self) -> None:
+        """In a worker forked from a process that had read the tar (a header sample, an earlier epoch
+        in the main process), timm's reader holds the parent's open TarFile: its file offset is shared
+        with every other worker, so their seeks and reads would interleave. Drop it; timm reopens."""
+        state = getattr(self.reader, "tar_state", None)
+        states = list(state.values()) if isinstance(state, dict) else [] if state is None else [state]
+        for tar in states:
+            tar.reset()
+            for child in tar.children.values():
+                child.reset()
+        self.pid = os.getpid()
 
     def _decode(self, blob: bytes) -> Any:
         """Size checks on the header, then the pixels: a tensor (``tensor``) or a PIL image (``pil``)."""
