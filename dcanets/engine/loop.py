@@ -1,8 +1,8 @@
 """The one training engine: ``dcanets train``, every Ray Tune trial and every reproduction call it.
 
 A model by timm name, an optimizer by timm registry name (the DCA decompositions are registered
-there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a timm lr schedule by name, a fixed-seed
-train/validation split of a decoded-once data set, checkpoints that resume exactly, and JSON
+there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a timm lr schedule by name, the
+loaders of ``dcanets.engine.data.build_loaders`` (cached or streamed), checkpoints that resume exactly, and JSON
 metrics. CUDA is used when present, with mixed precision; on CPU a fixed seed gives identical
 runs.
 """
@@ -59,10 +59,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _split_seed(cfg: TrainConfig) -> int:
-    return cfg.seed if cfg.split_seed is None else int(cfg.split_seed)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
@@ -221,25 +217,18 @@ class _Run:
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         self.channels_last = bool(cfg.channels_last)
         seed_everything(cfg.seed)
-        train, val = data_mod.load_split(cfg.data, cfg.val_fraction, _split_seed(cfg), cfg.limit,
-                                          val_limit=cfg.val_limit, progress=progress)
-        if len(train) == 0:
-            raise ValueError(f"no training images left in '{cfg.data}' after the validation split")
-        self.train_data, self.val_data = train, val
-        self.mean, self.std = data_mod.channel_stats(train.images)
-        augment = train.in_chans == 3 if cfg.augment is None else bool(cfg.augment)
-        bs = int(cfg.batch_size)
-        self.train_loader = self._loader(train, bs, shuffle=True, augment=augment,
-                                         drop_last=len(train) >= 2 * bs)
-        self.val_loader = self._loader(val, max(bs, EVAL_BATCH), shuffle=False, augment=False)
+        self.data = data_mod.build_loaders(cfg, self.device, progress, EVAL_BATCH)
+        self.train_data, self.val_data = self.data.train_data, self.data.val_data
+        self.mean, self.std = self.data.mean, self.data.std
+        self.train_loader, self.val_loader, augment = self.data.train, self.data.val, self.data.augment
         seed_everything(cfg.seed)
-        self.model = build_model(cfg, train.num_classes, train.in_chans).to(self.device)
+        self.model = build_model(cfg, len(self.data.classes), self.data.in_chans).to(self.device)
         if self.channels_last:  # NHWC: the layout cuDNN and oneDNN convolutions run fastest on
             self.model.to(memory_format=torch.channels_last)
-        self.recipe = Recipe(cfg, self.model, train.num_classes)  # Mixup, EMA, clipping, accumulation
+        self.recipe = Recipe(cfg, self.model, len(self.data.classes))  # Mixup, EMA, clipping, accumulation
         self.optimizer = build_optimizer(cfg, self.model)
         self.needs_closure = prepare(self.optimizer, self.model)
-        self.recipe.check(self.optimizer, self.needs_closure, len(train), len(self.train_loader))
+        self.recipe.check(self.optimizer, self.needs_closure, len(self.train_data), len(self.train_loader))
         self.create_graph = second_order(cfg.opt)
         self.updates_per_epoch = updates_per_epoch(len(self.train_loader), self.recipe.accum)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.updates_per_epoch)
@@ -268,10 +257,6 @@ class _Run:
                                  create_graph=self.create_graph)
         except ValueError as exc:
             raise ValueError(f"fidelity_every={self.cfg.fidelity_every}: {exc}") from None
-
-    def _loader(self, d: data_mod.ImageData, bs: int, **kw: Any) -> data_mod.BatchLoader:
-        return data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed,
-                                    channels_last=self.channels_last, **kw)
 
     def _compiled(self) -> Callable[..., torch.Tensor]:
         """``torch.compile`` of the training forward; the counter-loss decompositions hook the eager modules."""
@@ -386,7 +371,7 @@ class _Run:
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": schedule_state(self.scheduler, self.num_updates),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "best_val_acc": self.best_val_acc,
-                "history": self.history, "classes": self.train_data.classes,
+                "history": self.history, "classes": self.data.classes,
                 "mean": self.mean, "std": self.std, **self.recipe.state_dict()}
 
     def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
@@ -423,6 +408,15 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     out_dir = prepare_output(cfg.output) if cfg.output else None
     ckpt = resumed_checkpoint(resume, cfg) if resume is not None else None  # refuses changes a resume must keep
     run = _Run(cfg, progress, on_batch)
+    try:
+        return _epochs(run, cfg, on_epoch, ckpt, out_dir, progress, t_start)
+    finally:
+        run.data.close()  # stream mode's worker processes end with the run, not at garbage collection
+
+
+def _epochs(run: _Run, cfg: TrainConfig, on_epoch: Optional[EpochCallback], ckpt: Optional[Dict[str, Any]],
+            out_dir: Optional[Path], progress: bool, t_start: float) -> Dict[str, Any]:
+    """:func:`train` after the run is built: resume, the epochs, the final metrics and files."""
     if ckpt is not None:
         run.load_state_dict(ckpt)
     metrics: Dict[str, Any] = run.history[-1] if run.history else {}
@@ -457,6 +451,7 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
                  wall_seconds=time.perf_counter() - t_start,
                  num_params=sum(p.numel() for p in run.model.parameters()),
                  train_images=len(run.train_data), val_images=len(run.val_data), augment=run.augment,
+                 data_mode=run.data.mode,
                  device=str(run.device), amp=run.amp,
                  amp_dtype=str(run.amp_dtype).removeprefix("torch.") if run.amp else None,
                  channels_last=run.channels_last, compile=bool(cfg.compile))
@@ -469,14 +464,6 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
 
 
 def _evaluate_held_out(run: _Run, spec: str, progress: bool) -> Dict[str, Any]:
-    held = data_mod.load(spec, progress=progress)
-    train = run.train_data
-    if held.in_chans != train.in_chans or held.image_size != train.image_size:
-        raise ValueError(f"eval data '{spec}' has images {held.in_chans}x{held.image_size[0]}x{held.image_size[1]} "
-                         f"but the training data {train.in_chans}x{train.image_size[0]}x{train.image_size[1]}")
-    if held.classes != train.classes:
-        raise ValueError(f"eval data '{spec}' has classes {held.classes[:5]}... but the training data "
-                         f"{train.classes[:5]}...; both need the same class folders")
-    metrics = evaluate_metrics(run.model, run._loader(held, EVAL_BATCH, shuffle=False, augment=False), run.amp,
-                               run.amp_dtype)
-    return {**{f"eval_{name}": value for name, value in metrics.items()}, "eval_images": len(held)}
+    loader, images = data_mod.held_out(spec, run.data, progress)
+    metrics = evaluate_metrics(run.model, loader, run.amp, run.amp_dtype)
+    return {**{f"eval_{name}": value for name, value in metrics.items()}, "eval_images": images}

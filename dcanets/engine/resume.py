@@ -29,6 +29,7 @@ MAY_CHANGE = {
     "fidelity_reference": "a diagnostic",
     "eval_data": "evaluated once, after the last epoch",
     "output": "where it writes (dcanets train: the folder it resumed from)",
+    "workers": "how it computes: every image's augmentation is seeded by the sample, not the worker",
 }
 
 

@@ -58,7 +58,7 @@ def test_every_problem_is_reported_with_its_yaml_path(tmp_path):
     for line in expected:
         assert line in msg, f"missing {line!r} in:\n{msg}"
     assert "15 problem(s)" in msg
-    assert "train.modle: not a TrainConfig field; did you mean: model;" in msg
+    assert "train.modle: not a TrainConfig field; did you mean: model" in msg  # (and remode, timm's name)
     assert "scheduler.grace_perod: not an argument of ASHAScheduler; did you mean: grace_period;" in msg
     assert "resources.gpus: unknown key; did you mean: gpu; allowed: cpu, gpu" in msg
     assert "got 'opt_kwargs.lam'; it is declared below: move it above" in msg
