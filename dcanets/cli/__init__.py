@@ -26,6 +26,7 @@ COMMANDS = {
     "fidelity": ("dcanets.cli.fidelity", "cosine of an optimizer's steps with the shortcut network's gradient"),
     "shortcut-prior": ("dcanets.cli.shortcut_prior", "teacher-student, convex relaxation, deep linear and "
                        "multi-branch experiments (papers 001, 002)"),
+    "timm-train": ("dcanets.cli.timm_train", "run timm's own train.py with dcanets' models and decompositions"),
 }
 
 
