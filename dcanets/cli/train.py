@@ -8,10 +8,9 @@ from typing import Any, Dict, Optional
 
 from pydantic.fields import FieldInfo
 
-from dcanets.engine.checkpoint import load_checkpoint
+from dcanets.cli.flags import Joined, KeyValues, field_flags
 from dcanets.engine.config import TrainConfig
-from dcanets.engine.loop import train
-from dcanets.validation import kv_argument, yaml_problem
+from dcanets.validation import yaml_problem
 
 
 def _flag(name: str) -> str:
@@ -29,8 +28,10 @@ def _flag_options(info: FieldInfo, schema: Dict[str, Any]) -> Dict[str, Any]:
     help_text += "" if default is None else f" (default: {default!r})"
     options: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}  # argparse %-formats
     kinds = {s.get("type") for s in schema.get("anyOf", [schema])} - {"null"}
-    if kinds == {"object"}:
-        return {**options, "type": kv_argument, "metavar": "K=V,..."}
+    if kinds == {"object"}:  # timm's `--model-kwargs a=1 b=2`, or `a=1,b=2`, or JSON
+        return {**options, "nargs": "+", "action": KeyValues, "metavar": "K=V"}
+    if kinds == {"array"}:  # timm's `--decay-milestones 30 60`, or `30,60`
+        return {**options, "nargs": "+", "action": Joined, "metavar": "X"}
     if kinds == {"boolean"}:
         return {**options, "action": argparse.BooleanOptionalAction}
     if "enum" in schema:
@@ -49,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         prop = schema["properties"][name]
         if "$ref" in prop:  # a nested model (opt_kwargs): its own schema says what kind it is
             prop = schema["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
-        parser.add_argument(_flag(name), **_flag_options(info, prop))
+        parser.add_argument(*field_flags(name, TrainConfig.model_fields), **_flag_options(info, prop))
+
+
+def check(args: argparse.Namespace) -> None:
+    """The flags and ``--config`` as a TrainConfig, before torch is imported: a wrong value is one
+    line at once (a ``--resume`` checkpoint is read in ``run``)."""
+    if not getattr(args, "resume", None):
+        config_from_args(args)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -57,6 +65,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     values: Dict[str, Any] = {}
     if getattr(args, "resume", None):  # a resumed run starts from the config it was written with
+        from dcanets.engine.checkpoint import load_checkpoint
+
         values.update(load_checkpoint(args.resume).get("config", {}))
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -102,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from tqdm import tqdm
+
+    from dcanets.engine.loop import train
 
     cfg = config_from_args(args)
     show = not args.no_progress

@@ -62,7 +62,7 @@ class DefineByRun:
     @staticmethod
     def _suggest(trial: Any, key: str, spec: Dict[str, Any]) -> Any:
         kind = spec["type"]
-        if kind == "choice":
+        if kind in ("choice", "categorical"):
             return trial.suggest_categorical(key, spec["values"])
         if kind == "int":
             return trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=spec.get("step", 1),

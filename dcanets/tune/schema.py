@@ -45,6 +45,7 @@ from dcanets.validation import (
     dotted,
     fail,
     is_number,
+    plain,
     problems_of,
     unknown_key,
 )
@@ -119,6 +120,20 @@ class Uniform(_Range):
     type: Literal["uniform"]
 
 
+class Float(_Range):
+    """A float sampled in [low, high], as Optuna's ``suggest_float`` (``log: true``: log-uniformly)."""
+
+    type: Literal["float"]
+
+    @field_validator("log")
+    @classmethod
+    def _positive_when_log(cls, log: bool, info: ValidationInfo) -> bool:
+        low = info.data.get("low")
+        if log and low is not None and low <= 0:
+            fail(f"log: true needs low > 0, got low {plain(low)}")
+        return log
+
+
 class IntRange(_Range):
     """An integer sampled in [low, high]."""
 
@@ -129,9 +144,9 @@ class IntRange(_Range):
 
 
 class Choice(_Param):
-    """One of ``values``."""
+    """One of ``values`` (``categorical``: Optuna's name for it)."""
 
-    type: Literal["choice"]
+    type: Literal["choice", "categorical"]
     values: List[Any] = Field(min_length=1)
 
     @field_validator("times", "over")
@@ -142,8 +157,10 @@ class Choice(_Param):
         return other
 
 
-PARAM_TYPES: Dict[str, Type[_Param]] = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice}
-SpaceParam = Annotated[Union[LogUniform, Uniform, IntRange, Choice], Field(discriminator="type")]
+# dcanets' names, and Optuna's (suggest_float, suggest_int, suggest_categorical) beside them
+PARAM_TYPES: Dict[str, Type[_Param]] = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice,
+                                       "float": Float, "categorical": Choice}
+SpaceParam = Annotated[Union[LogUniform, Uniform, Float, IntRange, Choice], Field(discriminator="type")]
 
 
 # ------------------------------------------------------------------------- the other sections
@@ -587,6 +604,6 @@ def _near(name: str, known: Optional[set]) -> str:
     return did_you_mean(name, known)
 
 
-__all__ = ["Choice", "FailureConfigSection", "IntRange", "LogUniform", "Resources", "Sampler", "Scheduler", "SearchAlg",
-           "SearchFile", "SpaceParam", "Tracking", "TrainSection", "TuneConfigSection", "TuneSpec", "Uniform",
-           "check_registries", "json_schema", "load", "validate"]
+__all__ = ["Choice", "FailureConfigSection", "Float", "IntRange", "LogUniform", "Resources", "Sampler", "Scheduler",
+           "SearchAlg", "SearchFile", "SpaceParam", "Tracking", "TrainSection", "TuneConfigSection", "TuneSpec",
+           "Uniform", "check_registries", "json_schema", "load", "validate"]

@@ -154,6 +154,27 @@ def test_sampled_bounds_and_choices_are_checked_as_train_config_values(tmp_path,
     assert "3 problem(s)" in msg  # a scaled parameter samples a factor: its bounds are not rho's
 
 
+def test_optunas_type_names_sample_as_optuna_would(tmp_path, write_config):
+    """``float`` (``log: true``), ``int`` and ``categorical``: Optuna's suggest_* names, beside dcanets' own."""
+    import optuna
+
+    space = {"lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+             "momentum": {"type": "float", "low": 0.5, "high": 0.9},
+             "batch_size": {"type": "int", "low": 16, "high": 64, "step": 16},
+             "model": {"type": "categorical", "values": ["cifar_resnet20", "cifar_negnet20"]}}
+    spec = schema.load(write_config(tmp_path, space=space, train={"batch_size": None, "model": None}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    values = builders.DefineByRun(builders.plain_space(spec.space))(trial)
+    dists = trial.distributions
+    assert isinstance(dists["lr"], optuna.distributions.FloatDistribution) and dists["lr"].log
+    assert not dists["momentum"].log and 0.5 <= values["momentum"] <= 0.9
+    assert isinstance(dists["batch_size"], optuna.distributions.IntDistribution) and values["batch_size"] % 16 == 0
+    assert isinstance(dists["model"], optuna.distributions.CategoricalDistribution)
+    msg = problems(write_config(tmp_path, space={"lr": {"type": "float", "low": 0, "high": 0.2, "log": True}}))
+    assert "space.lr.log: log: true needs low > 0, got low 0" in msg
+
+
 def test_space_parameters_are_typed_and_their_names_suggested(tmp_path, write_config):
     space = {"lrr": {"type": "uniform", "low": 0.1, "high": 0.2},
              "momentum": {"type": "uniform", "low": 0.9, "high": 0.5, "stepp": 1},
@@ -228,7 +249,7 @@ def test_schema_flag_prints_the_json_schema_without_a_config(capsys):
     assert defs["TrainSection"]["properties"]["lr"]["exclusiveMinimum"] == 0
     assert "description" in defs["TrainSection"]["properties"]["warmup_epochs"]
     assert set(schema["properties"]["space"]["additionalProperties"]["discriminator"]["mapping"]) == {
-        "loguniform", "uniform", "int", "choice"}
+        "loguniform", "uniform", "int", "choice", "float", "categorical"}
     validator = jsonschema.Draft202012Validator(schema)
     bad = {"train": {"epochs": 0, "lrr": 1}, "space": {"lr": {"type": "gaussian"}}}
     assert len(list(validator.iter_errors(bad))) == 3
