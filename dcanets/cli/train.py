@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from pydantic.fields import FieldInfo
 
+from dcanets.cli import tracking
 from dcanets.cli.flags import Joined, KeyValues, field_flags
 from dcanets.engine.config import TrainConfig
 from dcanets.validation import yaml_problem
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", help="checkpoint (last.pt) or output directory to resume from")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar: one line per epoch (epoch, losses, accuracies, lr, seconds)")
+    tracking.add_arguments(parser)  # MLflow, when asked
     schema = TrainConfig.model_json_schema()
     for name, info in TrainConfig.model_fields.items():
         prop = schema["properties"][name]
@@ -80,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"invalid YAML in '{path}': {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"'{path}' must hold a mapping of TrainConfig fields")
+        loaded.pop("tracking", None)  # MLflow settings, not a field: dcanets.cli.tracking reads them
         values.update(loaded)
     values.update({name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)})
     if not values.get("output"):  # a run is always saved: resumable, and its metrics kept
@@ -138,9 +141,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(line, file=sys.stderr, flush=True)
 
+    tracker = tracking.tracker_for(args, cfg)  # None unless asked
     try:
-        final = train(cfg, on_epoch=on_epoch, resume=args.resume, progress=show,
-                      on_batch=on_batch if show else None)
+        with tracking.tracked(tracker) as track:
+            final = train(cfg, on_epoch=track.on_epoch(on_epoch), resume=args.resume, progress=show,
+                          on_batch=on_batch if show else None)
+            track.finish(final)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
@@ -151,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("dcanets train: interrupted before the first epoch ended; no checkpoint to resume from",
                   file=sys.stderr)
+        if tracker is not None:
+            print(f"dcanets train: {tracker.summary_line()}", file=sys.stderr)
         return 130
     except BaseException:
         if bar is not None:
@@ -162,4 +170,6 @@ def run(args: argparse.Namespace) -> int:
     final.pop("history", None)
     print(json.dumps(final, indent=2, default=float))
     print(f"dcanets train: saved last.pt and metrics.json in {cfg.output}", file=sys.stderr)
+    if tracker is not None:
+        print(f"dcanets train: {tracker.summary_line()}", file=sys.stderr)
     return 0

@@ -99,7 +99,7 @@ CASES: List[tuple] = [
     ("bool-flag-with-value", ["train", "--amp=yes"], 2, r"argument --amp/--no-amp: ignored explicit argument 'yes'"),
     ("unknown-train-flag", ["train", "--learning-rate", "0.1"], 2, r"unrecognized argument: --learning-rate"),
     ("misspelt-train-flag", ["train", "--smothing", "0.1", "--moel", "x"], 2,
-     r"dcanets train: error: unrecognized arguments: --smothing \(did you mean: --smoothing, --label-smoothing\), "
+     r"dcanets train: error: unrecognized arguments: --smothing \(did you mean: --smoothing, --label-smoothing.*\), "
      r"--moel \(did you mean: --model"),
     ("misspelt-tune-flag", ["tune", "--adress", "auto"], 2,
      r"unrecognized argument: --adress \(did you mean: --address"),
