@@ -72,6 +72,9 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new store
+    # MLflow prints "View run ... at" / "View experiment at" links for a server's runs, which open its
+    # GenAI views (experiment_url gives the one that opens the runs): its documented switch, unless set
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 

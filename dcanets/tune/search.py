@@ -172,7 +172,7 @@ class _Session:
     def _start_tracking(self, store: concurrent.futures.Future) -> None:
         t0 = time.perf_counter()
         store.result()  # a new SQLite store: MLflow's migrations, run while Ray started
-        self.tracker = SearchTracker(self.state)
+        self.tracker = SearchTracker(self.state, train=self.spec.train)
         self.tracker.start(_parent_params(self.spec), self.state.folder / "config.yaml",
                            {"name": self.state.folder.name, "config": str(self.spec.path),
                             "ray_results": self.location.uri})

@@ -32,6 +32,7 @@ from dcanets.engine.tracking import (  # noqa: F401  (re-exported: the store hel
 )
 from dcanets.engine.tracking import client as _client
 from dcanets.engine.tracking import metric_objs as _metric_objs
+from dcanets.tune.builders import short_params, trial_params
 from dcanets.tune.callbacks import SessionCallback
 from dcanets.tune.state import SearchState, TrialRecord
 from dcanets.tune.storage import Location
@@ -51,8 +52,9 @@ class SearchTracker(SessionCallback):
     the copy restored from ``tuner.pkl``, bound to this session by :meth:`bind`).
     """
 
-    def __init__(self, state: SearchState) -> None:
+    def __init__(self, state: SearchState, train: Optional[Dict[str, Any]] = None) -> None:
         self.state = state
+        self.train = train  # the fixed train fields: each trial's run gets its whole TrainConfig
         self.uri, self.experiment = state.tracking_uri, state.experiment
         self._connect()
 
@@ -171,9 +173,9 @@ class SearchTracker(SessionCallback):
             self.client.update_run(record.run_id, status="RUNNING")
             return
         run = self.client.create_run(self.state.experiment_id, run_name=str(trial), tags={
-            "mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id})
+            "mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id, "sampled": short_params(trial.config)})
         self.state.add_trial(trial.trial_id, run.info.run_id)
-        self._log_params(run.info.run_id, trial.config)
+        self._log_params(run.info.run_id, trial_params(getattr(self, "train", None) or {}, trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         record = self.state.trials.get(trial.trial_id)
