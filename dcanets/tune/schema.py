@@ -293,8 +293,10 @@ class SearchFile(Header):
 
 
 def json_schema() -> Dict[str, Any]:
-    """The JSON Schema of a search file, for editors (``# yaml-language-server: $schema=...``)."""
-    return SearchFile.model_json_schema()
+    """The JSON Schema of a search file, for editors (``dcanets.tune.editor_schema``)."""
+    from dcanets.tune.editor_schema import json_schema as generate
+
+    return generate()
 
 
 # ------------------------------------------------------------------------------- the spec
@@ -564,11 +566,10 @@ def _check_scheduler(raw: Any, train: Dict[str, Any], err: _Problems) -> Optiona
 
 
 def _check_tune_config(raw: Any, err: _Problems) -> Optional[TuneConfigSection]:
-    from ray.tune import TuneConfig
+    from dcanets.tune.editor_schema import tune_config_arguments
 
     tc = err.parse(TuneConfigSection, raw, "tune_config")
-    known = [f.name for f in dataclasses.fields(TuneConfig)
-             if f.name not in ("search_alg", "scheduler", "trial_name_creator", "trial_dirname_creator")]
+    known = tune_config_arguments()
     for key in _as_dict(raw):
         if key not in known:
             err.add(f"tune_config.{key}", unknown_key(key, known, "not a ray.tune.TuneConfig argument", "known"))

@@ -255,6 +255,38 @@ def test_schema_flag_prints_the_json_schema_without_a_config(capsys):
     assert len(list(validator.iter_errors(bad))) == 3
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "tune_configs"
+MODELINE = "# yaml-language-server: $schema=./tune.schema.json"
+
+
+def test_the_shipped_schema_is_what_the_command_prints_and_every_shipped_yaml_points_at_it(capsys):
+    """Regenerate with `dcanets tune --schema > tune_configs/tune.schema.json` when this fails after
+    a change of the models or of the installed timm, Ray or Optuna."""
+    assert main(["tune", "--schema"]) == 0
+    assert capsys.readouterr().out == (SHIPPED / "tune.schema.json").read_text()
+    for path in sorted(SHIPPED.glob("*.yaml")):
+        assert path.read_text().splitlines()[0] == MODELINE, path.name
+
+
+@pytest.mark.parametrize("typo, where", [
+    ({"tune_config": {"num_sample": 4}}, "num_sample"),
+    ({"scheduler": {"type": "ASHAScheduler", "grace_peroid": 1}}, "grace_peroid"),
+    ({"train": {"epochs": 2, "opt": "sgdd"}}, "sgdd"),
+])
+def test_an_editor_flags_the_typos_the_command_catches(typo, where):
+    """jsonschema (what editors run) against the shipped file: each typo is an error naming it,
+    and the same file without it is valid."""
+    shipped = json.loads((SHIPPED / "tune.schema.json").read_text())
+    assert shipped["$schema"] == "https://json-schema.org/draft/2020-12/schema" and shipped["$id"]
+    validator = jsonschema.Draft202012Validator(shipped)
+    good = {"train": {"epochs": 2, "opt": "lookahead_dcacounter"}, "space": {"lr": {"type": "float", "low": 0.01,
+                                                                                    "high": 0.1}},
+            "scheduler": {"type": "ASHAScheduler", "grace_period": 1}, "tune_config": {"num_samples": 4}}
+    assert not list(validator.iter_errors(good))
+    errors = [e.message for e in validator.iter_errors({**good, **typo})]
+    assert len(errors) == 1 and where in errors[0], errors
+
+
 def test_tuner_pkl_of_a_search_started_before_the_builders_module_still_loads():
     """Ray's tuner.pkl names the classes where they were when the search started: a search
     interrupted before ``dcanets.tune.builders`` existed must still resume."""
