@@ -31,6 +31,7 @@ from dcanets.tune.callbacks import Outcomes, ProgressLines, StateCopies, bind_se
 from dcanets.tune.state import STATE_FILES, SearchResult, SearchState, TrialResult, is_finite
 from dcanets.tune.storage import Location
 from dcanets.tune.tracking import SearchTracker, check_uri, choose_uri, flatten, open_store
+from dcanets.tune.watch import LOST_AFTER_S, watch_cluster
 
 
 def create_search_dir(spec: schema.TuneSpec, root: Path, tracking_uri: Optional[str] = None,
@@ -157,6 +158,7 @@ class _Session:
         started_ray = start_ray(address, num_cpus, worker_logs)
         self.stop.install()  # again: ray.init puts its own (fatal) SIGTERM handler in the driver
         self.timings["ray_init"] = time.perf_counter() - t0
+        watch = watch_cluster(address, lambda gcs: self._lost(str(address), gcs))  # --address: it may go away
         try:
             check_resources(self.spec.resources, address)
             if store is not None:
@@ -166,8 +168,25 @@ class _Session:
             self.status = "KILLED"
             raise
         finally:
+            if watch is not None:
+                watch.stop()
             self._end(started_ray)
         return dataclasses.replace(result, timings=dict(self.timings))  # with the teardown's time
+
+    def _lost(self, address: str, gcs: str) -> None:
+        """The joined cluster went away (``dcanets.tune.watch``): the runs end KILLED, one line says
+        so with the resume command, and the driver exits with status 1, as Ray would end it anyway."""
+        import sys
+
+        self.status = "KILLED"
+        try:
+            self._end(started_ray=False)  # no ray.shutdown(): it waits for a cluster that is gone
+        finally:
+            sys.stdout.flush()
+            print(f"dcanets tune: error: the Ray cluster at {address} went away mid-search (its head {gcs} has not "
+                  f"answered for {LOST_AFTER_S:.0f} s); the search is KILLED: continue with  "
+                  f"{self.location.resume_command()}", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _start_tracking(self, store: concurrent.futures.Future) -> None:
         t0 = time.perf_counter()
