@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,24 @@ def test_help_and_argument_errors_answer_without_importing_torch(argv, status, s
     assert code == status and says in err
     assert heavy == "IMPORTED []", heavy
     assert seconds < 20
+
+
+def test_tune_says_what_it_does_at_once(tmp_path):
+    """A search's first line comes before torch, timm and Ray are imported (they take 10-60 s on
+    a loaded 2-core machine); then the search is interrupted before any trial, leaving nothing."""
+    import signal
+
+    cfg = Path(__file__).resolve().parents[2] / "tune_configs" / "quickstart.yaml"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dcanets", "tune", str(cfg), "--output", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    try:
+        first = proc.stdout.readline()
+        seconds = time.perf_counter() - t0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=300)
+    assert first.startswith(f"dcanets tune: {cfg}: checking the search file, then a local Ray"), first
+    assert seconds < 15, f"first line after {seconds:.1f} s"
+    assert not list(tmp_path.glob("quickstart-*"))
