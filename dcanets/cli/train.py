@@ -9,14 +9,11 @@ from typing import Any, Dict, Optional
 from pydantic.fields import FieldInfo
 
 from dcanets import safe_yaml
-from dcanets.engine.atomic import DiskFull
-from dcanets.engine.checkpoint import load_checkpoint
+from dcanets.cli import tracking
+from dcanets.cli.flags import Joined, KeyValues, field_flags
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.divergence import describe
-from dcanets.engine.export import trusted_spec
-from dcanets.engine.loop import train
-from dcanets.engine.rundir import resume_hint, resume_output, unused
-from dcanets.validation import kv_argument, yaml_problem
+from dcanets.validation import yaml_problem
 
 
 def _flag(name: str) -> str:
@@ -34,8 +31,10 @@ def _flag_options(info: FieldInfo, schema: Dict[str, Any]) -> Dict[str, Any]:
     help_text += "" if default is None else f" (default: {default!r})"
     options: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}  # argparse %-formats
     kinds = {s.get("type") for s in schema.get("anyOf", [schema])} - {"null"}
-    if kinds == {"object"}:
-        return {**options, "type": kv_argument, "metavar": "K=V,..."}
+    if kinds == {"object"}:  # timm's `--model-kwargs a=1 b=2`, or `a=1,b=2`, or JSON
+        return {**options, "nargs": "+", "action": KeyValues, "metavar": "K=V"}
+    if kinds == {"array"}:  # timm's `--decay-milestones 30 60`, or `30,60`
+        return {**options, "nargs": "+", "action": Joined, "metavar": "X"}
     if kinds == {"boolean"}:
         return {**options, "action": argparse.BooleanOptionalAction}
     if "enum" in schema:
@@ -49,12 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", help="checkpoint (last.pt) or output directory to resume from")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar: one line per epoch (epoch, losses, accuracies, lr, seconds)")
+    tracking.add_arguments(parser)  # MLflow, when asked
     schema = TrainConfig.model_json_schema()
     for name, info in TrainConfig.model_fields.items():
         prop = schema["properties"][name]
         if "$ref" in prop:  # a nested model (opt_kwargs): its own schema says what kind it is
             prop = schema["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
-        parser.add_argument(_flag(name), **_flag_options(info, prop))
+        parser.add_argument(*field_flags(name, TrainConfig.model_fields), **_flag_options(info, prop))
+
+
+def check(args: argparse.Namespace) -> None:
+    """The flags and ``--config`` as a TrainConfig, before torch is imported: a wrong value is one
+    line at once (a ``--resume`` checkpoint is read in ``run``)."""
+    if not getattr(args, "resume", None):
+        config_from_args(args)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -62,6 +69,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     values: Dict[str, Any] = {}
     if getattr(args, "resume", None):  # a resumed run starts from the config it was written with
+        from dcanets.engine.checkpoint import load_checkpoint
+        from dcanets.engine.export import trusted_spec
+
         saved = load_checkpoint(args.resume).get("config", {})
         trusted_spec({"model": saved.get("model"), "kwargs": saved.get("model_kwargs")}, f"checkpoint '{args.resume}'")
         values.update({k: v for k, v in saved.items() if k != "output"})  # it writes where it is now
@@ -77,9 +87,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"invalid YAML in '{path}': {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"'{path}' must hold a mapping of TrainConfig fields")
+        loaded.pop("tracking", None)  # MLflow settings, not a field: dcanets.cli.tracking reads them
         values.update(loaded)
     values.update({name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)})
     if getattr(args, "resume", None):  # into the folder it resumed from, never the checkpoint's old output
+        from dcanets.engine.rundir import resume_output
+
         values["output"] = resume_output(args.resume, values.get("output"))
     elif not values.get("output"):  # a run is always saved: resumable, and its metrics kept
         model = values.get("model") or TrainConfig.model_fields["model"].default
@@ -91,6 +104,8 @@ def default_output(model: str) -> Path:
     """``runs/train/<model>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3`` if taken), for a run started without ``--output``."""
     import re
     import time
+
+    from dcanets.engine.rundir import unused
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("._") or "model"
     return unused(Path("runs") / "train" / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}")  # -2, -3 if taken
@@ -107,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from tqdm import tqdm
+
+    from dcanets.engine.atomic import DiskFull
+    from dcanets.engine.loop import train
+    from dcanets.engine.rundir import resume_hint
 
     cfg = config_from_args(args)
     show = not args.no_progress
@@ -131,9 +150,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(line, file=sys.stderr, flush=True)
 
+    tracker = tracking.tracker_for(args, cfg)  # None unless asked
     try:
-        final = train(cfg, on_epoch=on_epoch, resume=args.resume, progress=show,
-                      on_batch=on_batch if show else None)
+        with tracking.tracked(tracker) as track:
+            final = train(cfg, on_epoch=track.on_epoch(on_epoch), resume=args.resume, progress=show,
+                          on_batch=on_batch if show else None)
+            track.finish(final)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
@@ -144,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("dcanets train: interrupted before the first epoch ended; no checkpoint to resume from",
                   file=sys.stderr)
+        if tracker is not None:
+            print(f"dcanets train: {tracker.summary_line()}", file=sys.stderr)
         return 130
     except BaseException as exc:
         if bar is not None:
@@ -162,4 +186,6 @@ def run(args: argparse.Namespace) -> int:
               f"--warmup-epochs; its metrics.json and last.pt are in {cfg.output}", file=sys.stderr)
         return 1
     print(f"dcanets train: saved last.pt and metrics.json in {cfg.output}", file=sys.stderr)
+    if tracker is not None:
+        print(f"dcanets train: {tracker.summary_line()}", file=sys.stderr)
     return 0

@@ -17,8 +17,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -63,6 +61,8 @@ def write_text(path: Path, text: str) -> None:
 
 def torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through :func:`write_bytes`."""
+    import torch  # here: the commands' --help and flag errors import this module, and no torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getbuffer())

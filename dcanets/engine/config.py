@@ -133,8 +133,8 @@ class TrainConfig(BaseModel):
     weight_decay: Number = Field(5e-4, ge=0, description="L2 weight decay (not on biases and norm parameters)")
     opt_kwargs: OptKwargs = Field(
         default_factory=lambda: OptKwargs(),
-        description="extra optimizer kwargs, e.g. 'rho=0.01,lam=10' or JSON (DC decompositions: rho >= 0, lam > 0; "
-                    "at rho = 0 G is not convex, so the step is not a DCA step)")
+        description="extra optimizer kwargs, e.g. rho=0.01 lam=20, 'rho=0.01,lam=20' or JSON (DC decompositions: "
+                    "rho >= 0, lam > 0, lam = 1/lr; at rho = 0 G is not convex, so the step is not a DCA step)")
     sched: Schedule = Field(
         "cosine", description="lr schedule, a timm scheduler name (none = constant); fitted into epochs")
     sched_on_updates: bool = Field(

@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from dcanets.engine.checkpoint import checkpoint_file
-
 LOCK = ".dcanets.lock"
 RUN_FILES = ("last.pt", "metrics.json")  # a folder holding one of these holds a run
 F = TypeVar("F", bound=Callable[..., Any])
@@ -151,6 +149,8 @@ def _resumes(folder: Path, resume: str | Path | None) -> bool:
 def folder_of(resume: str | Path) -> Path:
     """The run folder of a ``resume`` argument (a run folder or its ``last.pt``); FileNotFoundError's
     one line when there is no checkpoint."""
+    from dcanets.engine.checkpoint import checkpoint_file  # here: checkpoint imports torch, flag errors need none
+
     return checkpoint_file(resume).parent
 
 

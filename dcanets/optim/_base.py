@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequ
 
 import torch
 
+from dcanets.builder import owning_model
 from dcanets.optim.rho import Batch, CurvatureLog
 
 Grads = List[Optional[torch.Tensor]]
@@ -138,6 +139,12 @@ class DCAOptimizer(torch.optim.Optimizer):
         self.diagnostics: Dict[str, float] = {}   # last step's β (eq. 19) or line coefficient
         self._nsteps = 0                          # steps taken (the schedules of beta_every, rho_every)
         self._batch: Optional[Batch] = None
+        # A model dcanets built is known (dcanets.builder): attach now, before the loop's first
+        # forward, so that any loop works without prepare(). Subclasses keep what attach() sets
+        # as class-level defaults, since this runs before their own __init__ body.
+        owner = owning_model(self._params())
+        if owner is not None:
+            self.attach(owner)
 
     # -- the protocol (dcanets.optim.protocol) ---------------------------------------------------
     @property
@@ -187,8 +194,13 @@ class DCAOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{type(self).__name__} needs a closure ({self.closure_reason()}): "
                 "call optimizer.step(closure) with a closure that zeroes the gradients, runs forward, "
-                "loss and backward and returns the loss (dcanets.optim.prepare returns True for it)")
+                "loss and backward and returns the loss (optimizer.needs_closure says so); a loop that calls "
+                f"step() without one, like timm's train.py, needs {self.closure_free_hint()}")
         return closure
+
+    def closure_free_hint(self) -> str:
+        """What to use instead in a loop that cannot give a closure (the end of the one-line error)."""
+        return "a configuration that needs none (docs/decompositions.md lists them)"
 
     def _apply(self, directions: Grads) -> None:
         """w ← w − lr·d (:func:`sgd_update`), and the step is counted."""

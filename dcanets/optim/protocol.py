@@ -2,10 +2,12 @@
 ``timm.optim.create_optimizer_v2`` and the one training step.
 
 ``prepare(optimizer, model)`` once: it attaches the counter-loss hooks a decomposition needs and
-says whether ``optimizer.step`` must be given a closure. Most configurations need none: their
-extra vector–Jacobian product runs inside the loop's own ``loss.backward()``
+says whether ``optimizer.step`` must be given a closure (a decomposition built on the parameters of
+a model dcanets built has attached itself already: ``dcanets.builder.owning_model``). Most
+configurations need none: their extra vector–Jacobian product runs inside the loop's own ``loss.backward()``
 (``dcanets.optim.counter.ShortcutTap``). ``remember_batch`` before each step hands the batch to a
-decomposition that measures curvature on it; ``take_step`` is the step itself, with or without a
+decomposition that measures curvature on it (without it, a closure-free step reads the batch off
+the loop's own passes: ``dcanets.optim.batches``); ``take_step`` is the step itself, with or without a
 closure (``dcanets.engine``, ``dcanets.analysis.fidelity`` and the benchmarks all step through it).
 Every call sees through timm's Lookahead (``dcanets._compat.unwrap_optimizer``) and is a no-op, or
 False, for an optimizer that is not a :class:`DCAOptimizer`.

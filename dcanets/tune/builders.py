@@ -62,7 +62,7 @@ class DefineByRun:
     @staticmethod
     def _suggest(trial: Any, key: str, spec: Dict[str, Any]) -> Any:
         kind = spec["type"]
-        if kind == "choice":
+        if kind in ("choice", "categorical"):
             return trial.suggest_categorical(key, spec["values"])
         if kind == "int":
             return trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=spec.get("step", 1),
@@ -85,6 +85,21 @@ def trial_train_config(base: Dict[str, Any], params: Dict[str, Any]) -> Dict[str
         else:
             cfg[name] = value
     return cfg
+
+
+def trial_params(base: Dict[str, Any], sampled: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a trial's MLflow run records as params: its whole effective TrainConfig (the fixed
+    fields, the sampled values, the defaults; not ``output``, which is the worker's), so that
+    ``params.opt`` or ``params.model`` filter trials, and the sampled factors of ``times:``/``over:``."""
+    from dcanets.engine.config import ConfigError, TrainConfig
+
+    cfg = trial_train_config(base, dict(sampled))
+    try:
+        full = TrainConfig.from_dict(cfg).to_dict()
+    except ConfigError:  # the trial fails with this error itself; its run keeps what it was given
+        full = cfg
+    full.pop("output", None)
+    return {**full, **{k: v for k, v in sampled.items() if DERIVED in k}}
 
 
 def short_params(config: Mapping[str, Any]) -> str:
@@ -139,4 +154,5 @@ schema.DefineByRun = DefineByRun  # type: ignore[attr-defined]
 
 
 __all__ = ["DERIVED", "DefineByRun", "build_failure_config", "build_scheduler", "build_search_alg",
-           "build_tune_config", "plain", "plain_space", "short_params", "trial_resources", "trial_train_config"]
+           "build_tune_config", "plain", "plain_space", "short_params", "trial_params", "trial_resources",
+           "trial_train_config"]

@@ -29,6 +29,8 @@ def report(result: SearchResult, spec: schema.TuneSpec, state: SearchState, top:
     location = result.location
     stored = f"copied to the storage {location.uri}; " if location.shared else ""
     print(f"outputs: {exp_dir}  ({', '.join(written) + '; ' if written else ''}{stored}MLflow: {_uri(state)})")
+    if spec.tracking.enabled:
+        _print_ui_command(state)
     if result.status == "KILLED":
         why = f"{result.signal} received" if result.signal else "trials left unfinished"
         print(f"dcanets tune: interrupted ({why}): continue with  {location.resume_command()}",
@@ -63,9 +65,21 @@ def summarize(result: SearchResult, spec: schema.TuneSpec, state: SearchState) -
     exp_dir = state.folder
     SearchTracker(state).summarize(
         {f"best_{spec.metric}": best.best, "num_trials": len(result.trials),
-         **{f"seconds_{k}": v for k, v in result.timings.items()}},
+         **{f"seconds_{k}": v for k, v in result.timings.items()},
+         # each trial's best value on the parent: one chart of the search in MLflow's UI
+         **{f"{spec.metric}/{t.trial_id}": t.best for t in result.trials if is_finite(t.best)}},
         {"best_trial": best.trial_id},
         [exp_dir / "best.yaml", exp_dir / "curves.png", exp_dir / "trials.csv"])
+
+
+def _print_ui_command(state: SearchState) -> None:
+    """For a SQLite store, the command that opens it and the page of this search's runs."""
+    from dcanets.engine.tracking import ui_command
+
+    command = ui_command(state.tracking_uri)
+    if command and state.experiment_id:
+        print(f"MLflow UI: {command}  then open http://127.0.0.1:5000/#/experiments/{state.experiment_id}"
+              "/runs?workflowType=machine_learning")
 
 
 def _uri(state: SearchState) -> str:
@@ -99,7 +113,7 @@ def plot_curves(trials: Sequence[TrialResult], spec: schema.TuneSpec, path: Path
         epochs = [h.get("epoch", i + 1) for i, h in enumerate(t.history)]
         for ax, key in zip(axes, keys):
             values = [h.get(key) if is_finite(h.get(key)) else float("nan") for h in t.history]
-            ax.plot(epochs, values, marker="o", ms=3, label=t.trial_id)
+            ax.plot(epochs, values, marker="o", ms=3, label=f"{t.trial_id} {short_params(t.params)}")
     for ax, key in zip(axes, keys):
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
@@ -107,10 +121,11 @@ def plot_curves(trials: Sequence[TrialResult], spec: schema.TuneSpec, path: Path
         if key.endswith("loss"):
             _loss_axis(ax, [h.get(key) for t in trials for h in t.history])
     axes[0].set_title(f"{spec.name}: {len(trials)} trials")
-    if len(trials) <= 12:
-        axes[0].legend(fontsize=7)
+    if len(trials) <= 12:  # each trial named by its sampled values, below the plots
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   fontsize=7, ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -41,6 +41,7 @@ from dcanets.tune.state import (
 )
 from dcanets.tune.storage import Location
 from dcanets.tune.tracking import SearchTracker, check_uri, choose_uri, flatten, open_store
+from dcanets.tune.watch import LOST_AFTER_S, watch_cluster
 
 
 def create_search_dir(spec: schema.TuneSpec, root: Path, tracking_uri: Optional[str] = None,
@@ -168,6 +169,7 @@ class _Session:
             started_ray = start_ray(address, num_cpus, worker_logs)
         self.stop.install()
         self.timings["ray_init"] = time.perf_counter() - t0
+        watch = watch_cluster(address, lambda gcs: self._lost(str(address), gcs))  # --address: it may go away
         try:
             if self.stop.received:  # a signal while Ray started: stop as before Tune runs (Ray stopped below)
                 raise KeyboardInterrupt
@@ -186,13 +188,30 @@ class _Session:
             raise DiskFull(full) from None
         finally:
             self.stop.deferring = True  # the teardown ends the runs and stops Ray: a first signal waits for it
+            if watch is not None:
+                watch.stop()
             self._end(started_ray)
         return dataclasses.replace(result, timings=dict(self.timings))  # with the teardown's time
+
+    def _lost(self, address: str, gcs: str) -> None:
+        """The joined cluster went away (``dcanets.tune.watch``): the runs end KILLED, one line says
+        so with the resume command, and the driver exits with status 1, as Ray would end it anyway."""
+        import sys
+
+        self.status = "KILLED"
+        try:
+            self._end(started_ray=False)  # no ray.shutdown(): it waits for a cluster that is gone
+        finally:
+            sys.stdout.flush()
+            print(f"dcanets tune: error: the Ray cluster at {address} went away mid-search (its head {gcs} has not "
+                  f"answered for {LOST_AFTER_S:.0f} s); the search is KILLED: continue with  "
+                  f"{self.location.resume_command()}", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _start_tracking(self, store: concurrent.futures.Future) -> None:
         t0 = time.perf_counter()
         store.result()  # a new SQLite store: MLflow's migrations, run while Ray started
-        self.tracker = SearchTracker(self.state)
+        self.tracker = SearchTracker(self.state, train=self.spec.train)
         self.tracker.start(_parent_params(self.spec), self.state.folder / "config.yaml",
                            {"name": self.state.folder.name, "config": str(self.spec.path),
                             "ray_results": self.location.uri})
