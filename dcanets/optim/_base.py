@@ -13,11 +13,14 @@ hyperparameters above stay in ``param_groups``, where timm's factory and the lr 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from dcanets.optim.rho import Batch, CurvatureLog
+
+if TYPE_CHECKING:
+    from dcanets.optim.distributed import Collective
 
 Grads = List[Optional[torch.Tensor]]
 
@@ -121,6 +124,7 @@ class DCAOptimizer(torch.optim.Optimizer):
     Options: ClassVar[type]
     options: Any
     curvature: Optional[CurvatureLog] = None      # what the steps measured for ρ (None: nothing)
+    collective: Optional["Collective"] = None     # the data-parallel ranks (dcanets.optim.distributed)
 
     def __init__(self, params: Iterable, lr: Optional[float] = None, lam: Optional[float] = None,
                  weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
@@ -163,6 +167,15 @@ class DCAOptimizer(torch.optim.Optimizer):
     def num_steps(self) -> int:
         """Steps taken so far (the clock of ``beta_every`` and ``rho_every``)."""
         return self._nsteps
+
+    def gradients_ready(self) -> None:
+        """The loop's backward is done and DDP has averaged ``p.grad``; nothing has unscaled or
+        clipped them yet. A data-parallel decomposition averages here what that backward measured
+        besides the gradient (eq. 17's c); ``dcanets.optim.protocol.take_step`` calls it."""
+
+    def _global(self, value: float) -> float:
+        """A measurement on this rank's batch as the global batch's (its mean over the ranks)."""
+        return value if self.collective is None else self.collective.mean_scalar(value)
 
     def attach(self, model: torch.nn.Module) -> None:
         """Remember the model (its buffers are frozen during extra loss evaluations)."""

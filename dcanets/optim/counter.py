@@ -305,6 +305,18 @@ class ShortcutTap:
         if self.c is not None and p.grad is not None:
             self._after[i] = sqnorm(p.grad)
 
+    def make_global(self, mean: Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]) -> None:
+        """Data parallel, once DDP has averaged ``p.grad``: c averaged over the ranks by ``mean``
+        (dcanets.optim.distributed), and the gradient norms ``take`` compares with read again from
+        the averaged ``p.grad`` (those of the backward were this rank's own)."""
+        if self.c is None:
+            return
+        self.c = mean(self.c)
+        for i in self._after:
+            grad = self.params[i].grad
+            if grad is not None:
+                self._after[i] = sqnorm(grad)
+
     # -- the step -----------------------------------------------------------------------------
     def take(self) -> Tuple[Optional[float], Optional[List[Optional[torch.Tensor]]]]:
         """(r, None) after fused passes, (None, c) after separate ones, (None, None) if no

@@ -165,6 +165,12 @@ class CounterDCA(ClosureDCA):
         if self._tap is not None:
             self._tap.clear()
 
+    def gradients_ready(self) -> None:
+        """Data parallel: eq. 17's c recorded by the backward averaged over the ranks, as DDP did
+        with a (dcanets.optim.distributed); fused backwards need nothing, their p.grad is a + r·c."""
+        if self.collective is not None and self._tap is not None:
+            self._tap.make_global(self.collective.mean_grads)
+
     def _batch_due(self) -> Optional[str]:
         what = super()._batch_due()
         if what is None and self._measures_kappa() and self.curvature.due("kappa", self._nsteps) \
@@ -317,6 +323,7 @@ class CounterDCA(ClosureDCA):
                 with self._mixing(alpha):
                     outputs = self._model(batch.inputs)
                 curv = gauss_newton_curvature(outputs, batch.targets, batch.loss_fn, self._params(), direction)
+            curv = self._global(curv)  # linear in the loss: the global batch's is the ranks' mean
             if not curv > 0:
                 raise ValueError(
                     f"{type(self).__name__}: the Gauss-Newton curvature of L'_{alpha:g} along the step's direction is "

@@ -91,6 +91,9 @@ def take_step(optimizer: torch.optim.Optimizer, closure: Closure, needs_closure:
         return closure() if stepped is None else stepped
     with torch.enable_grad():
         loss = closure()
+    inner = _decomposition(optimizer)
+    if inner is not None:  # data parallel: what the backward measured besides p.grad made global
+        inner.gradients_ready()
     if scaler is None:
         optimizer.step()
     else:
