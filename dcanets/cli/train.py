@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from pydantic.fields import FieldInfo
 
+from dcanets.engine import distributed, launch
 from dcanets.engine.checkpoint import load_checkpoint
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.loop import train
@@ -44,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", help="checkpoint (last.pt) or output directory to resume from")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar: one line per epoch (epoch, losses, accuracies, lr, seconds)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine (torch.distributed.run, DDP; one per GPU, or "
+                             "per CPU core): each takes --batch-size images per step, so the global batch is "
+                             "batch_size x N; --lr is the global batch's, not scaled (default: 1)")
     schema = TrainConfig.model_json_schema()
     for name, info in TrainConfig.model_fields.items():
         prop = schema["properties"][name]
@@ -104,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     cfg = config_from_args(args)
-    show = not args.no_progress
+    if getattr(args, "nproc", 1) != 1 and not distributed.launched():
+        return run_processes(cfg, args)
+    main = distributed.is_main_process()  # under torchrun: rank 0 alone prints
+    show = not args.no_progress and main
     bar: Optional[tqdm] = None  # made at the first batch, when the number of batches is known
     done: Dict[str, int] = {"epoch": 0}
 
@@ -119,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
     def on_epoch(m: Dict[str, Any]) -> None:
         done["epoch"] = m["epoch"]
+        if not main:
+            return
         line = epoch_line(m, cfg.epochs)
         if bar is not None:
             bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m['val_acc']:.3f}", refresh=False)
@@ -132,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
+        if not main:
+            return 130
         checkpoint = Path(str(cfg.output)) / "last.pt"
         if checkpoint.is_file():
             print(f"dcanets train: interrupted after epoch {done['epoch'] or 'of the checkpoint'}; resume with: "
@@ -140,14 +152,37 @@ def run(args: argparse.Namespace) -> int:
             print("dcanets train: interrupted before the first epoch ended; no checkpoint to resume from",
                   file=sys.stderr)
         return 130
-    except BaseException:
+    except BaseException as exc:
         if bar is not None:
             bar.leave = False  # the error line is what the user needs to see
             bar.close()
+        launch.record_failure(exc)  # under torch's launcher: this rank's error, for its one-line report
         raise
     if bar is not None:
         bar.close()
+    if not main:
+        return 0
     final.pop("history", None)
     print(json.dumps(final, indent=2, default=float))
     print(f"dcanets train: saved last.pt and metrics.json in {cfg.output}", file=sys.stderr)
     return 0
+
+
+def run_processes(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """``--nproc N``: the checked config (its output folder fixed here, once) trained by N ranks of
+    ``dcanets train`` started through torch.distributed.run; one line names a rank that failed."""
+    import sys
+    import tempfile
+
+    import yaml
+
+    launch.check_nproc(cfg, args.nproc)
+    with tempfile.TemporaryDirectory(prefix="dcanets-nproc-") as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        worker = ["train", "--config", str(config)] + (["--resume", str(args.resume)] if args.resume else [])
+        try:
+            return launch.launch(args.nproc, worker + (["--no-progress"] if args.no_progress else []))
+        except RuntimeError as exc:
+            print(f"dcanets train: error: {exc}", file=sys.stderr)
+            return 1

@@ -26,6 +26,8 @@ import io
 import os
 import pickle
 import tarfile
+import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from dcanets.engine.distributed import batch_count, epoch_order
 
 CACHE_VERSION = 1
 GPU_RESIDENT_BYTES = 2 * 2**30  # decoded sets below this size live on the GPU during training
@@ -498,20 +502,20 @@ def normalized(images: torch.Tensor, stats: Optional[Tuple[Sequence[float], Sequ
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
-                     flip: bool = True) -> torch.Tensor:
+                     flip: bool = True, of: Tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Pad-``pad`` random crop + horizontal flip of a whole batch ``[B, C, H, W]`` at once.
 
     Zero padding, as torchvision's ``RandomCrop(padding=4)``; the per-sample offsets become one
-    gather instead of B slicing calls.
+    gather instead of B slicing calls. ``of=(i, k)``: x is part i of k of a batch, drawn as the whole.
     """
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b * of[1],), generator=generator)[of[0] * b:(of[0] + 1) * b]
+    dx = torch.randint(0, 2 * pad + 1, (b * of[1],), generator=generator)[of[0] * b:(of[0] + 1) * b]
     rows = (dy[:, None] + torch.arange(h)).to(x.device)
     cols = (dx[:, None] + torch.arange(w)).to(x.device)
     if flip:
-        mirror = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        mirror = (torch.rand(b * of[1], generator=generator)[of[0] * b:(of[0] + 1) * b] < 0.5).to(x.device)
         cols = torch.where(mirror[:, None], cols.flip(1), cols)
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(c, device=x.device)[None, :, None, None]
@@ -525,6 +529,8 @@ class BatchLoader:
     is the same whether it runs in one process or after a resume. ``data_seconds`` accumulates
     the time spent producing batches (indexing + augmentation + transfer + normalization).
     """
+
+    rank, world_size = 0, 1  # data parallel: this rank's batches (dcanets.engine.distributed.epoch_order)
 
     def __init__(self, data: ImageData, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  shuffle: bool = False, augment: bool = False, drop_last: bool = False,
@@ -543,19 +549,15 @@ class BatchLoader:
         self.data_seconds = 0.0
 
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batch_count(len(self.data), self.batch_size, self.rank, self.world_size, self.shuffle, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        import time
-
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        n = len(self.data)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = epoch_order(len(self.data), g, self.shuffle, self.batch_size, self.rank, self.world_size)
         pin = self.pin
         order = order.to(self.images.device)
         self.data_seconds += time.perf_counter() - t0
@@ -564,7 +566,7 @@ class BatchLoader:
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
             x, y = self.images[idx], self.labels[idx]
             if self.augment:
-                x = random_crop_flip(x, g)
+                x = random_crop_flip(x, g, of=(self.rank, self.world_size))
             if pin:
                 x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=pin)
@@ -590,8 +592,6 @@ def write_image_folder(data: ImageData, root: Path | str, ext: str = "png") -> P
 
 def write_image_tar(data: ImageData, tar_path: Path | str, ext: str = "png") -> Path:
     """Write ``data`` as a tar of ``train/<class>/<i>.<ext>``, the layout of the shared data sets."""
-    import tempfile
-
     tar_path = Path(tar_path)
     with tempfile.TemporaryDirectory() as tmp:
         write_image_folder(data, Path(tmp) / "train", ext)

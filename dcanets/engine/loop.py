@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from dcanets.engine import data as data_mod
-from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, set_rng_state, write_json
+from dcanets.engine import distributed
+from dcanets.engine.checkpoint import load_checkpoint, rng_state, save, write_json
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.fidelity import FidelityProbe
 from dcanets.names import check_model, did_you_mean
@@ -226,6 +227,7 @@ def evaluate(model: torch.nn.Module, loader: data_mod.BatchLoader, amp: bool,
         loss_sum = loss_sum + F.cross_entropy(out.float(), y, reduction="sum")
         correct = correct + (out.argmax(1) == y).sum()
         n += len(y)
+    loss_sum, correct, n = distributed.totals(loss_sum, correct, n, loader.world_size)  # every rank's part
     return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
 
 
@@ -236,7 +238,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, progress: bool, on_batch: Optional[BatchCallback] = None) -> None:
         cfg.validate()
         self.cfg, self.on_batch = cfg, on_batch
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = distributed.join(resolve_device(cfg.device))  # one process, or a DDP rank
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         self.channels_last = bool(cfg.channels_last)
         seed_everything(cfg.seed)
@@ -249,14 +251,17 @@ class _Run:
         augment = train.in_chans == 3 if cfg.augment is None else bool(cfg.augment)
         bs = int(cfg.batch_size)
         self.train_loader = self._loader(train, bs, shuffle=True, augment=augment,
-                                         drop_last=len(train) >= 2 * bs)
+                                         drop_last=len(train) >= 2 * bs * self.world.size)
         self.val_loader = self._loader(val, max(bs, EVAL_BATCH), shuffle=False, augment=False)
         seed_everything(cfg.seed)
         self.model = build_model(cfg, train.num_classes, train.in_chans).to(self.device)
         if self.channels_last:  # NHWC: the layout cuDNN and oneDNN convolutions run fastest on
             self.model.to(memory_format=torch.channels_last)
+        self.model = distributed.sync_batchnorm(self.model, cfg.sync_bn, self.world, self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.needs_closure = prepare(self.optimizer, self.model)
+        distributed.parallel_steps(self.world, self.optimizer, len(train), fidelity_every=cfg.fidelity_every,
+                                   sync_bn=cfg.sync_bn)
         self.create_graph = second_order(cfg.opt)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         self.num_updates = 0  # optimizer steps so far: the position of a per-update schedule
@@ -266,7 +271,10 @@ class _Run:
         self.amp_dtype = amp_dtype(cfg.amp_dtype, self.device)
         # bf16 has fp32's exponent range: only fp16 needs loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-        self.forward = self._compiled() if cfg.compile else self.model
+        self.parallel = distributed.parallel_model(self.model, self.world, self.device)  # DDP for several ranks
+        if self.world.parallel:  # each rank its own dropout draws (timm: seed + rank); the data order is global
+            seed_everything(cfg.seed + self.world.rank)
+        self.forward = self._compiled() if cfg.compile else self.parallel
         # the training loss, also the one a curvature-measuring decomposition differentiates
         self.loss_fn = functools.partial(F.cross_entropy, label_smoothing=float(cfg.label_smoothing))
         self.epoch, self.best_val_acc, self.history = 0, 0.0, []  # type: ignore[var-annotated]
@@ -286,15 +294,16 @@ class _Run:
             raise ValueError(f"fidelity_every={self.cfg.fidelity_every}: {exc}") from None
 
     def _loader(self, d: data_mod.ImageData, bs: int, **kw: Any) -> data_mod.BatchLoader:
-        return data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed,
-                                    channels_last=self.channels_last, **kw)
+        loader = data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed,
+                                      channels_last=self.channels_last, **kw)
+        return distributed.sharded(loader, self.world)  # this rank's batches
 
     def _compiled(self) -> Callable[..., torch.Tensor]:
         """``torch.compile`` of the training forward; the counter-loss decompositions hook the eager modules."""
         if self.needs_closure or hooks_model(self.optimizer):
             raise ValueError(f"compile=True cannot be combined with opt='{self.cfg.opt}': its hooks run on the eager "
                              "modules, which a compiled forward bypasses; use compile=False")
-        return torch.compile(self.model)
+        return torch.compile(self.parallel)
 
     def train_epoch(self) -> Dict[str, Any]:
         model = self.model
@@ -320,6 +329,7 @@ class _Run:
             self.scheduler.step_update(num_updates=self.num_updates)
             if self.on_batch is not None:  # counts only: reading the loss here would stall the GPU
                 self.on_batch(self.epoch + 1, k, batches)
+        loss_sum, correct, n = distributed.totals(loss_sum, correct, n, self.world.size)  # over every rank's images
         loss_mean, acc = float(loss_sum) / max(n, 1), float(correct) / max(n, 1)  # one wait per epoch
         seconds = time.perf_counter() - t0
         self.epoch += 1
@@ -390,6 +400,7 @@ class _Run:
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": schedule_state(self.scheduler, self.num_updates),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "best_val_acc": self.best_val_acc,
+                **distributed.rng_states(self.world, rng_state()),  # every rank's (a collective)
                 "history": self.history, "classes": self.train_data.classes,
                 "mean": self.mean, "std": self.std}
 
@@ -400,7 +411,7 @@ class _Run:
         self.epoch, self.best_val_acc = int(ckpt["epoch"]), float(ckpt["best_val_acc"])
         self.num_updates = restore_schedule(self.scheduler, ckpt["scheduler"], self.epoch, len(self.train_loader))
         self.history = list(ckpt["history"])
-        set_rng_state(ckpt["rng"])
+        distributed.restore_rng(ckpt, self.world, self.cfg.seed)
 
 
 def prepare_output(output: str | Path) -> Path:
@@ -467,7 +478,9 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
         metrics.update(measured_curvature(run.optimizer))  # rho="auto" / a measured kappa: the last values
         run.history.append(dict(metrics) if raw is None else dict(metrics, fidelity=raw))
         if out_dir:
-            save(run.state_dict(), out_dir / "last.pt")
+            state = run.state_dict()  # on every rank: it gathers the ranks' RNG states
+            if run.world.main:
+                save(state, out_dir / "last.pt")
         if on_epoch is not None:
             on_epoch(dict(metrics))
         if not math.isfinite(metrics["train_loss"]):  # diverged: more epochs only burn the budget
@@ -476,12 +489,12 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
                  wall_seconds=time.perf_counter() - t_start,
                  num_params=sum(p.numel() for p in run.model.parameters()),
                  train_images=len(run.train_data), val_images=len(run.val_data), augment=run.augment,
-                 device=str(run.device), amp=run.amp,
+                 device=str(run.device), amp=run.amp, world_size=run.world.size,
                  amp_dtype=str(run.amp_dtype).removeprefix("torch.") if run.amp else None,
                  channels_last=run.channels_last, compile=bool(cfg.compile))
     if cfg.eval_data:
         final.update(_evaluate_held_out(run, cfg.eval_data, progress))
-    if out_dir:
+    if out_dir and run.world.main:
         write_json(out_dir / "metrics.json", {"config": cfg.to_dict(), "final": final, "history": run.history})
     final["history"] = list(run.history)
     return final

@@ -20,7 +20,7 @@ import torch
 from dcanets.optim.rho import Batch, CurvatureLog
 
 if TYPE_CHECKING:
-    from dcanets.optim.distributed import Collective
+    from dcanets.optim.collective import Collective
 
 Grads = List[Optional[torch.Tensor]]
 

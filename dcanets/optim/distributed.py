@@ -22,60 +22,13 @@ weights or with a block's output replaced, passes DDP does not synchronise: they
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import torch
 
 from dcanets._compat import unwrap_optimizer
-from dcanets.optim._base import DCAOptimizer, Grads
-
-
-class Collective:
-    """Means over the ranks of a ``torch.distributed`` process group (default: the whole world)."""
-
-    def __init__(self, group: Optional[Any] = None) -> None:
-        import torch.distributed as dist
-
-        self.group = group
-        self.world_size = dist.get_world_size(group)
-
-    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` replaced, in place, by its mean over the ranks (and returned)."""
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        return tensor.div_(self.world_size)
-
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean over the ranks of ``tensor`` (a new tensor: a caller's vector is not touched)."""
-        return self.mean_(tensor.detach().clone())
-
-    def mean_scalar(self, value: float) -> float:
-        return float(self.mean_(torch.tensor([value], dtype=torch.float64, device=self._device()))[0])
-
-    def mean_grads(self, vectors: Grads) -> Grads:
-        """Per-parameter vectors averaged over the ranks, one all-reduce per dtype and device (a
-        missing entry stays missing: which ones are missing is the model's structure, the same on
-        every rank)."""
-        buckets: Dict[tuple, List[int]] = {}
-        for i, v in enumerate(vectors):
-            if v is not None:
-                buckets.setdefault((v.dtype, v.device), []).append(i)
-        out: Grads = list(vectors)
-        for index in buckets.values():
-            flat = self.mean_(torch.cat([vectors[i].detach().reshape(-1) for i in index]))  # type: ignore[union-attr]
-            pieces = torch.split(flat, [vectors[i].numel() for i in index])  # type: ignore[union-attr]
-            for i, piece in zip(index, pieces):
-                out[i] = piece.view_as(vectors[i])  # type: ignore[arg-type]
-        return out
-
-    def _device(self) -> torch.device:
-        """Where this group's backend reduces: NCCL only reduces CUDA tensors."""
-        import torch.distributed as dist
-
-        if dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+from dcanets.optim._base import DCAOptimizer
+from dcanets.optim.collective import Collective
 
 
 def data_parallel(optimizer: torch.optim.Optimizer, group: Optional[Any] = None) -> None:
@@ -84,16 +37,29 @@ def data_parallel(optimizer: torch.optim.Optimizer, group: Optional[Any] = None)
 
     Call it once, after ``dcanets.optim.prepare``. A configuration that needs a closure is refused
     with one line that says why (see the module docstring)."""
+    check_data_parallel(optimizer)
     inner = unwrap_optimizer(optimizer)
-    if not isinstance(inner, DCAOptimizer):
-        return
-    reason = inner.closure_reason()
+    if isinstance(inner, DCAOptimizer):
+        inner.collective = Collective(group)
+
+
+def check_data_parallel(optimizer: torch.optim.Optimizer) -> None:
+    """One line when ``optimizer`` cannot step under DDP (it needs a closure; see the module
+    docstring); needs no process group, so a launcher can ask before it starts any process."""
+    inner = unwrap_optimizer(optimizer)
+    reason = inner.closure_reason() if isinstance(inner, DCAOptimizer) else None
     if reason is not None:
         raise ValueError(
             f"{type(inner).__name__} steps with a closure here ({reason}), which evaluates the loss again outside "
             "the backward pass DDP synchronises, so the ranks' steps would differ: train it in one process, or "
             "choose a configuration without a closure (dcacounter/dcaquasi* with c='shortcut' and solver='newton')")
-    inner.collective = Collective(group)
 
 
-__all__ = ["Collective", "data_parallel"]
+def measures_curvature(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the steps differentiate the loss twice on the batch (``rho="auto"``, or ρ > 0
+    without ``kappa``): what a layer without a second derivative (SyncBatchNorm) cannot serve."""
+    inner = unwrap_optimizer(optimizer)
+    return isinstance(inner, DCAOptimizer) and inner.takes_batch
+
+
+__all__ = ["Collective", "check_data_parallel", "data_parallel", "measures_curvature"]
