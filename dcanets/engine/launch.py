@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 from typing import Any, List
@@ -75,11 +76,13 @@ def record_failure(exc: BaseException) -> None:
 def failure_line(error: Any) -> str:
     """A ``ChildFailedError`` as one line: the rank that failed first, how, and its error.
 
-    A rank killed by a signal comes first: the others then fail in their next collective
-    ("Connection reset by peer"), often within the same second, which is all the resolution of
-    the launcher's timestamps."""
+    The launcher records the ranks it found failed, then stops the others with SIGTERM and records
+    them too (they may have failed meanwhile in a collective with the lost rank: "Connection reset
+    by peer"), and its timestamps have a resolution of one second: so the first rank recorded,
+    not stopped by SIGTERM, is the cause."""
     failures = error.failures
-    rank = min(failures, key=lambda r: (failures[r].exitcode >= 0, failures[r].timestamp, r))
+    order = {r: i for i, r in enumerate(failures)}
+    rank = min(failures, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, order[r]))
     failure = failures[rank]
     message = failure.message
     if isinstance(message, dict):
