@@ -29,11 +29,13 @@ import torch
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the data-parallel ranks."""
+    """This process's place among the data-parallel ranks; ``grouped`` when a process group joins
+    them (then the model is DDP's even for one rank: a one-GPU NCCL group runs the code of N)."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    grouped: bool = False
 
     @property
     def main(self) -> bool:
@@ -42,7 +44,7 @@ class World:
 
     @property
     def parallel(self) -> bool:
-        return self.size > 1
+        return self.grouped
 
 
 def _env_int(name: str, default: int) -> int:
@@ -76,7 +78,7 @@ def current() -> World:
 
     if not (dist.is_available() and dist.is_initialized()):
         return World()
-    return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+    return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), grouped=True)
 
 
 def is_main_process() -> bool:
@@ -94,7 +96,7 @@ def join(device: torch.device) -> Tuple[World, torch.device]:
     if dist.is_available() and dist.is_initialized():
         world = current()
     elif _env_int("WORLD_SIZE", 1) > 1:
-        world = World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+        world = World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0), grouped=True)
     else:
         return World(), device
     if device.type == "cuda" and device.index is None:
