@@ -469,7 +469,7 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": run.optimizer.param_groups[0]["lr"],
                    "epoch_seconds": time.perf_counter() - t0, "images_per_s": stats["images_per_s"],
                    "data_seconds": stats["data_seconds"], "train_seconds": stats["train_seconds"],
-                   "checkpoint": None}
+                   "checkpoint": None, "world_size": run.world.size}
         if out_dir:
             metrics["checkpoint"] = str(out_dir / "last.pt")
         fidelity = run.fidelity_metrics()
