@@ -88,11 +88,12 @@ def gang_worker(config: Dict[str, Any]) -> None:
     cfg["output"] = str(out)
     resume = _restore(ray.train.get_checkpoint(), out)
     node = ray.get_runtime_context().get_node_id()
-    nodes = ",".join(sorted(set(_gathered(node))))
+    ranks = _gathered((node, os.getpid()))  # Tune's own "pid" of a result is the trial driver's
+    gang = {"nodes": ",".join(sorted({n for n, _ in ranks})), "worker_pids": ",".join(str(p) for _, p in ranks)}
 
     def on_epoch(m: Dict[str, Any]) -> None:
         path = m.pop("checkpoint", None)
-        m.update(node_id=node, nodes=nodes, pid=os.getpid(), gpu_ids=",".join(map(str, ray.get_gpu_ids())))
+        m.update(node_id=node, gpu_ids=",".join(map(str, ray.get_gpu_ids())), **gang)
         checkpoint = ray.train.Checkpoint.from_directory(str(out)) if path and rank == 0 else None
         ray.train.report(m, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False)
 
@@ -111,7 +112,7 @@ def _restore(checkpoint: Any, out: Path) -> Optional[Path]:
     return out / "last.pt"
 
 
-def _gathered(value: str) -> list:
+def _gathered(value: Any) -> list:
     """``value`` of every rank (one all-gather over the gang's process group)."""
     import torch.distributed as dist
 
