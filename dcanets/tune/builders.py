@@ -116,8 +116,10 @@ def build_tune_config(spec: schema.TuneSpec) -> Any:
     """``ray.tune.TuneConfig``: the ``tune_config`` section with the search algorithm and scheduler."""
     from ray import tune
 
-    return tune.TuneConfig(search_alg=build_search_alg(spec), scheduler=build_scheduler(spec),
-                           **plain(spec.tune_config))
+    kwargs = plain(spec.tune_config)
+    if spec.resources.workers > 1:  # Tune cannot reset a gang's driver for the next trial: its thread waits in fit()
+        kwargs["reuse_actors"] = False
+    return tune.TuneConfig(search_alg=build_search_alg(spec), scheduler=build_scheduler(spec), **kwargs)
 
 
 def build_failure_config(spec: schema.TuneSpec) -> Any:

@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ray.tune import Callback
+
 from dcanets.tune import builders, schema
 from dcanets.tune.storage import Location
 
@@ -89,7 +91,8 @@ def gang_worker(config: Dict[str, Any]) -> None:
     resume = _restore(ray.train.get_checkpoint(), out)
     node = ray.get_runtime_context().get_node_id()
     ranks = _gathered((node, os.getpid()))  # Tune's own "pid" of a result is the trial driver's
-    gang = {"nodes": ",".join(sorted({n for n, _ in ranks})), "worker_pids": ",".join(str(p) for _, p in ranks)}
+    gang = {"nodes": ",".join(sorted({n for n, _ in ranks})), "worker_pids": ",".join(str(p) for _, p in ranks),
+            "placement_group": _placement_group()}
 
     def on_epoch(m: Dict[str, Any]) -> None:
         path = m.pop("checkpoint", None)
@@ -112,6 +115,49 @@ def _restore(checkpoint: Any, out: Path) -> Optional[Path]:
     return out / "last.pt"
 
 
+def _placement_group() -> str:
+    """The id of the gang's placement group (hex), for :class:`GangCleanup`."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    return group.id.hex() if group is not None else ""
+
+
+class GangCleanup(Callback):
+    """Removes the placement group of a gang whose trial ended, in the driver.
+
+    Ray Train removes its gang's placement group when its run ends, and when its controller dies
+    otherwise (the trial stopped by ASHA or the search, its driver lost) it leaves that to a
+    ``PlacementGroupCleaner`` that asks Ray's state API, which needs the dashboard (``ray[default]``);
+    without it the group's resources stay reserved for the rest of the search and the next gang
+    waits forever (seen with ``ray[tune]`` alone). The group is the search's (its job's), so the
+    driver removes it, once the trial is over or is being retried (a retry makes a new group)."""
+
+    def __init__(self) -> None:
+        self.groups: Dict[str, str] = {}  # trial id -> the placement group its gang last reported
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("placement_group"):
+            self.groups[trial.trial_id] = result["placement_group"]
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._remove(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._remove(trial.trial_id)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._remove(trial.trial_id)
+
+    def _remove(self, trial_id: str) -> None:
+        import ray
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        group = self.groups.pop(trial_id, None)
+        if group and placement_group_table().get(group, {}).get("state") not in (None, "REMOVED"):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+
+
 def _gathered(value: Any) -> list:
     """``value`` of every rank (one all-gather over the gang's process group)."""
     import torch.distributed as dist
@@ -121,4 +167,4 @@ def _gathered(value: Any) -> list:
     return values
 
 
-__all__ = ["GANGS", "gang_config", "gang_trial", "gang_worker"]
+__all__ = ["GANGS", "GangCleanup", "gang_config", "gang_trial", "gang_worker"]

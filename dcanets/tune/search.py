@@ -196,7 +196,8 @@ class _Session:
             self.live = _compat.tuner_callbacks(tuner)
         else:
             self.live = [c for c in (self.tracker, None if self.quiet else ProgressLines(self.spec), Outcomes(),
-                                     StateCopies() if self.location.shared else None) if c]
+                                     StateCopies() if self.location.shared else None,
+                                     gang.GangCleanup() if self.spec.resources.workers > 1 else None) if c]
             tuner = _new_tuner(self.spec, self.location, trainable, self.live)
         bind_session(self.live, self.state)
         return tuner
