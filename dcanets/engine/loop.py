@@ -436,7 +436,8 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     """Train ``cfg.model`` on ``cfg.data``; returns the final metrics.
 
     ``on_epoch`` receives after every epoch: epoch (1-based), train_loss, train_acc, val_loss,
-    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint, and with ``fidelity_every``
+    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint, world_size (the data-parallel
+    processes, ``dcanets.engine.distributed``; every rank gets the global numbers), and with ``fidelity_every``
     the epoch's mean direction fidelity: fidelity_cos, fidelity_sgd_cos, fidelity_cos_<stage> (the
     raw measurements go to the history entry's ``fidelity`` list, see docs/fidelity.md). ``resume`` (a last.pt or
     its directory) restores model, optimizer, scheduler, epoch and RNG so the run continues
