@@ -9,8 +9,10 @@ arguments untouched, as ``python train.py ARGS...`` would (``sys.argv[0]`` is th
 first on ``sys.path``). The DC decompositions need nothing more from the script: a model built by
 ``timm.create_model`` of a dcanets name is found by the optimizer built on its parameters
 (``dcanets.builder``), and ρ > 0 or ``rho="auto"`` read their batch off the script's own passes
-(``dcanets.optim.batches``). Under ``torchrun``: ``torchrun --nproc-per-node N -m dcanets
-timm-train train.py ...``.
+(``dcanets.optim.batches``). Under ``torchrun`` (``torchrun --nproc-per-node N -m dcanets
+timm-train train.py ...``) the script's loop cannot average eq. 17's c over the ranks as
+``dcanets train --nproc N`` does: the counter-loss decompositions refuse to step there, in one line
+(``dcanets.optim._base.DCAOptimizer._require_global``); ``dcal2`` and timm's own optimizers run.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.tracking import URI_VARIABLE, RunTracker, choose_uri
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tracking", action="store_true", help=f"log nothing to MLflow, even with ${URI_VARIABLE}")
 
 
-def _section(args: argparse.Namespace) -> Dict[str, Any]:
+def section(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``tracking:`` section of the ``--config`` file ({} when none), validated as a search's."""
     import yaml
 
@@ -67,14 +67,21 @@ def tracker_for(args: argparse.Namespace, cfg: TrainConfig) -> Optional[RunTrack
                              "(drop --tracking-uri, or --no-tracking)")
         resumed.start(cfg.to_dict(), output.name)
         return resumed
-    section = _section(args)
-    asked = bool(args.tracking_uri or args.experiment or section or os.environ.get(URI_VARIABLE, "").strip())
-    if not asked or section.get("enabled", True) is False:
+    given = section(args)
+    asked = bool(args.tracking_uri or args.experiment or given or os.environ.get(URI_VARIABLE, "").strip())
+    if not asked or given.get("enabled", True) is False:
         return None
-    uri, origin = choose_uri(args.tracking_uri, section.get("uri"), output.resolve().parent)
-    tracker = RunTracker(uri, args.experiment or section.get("experiment") or DEFAULT_EXPERIMENT, output, origin)
+    uri, origin = choose_uri(args.tracking_uri, given.get("uri"), output.resolve().parent)
+    tracker = RunTracker(uri, args.experiment or given.get("experiment") or DEFAULT_EXPERIMENT, output, origin)
     tracker.start(cfg.to_dict(), output.name)
     return tracker
+
+
+def flags(args: argparse.Namespace) -> List[str]:
+    """The MLflow flags of ``args`` as given, for the ranks of ``dcanets train --nproc`` (rank 0 logs)."""
+    out = [f for flag, value in (("--tracking-uri", args.tracking_uri), ("--experiment", args.experiment))
+           if value for f in (flag, str(value))]
+    return out + (["--no-tracking"] if args.no_tracking else [])
 
 
 class _Untracked:
@@ -97,4 +104,4 @@ def tracked(tracker: Optional[RunTracker]) -> Iterator[Any]:
         yield tracker
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "add_arguments", "tracked", "tracker_for"]
+__all__ = ["DEFAULT_EXPERIMENT", "add_arguments", "flags", "section", "tracked", "tracker_for"]

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", help="checkpoint (last.pt) or output directory to resume from")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar: one line per epoch (epoch, losses, accuracies, lr, seconds)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine (torch.distributed.run, DDP; one per GPU, or "
+                             "per CPU core): each takes --batch-size images per step, so the global batch is "
+                             "batch_size x N; --lr is the global batch's, not scaled (default: 1)")
     tracking.add_arguments(parser)  # MLflow, when asked
     schema = TrainConfig.model_json_schema()
     for name, info in TrainConfig.model_fields.items():
@@ -123,12 +127,16 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from dcanets.engine import distributed, launch
     from dcanets.engine.atomic import DiskFull
     from dcanets.engine.loop import train
     from dcanets.engine.rundir import resume_hint
 
     cfg = config_from_args(args)
-    show = not args.no_progress
+    if getattr(args, "nproc", 1) != 1 and not distributed.launched():
+        return run_processes(cfg, args)
+    main = distributed.is_main_process()  # under torchrun: rank 0 alone prints and logs to MLflow
+    show = not args.no_progress and main
     bar: Optional[tqdm] = None  # made at the first batch, when the number of batches is known
     done: Dict[str, int] = {"epoch": 0}
 
@@ -143,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
     def on_epoch(m: Dict[str, Any]) -> None:
         done["epoch"] = m["epoch"]
+        if not main:
+            return
         line = epoch_line(m, cfg.epochs)
         if bar is not None:
             bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m['val_acc']:.3f}", refresh=False)
@@ -150,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(line, file=sys.stderr, flush=True)
 
-    tracker = tracking.tracker_for(args, cfg)  # None unless asked
+    tracker = tracking.tracker_for(args, cfg) if main else None  # None unless asked
     try:
         with tracking.tracked(tracker) as track:
             final = train(cfg, on_epoch=track.on_epoch(on_epoch), resume=args.resume, progress=show,
@@ -159,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
+        if not main:
+            return 130
         checkpoint = Path(str(cfg.output)) / "last.pt"
         if checkpoint.is_file():
             print(f"dcanets train: interrupted after epoch {done['epoch'] or 'of the checkpoint'}; resume with: "
@@ -173,12 +185,16 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.leave = False  # the error line is what the user needs to see
             bar.close()
+        launch.record_failure(exc)  # under torch's launcher: this rank's error, for its one-line report
         if isinstance(exc, DiskFull):  # the last complete checkpoint is intact: say so, and how to continue
-            print(f"dcanets train: error: {exc}; {resume_hint(cfg.output or '')}", file=sys.stderr)
+            if main:
+                print(f"dcanets train: error: {exc}; {resume_hint(cfg.output or '')}", file=sys.stderr)
             return 2
         raise
     if bar is not None:
         bar.close()
+    if not main:
+        return 0
     final.pop("history", None)
     print(json.dumps(final, indent=2, default=float))
     if final.get("diverged"):  # a failure: never reported as a run that ended well
@@ -189,3 +205,32 @@ def run(args: argparse.Namespace) -> int:
     if tracker is not None:
         print(f"dcanets train: {tracker.summary_line()}", file=sys.stderr)
     return 0
+
+
+def run_processes(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """``--nproc N``: the checked config (its output folder fixed here, once) trained by N ranks of
+    ``dcanets train`` started through torch.distributed.run; one line names a rank that failed.
+    MLflow settings go to the ranks, and rank 0 alone logs."""
+    import sys
+    import tempfile
+
+    import yaml
+
+    from dcanets.engine import launch
+    from dcanets.engine.resume import load as resumed_checkpoint
+
+    launch.check_nproc(cfg, args.nproc)
+    if args.resume:  # the global batch of the checkpoint, before any process starts
+        resumed_checkpoint(args.resume, cfg, args.nproc)
+    with tempfile.TemporaryDirectory(prefix="dcanets-nproc-") as tmp:
+        config = Path(tmp) / "config.yaml"
+        section = tracking.section(args)
+        config.write_text(yaml.safe_dump({**cfg.to_dict(), **({"tracking": section} if section else {})},
+                                         sort_keys=False))
+        worker = ["train", "--config", str(config)] + (["--resume", str(args.resume)] if args.resume else [])
+        worker += ["--no-progress"] if args.no_progress else []
+        try:
+            return launch.launch(args.nproc, worker + tracking.flags(args))
+        except RuntimeError as exc:
+            print(f"dcanets train: error: {exc}", file=sys.stderr)
+            return 1

@@ -28,6 +28,10 @@ class DiskFull(OSError):
         super().__init__(cause.errno if cause is not None else errno.ENOSPC, "No space left on device")
         self.path = Path(path) if path else None
 
+    def __reduce__(self) -> Any:
+        """Pickled as its path: data-parallel ranks receive rank 0's (``dcanets.engine.distributed.on_main``)."""
+        return DiskFull, (str(self.path) if self.path else None,)
+
     def __str__(self) -> str:
         if self.path is None:
             return "no space left on device; free space on the disk of the output folder"

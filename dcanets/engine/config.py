@@ -163,7 +163,9 @@ class TrainConfig(BaseModel):
         1, description="cosine, tanh, poly: number of cycles (warm restarts) sharing the decay epochs")
     lr_cycle_mul: Positive = Field(1.0, description="cosine, tanh, poly: each cycle this many times the last's length")
     lr_cycle_decay: Positive = Field(0.5, description="cosine, tanh, poly: each cycle's peak lr this times the last's")
-    batch_size: Count = Field(128, description="training batch size")
+    batch_size: Count = Field(
+        128, description="training batch size per process: the global batch is batch_size x processes (--nproc, "
+                         "a search's workers); lr is used as given for the global batch, never scaled")
     label_smoothing: Number = Field(
         0.0, ge=0, lt=1, description="training loss: cross-entropy against targets smoothed by this much "
                                      "(validation loss is plain cross-entropy)")
@@ -198,6 +200,9 @@ class TrainConfig(BaseModel):
     amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
         "auto", description="autocast dtype: auto (bfloat16 where supported, else float16), bfloat16 or float16")
     channels_last: bool = Field(True, description="NHWC memory format for inputs and conv weights")
+    sync_bn: bool = Field(
+        False, description="several processes: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only; "
+                           "default: each process normalizes its own part)")
     compile: bool = Field(False, description="torch.compile the training forward (pays off on long runs)")
     augment: Optional[bool] = Field(
         None, description="training augmentation: cached pad-4 crop + flip, stream timm's train transform "

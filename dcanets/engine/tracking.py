@@ -283,6 +283,7 @@ class RunTracker:
         self.client: Any = None
         self.run_id: Optional[str] = None
         self.status: Optional[str] = None
+        self.world_size: Optional[int] = None  # the tag of this session's processes, once written
 
     @classmethod
     def resumed(cls, output: Path) -> Optional["RunTracker"]:
@@ -310,10 +311,14 @@ class RunTracker:
 
     def on_epoch(self, callback: Optional[Callable[[Dict[str, Any]], None]]) -> Callable[[Dict[str, Any]], None]:
         """``callback`` (may be None) after the epoch's metrics are logged (step = epoch); the first
-        epoch also records the run in the output folder, for ``--resume`` (with the checkpoint)."""
+        epoch also records the run in the output folder, for ``--resume`` (with the checkpoint), and
+        tags the run with ``world_size`` (its processes, as a search's trial runs are tagged)."""
         def logged(metrics: Dict[str, Any]) -> None:
             assert self.run_id is not None  # start() ran
             self.client.log_batch(self.run_id, metrics=metric_objs(logged_metrics(metrics), int(metrics["epoch"])))
+            if metrics.get("world_size", 1) != self.world_size:
+                self.world_size = int(metrics.get("world_size", 1))
+                self.client.set_tag(self.run_id, "world_size", str(self.world_size))
             record = self.output / RUN_FILE
             if not record.is_file():
                 record.write_text(json.dumps({"tracking_uri": self.uri, "experiment": self.experiment,

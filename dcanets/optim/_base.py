@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequ
 import torch
 
 from dcanets.builder import owning_model
+from dcanets.optim.collective import Collective, unsynced_ranks
 from dcanets.optim.rho import Batch, CurvatureLog
 
 Grads = List[Optional[torch.Tensor]]
@@ -122,6 +123,7 @@ class DCAOptimizer(torch.optim.Optimizer):
     Options: ClassVar[type]
     options: Any
     curvature: Optional[CurvatureLog] = None      # what the steps measured for ρ (None: nothing)
+    collective: Optional[Collective] = None     # the data-parallel ranks (dcanets.optim.distributed)
 
     def __init__(self, params: Iterable, lr: Optional[float] = None, lam: Optional[float] = None,
                  weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
@@ -170,6 +172,30 @@ class DCAOptimizer(torch.optim.Optimizer):
     def num_steps(self) -> int:
         """Steps taken so far (the clock of ``beta_every`` and ``rho_every``)."""
         return self._nsteps
+
+    def gradients_ready(self) -> None:
+        """The loop's backward is done and DDP has averaged ``p.grad``; nothing has unscaled or
+        clipped them yet. A data-parallel decomposition averages here what that backward measured
+        besides the gradient (eq. 17's c); ``dcanets.optim.protocol.take_step`` calls it."""
+
+    def _global(self, value: float) -> float:
+        """A measurement on this rank's batch as the global batch's (its mean over the ranks)."""
+        self._require_global("the curvature behind kappa")
+        return value if self.collective is None else self.collective.mean_scalar(value)
+
+    def _require_global(self, what: str) -> None:
+        """One line when a process group of several ranks steps this decomposition without
+        :func:`dcanets.optim.distributed.data_parallel`: ``what``, measured on this rank's batch
+        alone, would differ between the ranks, and so would their weights (DDP averages ``p.grad``
+        only). A loop that calls ``optimizer.step()`` itself under torchrun (timm's train.py) is
+        such a loop."""
+        ranks = unsynced_ranks(self.collective)
+        if ranks:
+            raise ValueError(f"{type(self).__name__}: {what} is measured on this rank's batch, but {ranks} "
+                             "data-parallel ranks share each step: call dcanets.optim.distributed.data_parallel("
+                             "optimizer) after prepare() and step with dcanets.optim.take_step (dcanets train --nproc "
+                             "N does both); in a loop that cannot (timm's train.py under torchrun), use an optimizer "
+                             "that measures nothing on the batch (sgd, dcal2)")
 
     def attach(self, model: torch.nn.Module) -> None:
         """Remember the model (its buffers are frozen during extra loss evaluations)."""

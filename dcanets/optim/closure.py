@@ -199,11 +199,13 @@ class ClosureDCA(DCAOptimizer):
         if self.options.rho != AUTO or not self.curvature.due("rho", self._nsteps):
             return
         batch, params = self._batch_or_fail("rho='auto'"), [p for p in self._params() if p.requires_grad]
+        self._require_global("rho='auto' (the Hessian's lambda_min)")
         lams = {}
         for name, gamma in self.convex_parts().items():
             with self._measuring():
                 lams[name] = min_eigenvalue(self._part_loss(batch, gamma), params, self.options.rho_lanczos,
-                                            seed=self._nsteps)
+                                            seed=self._nsteps,
+                                            reduce=None if self.collective is None else self.collective.mean_)
         if not all(math.isfinite(lam) for lam in lams.values()):
             raise ValueError(f"{type(self).__name__}: rho='auto' measured lambda_min = {lams}, not finite (the "
                              "loss or its curvature overflowed on this batch); pass a number for rho")

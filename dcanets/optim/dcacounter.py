@@ -163,6 +163,12 @@ class CounterDCA(ClosureDCA):
         if self._tap is not None:
             self._tap.clear()
 
+    def gradients_ready(self) -> None:
+        """Data parallel: eq. 17's c recorded by the backward averaged over the ranks, as DDP did
+        with a (dcanets.optim.distributed); fused backwards need nothing, their p.grad is a + r·c."""
+        if self.collective is not None and self._tap is not None:
+            self._tap.make_global(self.collective.mean_grads)
+
     def _batch_due(self) -> Optional[str]:
         what = super()._batch_due()
         if what is None and self._measures_kappa() and self.curvature.due("kappa", self._nsteps) \
@@ -279,6 +285,12 @@ class CounterDCA(ClosureDCA):
         p.grad = a and c apart, or p.grad = a + r·c after a fused backward."""
         tap = self._tap
         assert tap is not None  # made by attach whenever no closure is needed
+        if tap.c is not None and not tap.averaged:  # a separate c: the rank's own, unless gradients_ready() ran
+            self._require_global("eq. 17's c")
+            if self.collective is not None:
+                raise ValueError(f"{type(self).__name__}: data parallel, but eq. 17's c of this step was not averaged "
+                                 "over the ranks: call optimizer.gradients_ready() after the backward, before "
+                                 "clipping and step() (dcanets.optim.take_step does)")
         ratio, c = tap.take()
         if tap.seen_forward:
             counter.observe()   # a model whose stage blocks all change shape raises here
@@ -322,6 +334,7 @@ class CounterDCA(ClosureDCA):
                 with self._mixing(alpha):
                     outputs = self._model(batch.inputs)
                 curv = gauss_newton_curvature(outputs, batch.targets, batch.loss_fn, self._params(), direction)
+            curv = self._global(curv)  # linear in the loss: the global batch's is the ranks' mean
             if not curv > 0:
                 raise ValueError(
                     f"{type(self).__name__}: the Gauss-Newton curvature of L'_{alpha:g} along the step's direction is "

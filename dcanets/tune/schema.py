@@ -7,7 +7,7 @@ A search file is data, read top to bottom the way a Ray Tune user would write th
     search_alg:   {type: OptunaSearch, sampler: {...}}  -> ray.tune.search.optuna.OptunaSearch
     scheduler:    {type: ASHAScheduler, ...kwargs}      -> ray.tune.schedulers.ASHAScheduler(**kwargs)
     tune_config:  metric, mode, num_samples, ...        -> ray.tune.TuneConfig(**kwargs)
-    resources:    {cpu: 1, gpu: 0.5}                    -> tune.with_resources(trainable, ...)
+    resources:    {cpu: 1, gpu: 0.5, workers: 1}        -> tune.with_resources(trainable, ...) (workers: Ray Train)
     tracking:     {uri, experiment}                     -> MLflow ($MLFLOW_TRACKING_URI, else SQLite under the output)
     failure_config: {max_failures: 2}                   -> RunConfig(failure_config=ray.tune.FailureConfig(...))
     storage:      s3://bucket/prefix or a shared folder -> RunConfig(storage_path, storage_filesystem)
@@ -232,8 +232,10 @@ class TuneConfigSection(BaseModel):
 
 
 class Resources(_Strict):
-    cpu: Positive = Field(1, description="CPUs per trial")
-    gpu: NonNegative = Field(0, description="GPUs per trial; fractions share a GPU (0.25: 4 trials)")
+    cpu: Positive = Field(1, description="CPUs per trial (per worker of a gang)")
+    gpu: NonNegative = Field(0, description="GPUs per trial (per worker); fractions share a GPU (0.25: 4 trials)")
+    workers: Count = Field(1, description="DDP processes per trial: > 1 makes each trial a Ray Train gang of this "
+                                          "many workers across the nodes; global batch = batch_size x workers")
 
 
 class Tracking(_Strict):

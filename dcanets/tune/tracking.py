@@ -247,14 +247,15 @@ class SearchTracker(SessionCallback):
 
 def _node_tag(record: TrialRecord, result: Dict[str, Any]) -> List[Any]:
     """The ``node_id`` tag when a trial reports from a node it was not on before (its first result,
-    or a retry elsewhere): one write per node, not one per epoch."""
+    or a retry elsewhere): one write per node, not one per epoch. With it, ``world_size`` (the
+    trial's processes) and, for a gang (dcanets.tune.gang), ``nodes``: every node of its workers."""
     from mlflow.entities import RunTag
 
     node = result.get("node_id")
     if not node or node == record.node_id:
         return []
     record.node_id = str(node)
-    return [RunTag("node_id", str(node))]
+    return [RunTag("node_id", str(node))] + [RunTag(k, str(result[k])) for k in ("world_size", "nodes") if k in result]
 
 
 @contextlib.contextmanager

@@ -40,18 +40,44 @@ def first_batch(cfg, epoch=0):
         loaders.close()
 
 
-def test_sampler_is_seeded_by_epoch_and_shards_like_a_distributed_sampler():
+def test_sampler_is_seeded_by_epoch_and_shards_as_slices_of_each_global_batch():
     a = list(EpochSampler(10, True, seed=3))
     assert a == list(EpochSampler(10, True, seed=3)) and sorted(i for i, _ in a) == list(range(10))
     later = EpochSampler(10, True, seed=3)
     later.set_epoch(1)
     assert [i for i, _ in later] != [i for i, _ in a]
-    shards = [list(EpochSampler(10, True, seed=3, rank=r, world_size=3)) for r in range(3)]
-    assert [len(s) for s in shards] == [4, 4, 4]  # padded to 12, as torch's DistributedSampler
-    merged = [shards[k % 3][k // 3] for k in range(12)]  # global position k lives on rank k % 3
-    assert merged[:10] == a and merged[10:] == a[:2]  # the same images with the same sample seeds
+    shards = [list(EpochSampler(10, True, seed=3, rank=r, world_size=2, batch_size=2)) for r in range(2)]
+    assert [len(s) for s in shards] == [5, 5]
+    # global batch k of 4 = rank 0's k-th pair, then rank 1's: the same images with the same sample seeds
+    merged = [p for k in range(3) for s in shards for p in s[2 * k:2 * k + 2]]
+    assert merged == a
+    evaluation = [list(EpochSampler(10, False, seed=3, rank=r, world_size=3, batch_size=4)) for r in range(3)]
+    assert sum(evaluation, []) == list(EpochSampler(10, False, seed=3))  # every image once, in order
     with pytest.raises(ValueError, match="rank must be in"):
         EpochSampler(10, True, seed=0, rank=3, world_size=3)
+
+
+def test_two_ranks_stream_batches_concatenated_are_the_one_process_batches(jpegs):
+    """Stream mode under data parallelism: rank r's k-th batch of 4 is part r of the one-process k-th
+    batch of 8, decoded and augmented identically (the sample seeds travel with the images); the
+    validation parts together are the whole validation split."""
+    def loaders(world, rank=0):
+        made = build_loaders(cfg_of(jpegs, batch_size=8 // world, epochs=1), torch.device("cpu"), progress=False,
+                             rank=rank, world_size=world)
+        made.train.set_epoch(1)
+        try:
+            return list(made.train), list(made.val)
+        finally:
+            made.close()
+
+    one_train, one_val = loaders(1)
+    ranks = [loaders(2, r) for r in range(2)]
+    assert len(one_train) == len(ranks[0][0]) == len(ranks[1][0]) > 1
+    for k, (x, y) in enumerate(one_train):
+        assert torch.equal(torch.cat([ranks[0][0][k][0], ranks[1][0][k][0]]), x)
+        assert torch.equal(torch.cat([ranks[0][0][k][1], ranks[1][0][k][1]]), y)
+    val_y = torch.cat([y for r in ranks for _, y in r[1]])
+    assert torch.equal(val_y, torch.cat([y for _, y in one_val]))
 
 
 def test_a_sample_is_a_function_of_its_seed_and_leaves_the_training_rng_alone(jpegs):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from dcanets.engine.data.sources import ImageData
+from dcanets.engine.distributed import batch_count, epoch_order
 
 GPU_RESIDENT_BYTES = 2 * 2**30  # decoded sets below this size live on the GPU during training
 STATS_CHUNK = 256  # images per chunk of the channel statistics
@@ -50,20 +51,22 @@ def normalized(images: torch.Tensor, stats: Optional[Tuple[Sequence[float], Sequ
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
-                     flip: bool = True) -> torch.Tensor:
+                     flip: bool = True, of: Tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Pad-``pad`` random crop + horizontal flip of a whole batch ``[B, C, H, W]`` at once.
 
     Zero padding, as torchvision's ``RandomCrop(padding=4)``; the per-sample offsets become one
-    gather instead of B slicing calls.
+    gather instead of B slicing calls. ``of=(i, k)``: x is part i of k of a batch (a data-parallel
+    rank's slice), drawn as the whole batch would be.
     """
     b, c, h, w = x.shape
+    part = slice(of[0] * b, (of[0] + 1) * b)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b * of[1],), generator=generator)[part]
+    dx = torch.randint(0, 2 * pad + 1, (b * of[1],), generator=generator)[part]
     rows = (dy[:, None] + torch.arange(h)).to(x.device)
     cols = (dx[:, None] + torch.arange(w)).to(x.device)
     if flip:
-        mirror = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        mirror = (torch.rand(b * of[1], generator=generator)[part] < 0.5).to(x.device)
         cols = torch.where(mirror[:, None], cols.flip(1), cols)
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(c, device=x.device)[None, :, None, None]
@@ -76,14 +79,19 @@ class BatchLoader:
     Shuffling and augmentation draw from a generator seeded with ``(seed, epoch)``, so an epoch
     is the same whether it runs in one process or after a resume. ``data_seconds`` accumulates
     the time spent producing batches (indexing + augmentation + transfer + normalization).
-    ``erase`` (timm's ``RandomErasing``) runs on the normalized training batch.
+    ``erase`` (timm's ``RandomErasing``) runs on the normalized training batch. ``rank`` of
+    ``world_size`` data-parallel ranks takes its slice of the one-process order
+    (``dcanets.engine.distributed.epoch_order``): of every global batch of ``batch_size × world_size``
+    when shuffled (training), a contiguous part of the set otherwise (evaluation).
     """
 
     def __init__(self, data: ImageData, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  shuffle: bool = False, augment: bool = False, drop_last: bool = False,
                  device: torch.device | str = "cpu", seed: int = 0, channels_last: bool = False,
-                 erase: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                 erase: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.data, self.batch_size, self.shuffle, self.augment = data, batch_size, shuffle, augment
+        self.rank, self.world_size = rank, world_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.drop_last, self.device, self.seed, self.epoch = drop_last, torch.device(device), seed, 0
         self.erase = erase
@@ -98,8 +106,7 @@ class BatchLoader:
         self.data_seconds = 0.0
 
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batch_count(len(self.data), self.batch_size, self.rank, self.world_size, self.shuffle, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,8 +114,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        n = len(self.data)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = epoch_order(len(self.data), g, self.shuffle, self.batch_size, self.rank, self.world_size)
         pin = self.pin
         order = self.view.rows(order.to(self.view.storage.device))  # storage rows, on the storage's device
         images, labels = self.view.storage, self.view.label_storage
@@ -118,7 +124,7 @@ class BatchLoader:
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
             x, y = images[idx], labels[idx]
             if self.augment:
-                x = random_crop_flip(x, g)
+                x = random_crop_flip(x, g, of=(self.rank, self.world_size))
             if pin:
                 x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=pin)

@@ -30,6 +30,7 @@ from dcanets.engine.data.cached import (
     load_split,
     min_side,
     size_policy,
+    source_size,
     split_indices,
     split_layout_indices,
 )
@@ -85,11 +86,13 @@ def split_seed(cfg: TrainConfig) -> int:
 
 def build_loaders(cfg: TrainConfig, device: torch.device, progress: bool = True, eval_batch: int = 1024,
                   rank: int = 0, world_size: int = 1) -> Loaders:
-    """Train and validation loaders of ``cfg`` (module docstring); ``rank``/``world_size`` shard the
-    training stream (stream mode) as a DistributedSampler would."""
+    """Train and validation loaders of ``cfg`` (module docstring). ``rank`` of ``world_size``
+    data-parallel ranks gets its slice of every global batch (``batch_size × world_size``) of the
+    one-process order, and a contiguous part of the validation images, in both modes
+    (``dcanets.engine.distributed.rank_order``)."""
     mode, reason = choose_mode(cfg)
     if mode == "cached":
-        loaders = _cached(cfg, device, progress, eval_batch, reason)
+        loaders = _cached(cfg, device, progress, eval_batch, reason, rank, world_size)
     else:
         loaders = _stream(cfg, device, reason, rank, world_size)
     if cfg.data_mode == "auto" and not (is_generated(cfg.data) or is_torchvision_dir(check_path(cfg.data))):
@@ -133,8 +136,18 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
-def estimate(cfg: TrainConfig) -> Tuple[int, int, str]:
-    """(bytes the cached decode would take, bytes of memory available, what is counted)."""
+def training_images(cfg: TrainConfig) -> int:
+    """How many images a run of ``cfg`` trains on (after its split and ``limit``), without decoding
+    any: what ``dcanets train --nproc`` checks the global batch against before it starts a process."""
+    if is_generated(cfg.data) or is_torchvision_dir(check_path(cfg.data)):
+        train_idx, _ = split_indices(source_size(cfg.data), cfg.val_fraction, split_seed(cfg), cfg.limit,
+                                     cfg.val_limit)
+        return len(train_idx)
+    return len(_split(cfg)[2])
+
+
+def _split(cfg: TrainConfig) -> Tuple[Any, Any, Any, Any]:
+    """(timm layout, training reader, training and validation indices) of an image folder or tar."""
     layout = resolve(check_path(cfg.data), cfg.train_split, cfg.val_split)
     r = split_reader(layout.train, "training") if layout.val is not None else reader(layout.train)
     if layout.val is not None:
@@ -142,6 +155,12 @@ def estimate(cfg: TrainConfig) -> Tuple[int, int, str]:
         train_idx, val_idx = split_layout_indices(len(r), n_val, split_seed(cfg), cfg.limit, cfg.val_limit)
     else:
         train_idx, val_idx = split_indices(len(r), cfg.val_fraction, split_seed(cfg), cfg.limit, cfg.val_limit)
+    return layout, r, train_idx, val_idx
+
+
+def estimate(cfg: TrainConfig) -> Tuple[int, int, str]:
+    """(bytes the cached decode would take, bytes of memory available, what is counted)."""
+    layout, r, train_idx, val_idx = _split(cfg)
     (h, w), gray = size_policy(layout.train, r, _size(cfg))
     n, c = len(train_idx) + len(val_idx), 1 if gray else 3
     return n * c * h * w, available_memory(), f"{n:,} images of {c}x{h}x{w}"
@@ -173,7 +192,8 @@ def _size(cfg: TrainConfig) -> Optional[Tuple[int, int]]:
     return (int(cfg.img_size), int(cfg.img_size)) if cfg.img_size else None
 
 
-def _cached(cfg: TrainConfig, device: torch.device, progress: bool, eval_batch: int, reason: str) -> Loaders:
+def _cached(cfg: TrainConfig, device: torch.device, progress: bool, eval_batch: int, reason: str, rank: int,
+            world_size: int) -> Loaders:
     train, val = load_split(cfg.data, cfg.val_fraction, split_seed(cfg), cfg.limit, val_limit=cfg.val_limit,
                             progress=progress, train_split=cfg.train_split, val_split=cfg.val_split, size=_size(cfg))
     if len(train) == 0:
@@ -183,9 +203,10 @@ def _cached(cfg: TrainConfig, device: torch.device, progress: bool, eval_batch: 
     bs = int(cfg.batch_size)
     common: Dict[str, Any] = dict(mean=mean, std=std, device=device, seed=cfg.seed,
                                   channels_last=bool(cfg.channels_last))
-    train_loader = BatchLoader(train, bs, shuffle=True, augment=augment, drop_last=len(train) >= 2 * bs,
-                               erase=erasing(cfg.reprob, cfg.remode, cfg.recount, device), **common)
-    val_loader = BatchLoader(val, max(bs, eval_batch), shuffle=False, augment=False, **common)
+    ranks: Dict[str, Any] = dict(rank=rank, world_size=world_size)
+    train_loader = BatchLoader(train, bs, shuffle=True, augment=augment, drop_last=len(train) >= 2 * bs * world_size,
+                               erase=erasing(cfg.reprob, cfg.remode, cfg.recount, device), **common, **ranks)
+    val_loader = BatchLoader(val, max(bs, eval_batch), shuffle=False, augment=False, **common, **ranks)
     return Loaders(train_loader, val_loader, train.classes, train.in_chans, mean, std, "cached", reason, augment,
                    train, val, dict(common, batch=eval_batch, image_size=train.image_size))
 
@@ -212,9 +233,9 @@ def _stream(cfg: TrainConfig, device: torch.device, reason: str, rank: int, worl
     bs, mean, std = int(cfg.batch_size), list(dc["mean"]), list(dc["std"])
     common: Dict[str, Any] = dict(mean=mean, std=std, device=device, seed=cfg.seed, workers=int(cfg.workers),
                   channels_last=bool(cfg.channels_last), max_bad_fraction=float(cfg.max_bad_fraction))
-    train_loader = StreamLoader(train, bs, shuffle=True, drop_last=len(train) >= 2 * bs, reprob=cfg.reprob,
+    train_loader = StreamLoader(train, bs, shuffle=True, drop_last=len(train) >= 2 * bs * world_size, reprob=cfg.reprob,
                                 remode=cfg.remode, recount=cfg.recount, rank=rank, world_size=world_size, **common)
-    val_loader = StreamLoader(val, bs, shuffle=False, **common)
+    val_loader = StreamLoader(val, bs, shuffle=False, rank=rank, world_size=world_size, **common)
     return Loaders(train_loader, val_loader, train.classes, c, mean, std, "stream", reason, augment, train, val,
                    dict(common, batch=bs, transform=eval_tf, min_side=smallest))
 

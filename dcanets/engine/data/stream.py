@@ -8,9 +8,9 @@ with the number of images.
 - :class:`EpochSampler` orders an epoch by a generator seeded with ``(seed, epoch)`` and gives every
   position its own sample seed from the same generator; the transform of that sample runs under
   it. An epoch is therefore the same for any number of workers, and after a resume (the checkpoint
-  needs no loader state). ``rank`` / ``world_size`` shard the epoch as torch's
-  ``DistributedSampler`` does (padded to a multiple of ``world_size``; each rank takes every
-  ``world_size``-th position), with the same sample seeds for the same global positions.
+  needs no loader state). ``rank`` / ``world_size`` shard the epoch as the cached loader does: each
+  data-parallel rank takes its slice of every global batch of the one-process order, with the
+  sample seeds those images have in one process (the ranks' batches concatenated are one process's).
 - :class:`StreamLoader` is a ``torch.utils.data.DataLoader`` (persistent workers, pinned memory on
   CUDA) under timm's ``PrefetchLoader`` (next batch copied to the device on a side stream,
   normalized there, random erasing there), with the engine's loader interface (``set_epoch``,
@@ -20,7 +20,6 @@ with the number of images.
 from __future__ import annotations
 
 import io
-import math
 import os
 import random
 import time
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dcanets.engine.data.decode import BadImage, check_size, decode, header
 from dcanets.engine.data.layout import DataWarning, Part, class_names, locator, open_blob
+from dcanets.engine.distributed import rank_order, rank_share
 
 
 @dataclass(frozen=True)
@@ -126,28 +126,32 @@ class StreamDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """``(position, sample seed)`` pairs of one epoch: seeded by ``(seed, epoch)``, sharded by rank."""
+    """``(position, sample seed)`` pairs of one epoch: seeded by ``(seed, epoch)``, sharded by rank.
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    ``rank`` of ``world_size`` takes its slice of the one-process order as the cached loader does
+    (``dcanets.engine.distributed.rank_order``): of every global batch of ``batch_size × world_size``
+    when shuffled (training), a contiguous part otherwise (evaluation); each position keeps the
+    sample seed it has in one process, so the ranks' batches concatenated are one process's."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.n, self.shuffle, self.seed, self.rank, self.world_size, self.epoch = n, shuffle, seed, rank, world_size, 0
+        self.batch_size = batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
+        return rank_share(self.n, self.batch_size, self.rank, self.world_size, self.shuffle)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
-        pad = len(self) * self.world_size - self.n  # DistributedSampler: repeat from the start
-        if pad:
-            order, seeds = torch.cat([order, order[:pad]]), torch.cat([seeds, seeds[:pad]])
-        take = slice(self.rank, None, self.world_size)
-        return iter(zip(order[take].tolist(), seeds[take].tolist()))
+        mine = rank_order(torch.arange(self.n), self.batch_size, self.rank, self.world_size, even=self.shuffle)
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
 def collate(batch: List[Any]) -> Tuple[Optional[torch.Tensor], torch.Tensor, List[Bad]]:
@@ -169,7 +173,8 @@ class StreamLoader:
         from timm.data.loader import PrefetchLoader
 
         self.dataset, self.device = dataset, torch.device(device)
-        self.sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
+        self.sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, batch_size)
+        self.world_size = world_size  # evaluation sums over the ranks' parts (dcanets.engine.recipe)
         # its own generator: a DataLoader draws its workers' base seed when an iterator is made (once, with
         # persistent workers), which would otherwise shift the training RNG after a resume
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
