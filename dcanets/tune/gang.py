@@ -86,7 +86,7 @@ def gang_worker(config: Dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # the GPU Ray gave this worker (CUDA_VISIBLE_DEVICES), or the CPU
     if cfg.get("device", "auto") in ("auto", "cuda"):
         cfg["device"] = str(device)
-    out = Path(tempfile.mkdtemp(prefix="dcanets-gang-"))
+    out = worker_folder()
     cfg["output"] = str(out)
     resume = _restore(ray.train.get_checkpoint(), out)
     node = ray.get_runtime_context().get_node_id()
@@ -104,6 +104,37 @@ def gang_worker(config: Dict[str, Any]) -> None:
         train(TrainConfig.from_dict(cfg), on_epoch=on_epoch, resume=resume, progress=False)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+PREFIX = "dcanets-gang-"
+
+
+def worker_folder(root: Optional[Path] = None) -> Path:
+    """A new run folder for this worker, ``<tmp>/dcanets-gang-<pid>-<random>``, after removing the
+    folders of workers that are gone.
+
+    A worker removes its folder when its run ends, but a worker that is killed (ASHA stopping its
+    trial, the search stopped, a failure ``failure_config`` retries) cannot, and each such folder
+    holds a ``last.pt``: over a long search they would fill the disk. The pid in the name says
+    whether the folder's worker still runs; a folder whose pid is not running is removed.
+    """
+    root = Path(root or tempfile.gettempdir())
+    for folder in root.glob(f"{PREFIX}*"):
+        pid = folder.name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one that is not ours counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _restore(checkpoint: Any, out: Path) -> Optional[Path]:

@@ -3,6 +3,9 @@ trial starts (the gang itself runs on the real cluster: test_real_cluster.py).""
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,21 @@ def test_asha_stops_gang_trials_and_the_next_gangs_still_get_the_cpus(ray_local,
     _, parents, children = runs_of(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     assert [r.data.tags.get("world_size") for r in children] == ["2"] * 3
     assert all(r.info.status == "FINISHED" for r in parents + children)
+
+
+def test_a_killed_workers_folder_is_removed_by_the_next_worker_and_a_running_ones_kept(tmp_path: Path) -> None:
+    """A gang worker killed mid-run (ASHA, a failure) leaves its folder and last.pt behind; the next
+    worker on the machine removes it, and never a folder whose worker still runs."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = tmp_path / f"{gang.PREFIX}{int(gone.stdout)}-abc"
+    alive = tmp_path / f"{gang.PREFIX}{os.getppid()}-def"  # the test runner's parent: running
+    other = tmp_path / "dcanets-gang-notapid"
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "last.pt").write_bytes(b"x" * 1000)
+    new = gang.worker_folder(tmp_path)
+    assert not dead.exists()
+    assert (alive / "last.pt").read_bytes() == b"x" * 1000 and (other / "last.pt").exists()
+    assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"{gang.PREFIX}{os.getpid()}-")
+    assert not list(new.iterdir())
