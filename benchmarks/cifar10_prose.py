@@ -264,8 +264,10 @@ def dca_reading(docs: Docs) -> str:
     out = [f"The SGD arms `cifar_plainnet56` and `cifar_resnet56` are the runs of the folder `{folder}`, which "
            f"the dca experiment shares with the {' and '.join(shared)} experiment at the same budget "
            f"({b['epochs']} epochs over {b['limit']:,} images, the recipe of this table's budget line), trained "
-           f"once for both; they are not the {REPORTED['depth'][0]}-epoch runs of §2. The DCA arms use the searched "
-           f"lr = 1/λ = {b['dca_lr']:.3g} and ρ = {b['dca_kwargs'].get('rho', 0):.2g}"
+           f"once for both; they are not the {REPORTED['depth'][0]}-epoch runs of §2. The DCA arms use "
+           + (f"the searched lr = 1/λ = {b['dca_lr']:.3g}" if b.get("dca_lr") else
+              f"the recipe's lr = 1/λ = {b['recipe']['lr']:.3g} (no searched lr was given)")
+           + f" and ρ = {(b.get('dca_kwargs') or {}).get('rho', 0):.2g}"
            + ("; some arms ran one seed (the table says which)." if any(len(r) == 1 for r in groups.values()) else ".")
            + (" The last arm is the control: momentum SGD on the same plain net at the DCA arms' lr."
               if control else "")]

@@ -6,7 +6,8 @@ their models and decompositions into timm, so ``timm.create_model("negnet18")`` 
 ``dcanets.load_model("runs:/<run_id>/best_model")`` rebuilds the best model of a ``dcanets tune``
 search.
 """
-from dcanets.engine.export import load_model
+from typing import TYPE_CHECKING, Any
+
 from dcanets.hookspecs import hookimpl
 from dcanets.plugins import (
     PluginError,
@@ -32,13 +33,24 @@ def _started_as_command() -> bool:
     return any(a == "-m" and b in ("dcanets", "dcanets.cli") for a, b in zip(argv, argv[1:]))
 
 
-try:
+if TYPE_CHECKING:
+    from dcanets.engine.export import load_model
+
+
+def __getattr__(name: str) -> Any:
+    """``load_model`` on first use: it needs torch, which ``dcanets --help`` should not wait for."""
+    if name == "load_model":
+        from dcanets.engine.export import load_model
+
+        return load_model
+    raise AttributeError(f"module 'dcanets' has no attribute {name!r}")
+
+
+if not _started_as_command():
     get_plugin_manager()
-except PluginError:
-    # The command reports a broken plugin in one line (and `dcanets --help` still works): it calls
-    # get_plugin_manager() again, which raises the same error. Anywhere else the import fails.
-    if not _started_as_command():
-        raise
+# The command loads the plugins itself once its flags are parsed (dcanets.cli.main), so that
+# `dcanets <command> --help` and a mistyped flag answer without importing torch and timm, and a
+# broken plugin is reported in one line.
 
 __all__ = [
     "hookimpl", "PluginError", "get_plugin_manager", "list_models", "list_decompositions",

@@ -12,8 +12,8 @@ engine has no public switch that silences it, and a trial's checkpoint book keep
 each checkpoint unless an undocumented variable says otherwise; PyTorch's autograd engine does
 not say publicly whether the running backward pass will execute a given graph node, nor whether a
 ``torch.func`` transform or forward-mode AD is active, and ``nn.Module`` does not say whether it
-has forward hooks; timm's ``Lookahead`` does not expose the optimizer it wraps. MLflow is used
-through public APIs only.
+has forward hooks; timm's ``Lookahead`` does not expose the optimizer it wraps; a DataLoader with
+persistent workers cannot be told to end them. MLflow is used through public APIs only.
 """
 from __future__ import annotations
 
@@ -201,4 +201,20 @@ def ray_init_keeps_sigterm_handler() -> Iterator[None]:
 
 __all__ = ["will_engine_execute_node", "autograd_transforms_active", "has_forward_hooks", "wrapped_optimizers",
            "unwrap_optimizer", "register_optimizer", "unregister_optimizer", "unregister_model", "result_grid_trials",
-           "tuner_callbacks", "quiet_tune_output", "tune_keeps_only_checkpoint_score", "ray_init_keeps_sigterm_handler"]
+           "tuner_callbacks", "quiet_tune_output", "tune_keeps_only_checkpoint_score", "ray_init_keeps_sigterm_handler",
+           "end_dataloader_workers"]
+
+
+def end_dataloader_workers(loader: "torch.utils.data.DataLoader") -> None:
+    """End the worker processes of a ``persistent_workers`` DataLoader now.
+
+    torch keeps them in the loader's private ``_iterator`` until the loader is garbage-collected; a
+    run that ended by an exception (its frames kept by the traceback) would leave them running, and
+    workers forked for the next run in the same process inherit their pipes (a resume then waits
+    5 s per worker at shutdown). ``_shutdown_workers`` is what the iterator's own ``__del__`` calls.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None

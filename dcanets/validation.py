@@ -168,11 +168,43 @@ def argparse_type(annotation: Any, name: str) -> Callable[[str], Any]:
     return convert
 
 
-def parse_kv(text: str) -> Dict[str, Any]:
-    """``'rho=0.01,lam=10'`` or a JSON object -> dict (values parsed as YAML scalars)."""
-    import yaml
+def _items(text: str) -> List[str]:
+    """``a=1,b=(2, 3)`` -> ``['a=1', 'b=(2, 3)']``: commas inside brackets or quotes do not split."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
+def _value(text: str) -> Any:
+    """A flag's value as Python would read it (timm's ``ParseKwargs``: ``1e-3``, ``None``,
+    ``(0.9, 0.99)``), else as YAML reads it (``true``, ``auto``, ``[1, 2]``)."""
+    import ast
 
     from dcanets import safe_yaml
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return safe_yaml.load(text)  # bounded: no alias bomb in a flag value
+    return list(value) if isinstance(value, tuple) else value  # a list: YAML (best.yaml, model.yaml) keeps it
+
+
+def parse_kv(text: str) -> Dict[str, Any]:
+    """``'rho=0.01,lam=20'`` or a JSON object -> dict (values read as Python literals, else as YAML
+    scalars)."""
+    import yaml
 
     text = text.strip()
     if not text:
@@ -186,12 +218,12 @@ def parse_kv(text: str) -> Dict[str, Any]:
             raise ValueError(f"expected a JSON object, got '{text}'")
         return value
     out: Dict[str, Any] = {}
-    for item in text.split(","):
+    for item in _items(text):
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"bad key=value item '{item}' in '{text}'; use e.g. 'rho=0.01,lam=10'")
+            raise ValueError(f"bad key=value item '{item}' in '{text}'; use e.g. 'rho=0.01,lam=20'")
         try:
-            out[key.strip()] = safe_yaml.load(val.strip())
+            out[key.strip()] = _value(val.strip())
         except yaml.YAMLError as exc:
             raise ValueError(f"bad value '{val.strip()}' for '{key.strip()}' in '{text}' ({yaml_problem(exc)}); "
                              "quote lists and mappings as JSON, e.g. '{\"k\": [1, 2]}'") from None

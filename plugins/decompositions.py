@@ -1,9 +1,11 @@
 """Built-in plugin: the network-loss DC decompositions of paper 000 as timm optimizers.
 
 After ``import dcanets``, ``timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.1, rho=0.0)``
-builds one (and ``lookahead_dcacounter`` wraps it). Call ``dcanets.optim.prepare(optimizer,
-model)`` once: it hooks the model and returns True for the configurations that must be stepped with
-a closure (``dcaprox``; ``c="skip"``, ``solver="inner"``, ``direction="newton"`` without ``kappa``).
+builds one (and ``lookahead_dcacounter`` wraps it); on a model dcanets built it hooks the model at
+once, so any loop steps it (timm's train.py included). For another model call
+``dcanets.optim.prepare(optimizer, model)`` once: it hooks the model and returns True for the
+configurations that must be stepped with a closure (``dcaprox``; ``c="skip"``, ``solver="inner"``,
+``direction="newton"`` without ``kappa``), which ``optimizer.needs_closure`` also says.
 """
 from __future__ import annotations
 

@@ -188,3 +188,13 @@ def test_ray_quiet_tune_output(tmp_path, monkeypatch, capfd):
     with private_api_of("ray", ray.__version__, "the RAY_AIR_NEW_OUTPUT=0 switch to the legacy reporter"):
         for text in ("View detailed results", "Configuration for experiment", "Trial status"):
             assert text not in out + err, out + err
+
+
+def test_torch_dataloader_persistent_workers_end():
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, num_workers=1, persistent_workers=True)
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+    workers = list(loader._iterator._workers)
+    with private_api_of("torch", torch.__version__, "DataLoader._iterator._shutdown_workers"):
+        _compat.end_dataloader_workers(loader)
+    assert not any(w.is_alive() for w in workers) and loader._iterator is None
+    _compat.end_dataloader_workers(loader)  # twice: nothing left to end

@@ -1,8 +1,10 @@
 """``dcanets <command>``: one entry point, one module per command.
 
 Each command has its module in this package, exposing ``add_arguments(parser)`` and
-``run(args) -> int``. Only the chosen command's module is imported, so ``dcanets models`` does
-not pay for importing Ray. Every error a user can fix ends in one line on stderr saying what to
+``run(args) -> int`` (and optionally ``check(args)``, which validates the flags' values before the
+plugins, and so torch and timm, are imported). Only the chosen command's module is imported, so
+``dcanets models`` does not pay for importing Ray, and ``--help`` or a mistyped flag answers
+within a second. Every error a user can fix ends in one line on stderr saying what to
 fix, and exit status 2: a bad flag (argparse), a bad value or file (ValueError, OSError), a broken
 plugin (PluginError; ``dcanets --help`` still works then). ``DCANETS_DEBUG=1`` shows the traceback
 instead. Ctrl-C exits 130.
@@ -14,7 +16,9 @@ import importlib
 import os
 import sys
 import warnings
-from typing import List, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional
+
+from dcanets.cli.flags import unrecognized
 
 # command -> (module exposing add_arguments/run, one-line help)
 COMMANDS = {
@@ -26,15 +30,34 @@ COMMANDS = {
     "fidelity": ("dcanets.cli.fidelity", "cosine of an optimizer's steps with the shortcut network's gradient"),
     "shortcut-prior": ("dcanets.cli.shortcut_prior", "teacher-student, convex relaxation, deep linear and "
                        "multi-branch experiments (papers 001, 002)"),
+    "timm-train": ("dcanets.cli.timm_train", "run timm's own train.py with dcanets' models and decompositions"),
 }
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error first (``dcanets train: error: argument --lr: ...``), then
-    where to look, instead of the whole usage block before the message."""
+    where to look, instead of the whole usage block before the message; it keeps its flags, so an
+    unknown one gets the closest known ones (``--smothing; did you mean: --smoothing``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flags: List[str] = []  # before argparse adds --help
+        self.chosen: Optional["Parser"] = None  # the subcommand's parser, once chosen
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.flags.extend(action.option_strings)
+        return action
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self.chosen or self
+            owner.error(unrecognized(extras, owner.flags))
+        return parsed
 
 
 def build_parser(argv: List[str]) -> argparse.ArgumentParser:
@@ -46,7 +69,8 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
         if argv[:1] == [name]:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+            p.set_defaults(_run=mod.run, _check=getattr(mod, "check", None))
+            parser.chosen = p
     return parser
 
 
@@ -83,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         with warnings.catch_warnings():
+            if getattr(args, "_check", None) is not None:
+                args._check(args)  # the flags' values, before torch and the plugins are imported
             _one_line_warnings(args.command)
             from dcanets.plugins import get_plugin_manager
 

@@ -17,8 +17,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -29,6 +27,10 @@ class DiskFull(OSError):
     def __init__(self, path: Optional[str | Path], cause: Optional[OSError] = None) -> None:
         super().__init__(cause.errno if cause is not None else errno.ENOSPC, "No space left on device")
         self.path = Path(path) if path else None
+
+    def __reduce__(self) -> Any:
+        """Pickled as its path: data-parallel ranks receive rank 0's (``dcanets.engine.distributed.on_main``)."""
+        return DiskFull, (str(self.path) if self.path else None,)
 
     def __str__(self) -> str:
         if self.path is None:
@@ -63,6 +65,8 @@ def write_text(path: Path, text: str) -> None:
 
 def torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through :func:`write_bytes`."""
+    import torch  # here: the commands' --help and flag errors import this module, and no torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getbuffer())

@@ -52,6 +52,21 @@ def _listed(value: Any) -> Any:
 
 Milestones = Annotated[List[Positive], BeforeValidator(_listed)]
 MinMax = Annotated[List[Number], BeforeValidator(_listed)]
+Sizes = Annotated[List[Positive], BeforeValidator(_listed)]  # input_size (C,H,W), scale and ratio (low,high)
+
+
+def check_sizes(name: str, value: Optional[List[float]]) -> Optional[List[Any]]:
+    """``input_size``: C,H,W integers with C 1 or 3; ``scale``/``ratio``: low <= high (scale <= 1)."""
+    if value is None:
+        return None
+    if name == "input_size":
+        if len(value) != 3 or any(not float(v).is_integer() for v in value) or value[0] not in (1, 3):
+            fail(f"must be C,H,W: three integers with C 1 or 3, got {[plain(v) for v in value]}")
+        return [int(v) for v in value]
+    if len(value) != 2 or value[0] > value[1] or (name == "scale" and value[1] > 1):
+        bound = " <= 1" if name == "scale" else ""
+        fail(f"must be low,high with 0 < low <= high{bound}, got {[plain(v) for v in value]}")
+    return value
 
 
 def _rho(value: Any) -> Any:
@@ -118,8 +133,8 @@ class TrainConfig(BaseModel):
     weight_decay: Number = Field(5e-4, ge=0, description="L2 weight decay (not on biases and norm parameters)")
     opt_kwargs: OptKwargs = Field(
         default_factory=lambda: OptKwargs(),
-        description="extra optimizer kwargs, e.g. 'rho=0.01,lam=10' or JSON (DC decompositions: rho >= 0, lam > 0; "
-                    "at rho = 0 G is not convex, so the step is not a DCA step)")
+        description="extra optimizer kwargs, e.g. rho=0.01 lam=20, 'rho=0.01,lam=20' or JSON (DC decompositions: "
+                    "rho >= 0, lam > 0, lam = 1/lr; at rho = 0 G is not convex, so the step is not a DCA step)")
     sched: Schedule = Field(
         "cosine", description="lr schedule, a timm scheduler name (none = constant); fitted into epochs")
     sched_on_updates: bool = Field(
@@ -148,7 +163,9 @@ class TrainConfig(BaseModel):
         1, description="cosine, tanh, poly: number of cycles (warm restarts) sharing the decay epochs")
     lr_cycle_mul: Positive = Field(1.0, description="cosine, tanh, poly: each cycle this many times the last's length")
     lr_cycle_decay: Positive = Field(0.5, description="cosine, tanh, poly: each cycle's peak lr this times the last's")
-    batch_size: Count = Field(128, description="training batch size")
+    batch_size: Count = Field(
+        128, description="training batch size per process: the global batch is batch_size x processes (--nproc, "
+                         "a search's workers); lr is used as given for the global batch, never scaled")
     label_smoothing: Number = Field(
         0.0, ge=0, lt=1, description="training loss: cross-entropy against targets smoothed by this much "
                                      "(validation loss is plain cross-entropy)")
@@ -183,8 +200,42 @@ class TrainConfig(BaseModel):
     amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
         "auto", description="autocast dtype: auto (bfloat16 where supported, else float16), bfloat16 or float16")
     channels_last: bool = Field(True, description="NHWC memory format for inputs and conv weights")
+    sync_bn: bool = Field(
+        False, description="several processes: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only; "
+                           "default: each process normalizes its own part)")
     compile: bool = Field(False, description="torch.compile the training forward (pays off on long runs)")
-    augment: Optional[bool] = Field(None, description="pad-4 crop + flip (default: on for RGB data)")
+    augment: Optional[bool] = Field(
+        None, description="training augmentation: cached pad-4 crop + flip, stream timm's train transform "
+                          "(default: on for RGB data)")
+    # data modes, timm's layout and timm's transforms (dcanets/engine/data/; names as timm's train.py has them)
+    data_mode: Literal["auto", "cached", "stream"] = Field(
+        "auto", description="cached (decode once, small sets) | stream (DataLoader workers, any size) | auto (by size)")
+    train_split: Optional[str] = Field(None, description="training split folder of the data root (default: train)")
+    val_split: Optional[str] = Field(
+        None, description="validation split folder of the data root (default: val, valid, validation, ...)")
+    img_size: Optional[Count] = Field(None, description="image size (default: the model's; cached: the set's)")
+    input_size: Optional[Sizes] = Field(None, description="C,H,W: overrides img_size, as in timm")
+    crop_pct: Optional[Number] = Field(
+        None, gt=0, le=1, description="stream evaluation: resize to img_size/crop_pct, centre crop (default: model's)")
+    scale: Optional[Sizes] = Field(None, description="stream: RandomResizedCrop area range (default: 0.08,1)")
+    ratio: Optional[Sizes] = Field(None, description="stream: RandomResizedCrop aspect range (default: 0.75,1.333)")
+    hflip: Number = Field(0.5, ge=0, le=1, description="stream: horizontal flip probability")
+    color_jitter: NonNegative = Field(0.4, description="stream: colour jitter strength (off when aa is set)")
+    train_interpolation: Literal["random", "bilinear", "bicubic", "nearest"] = Field(
+        "random", description="stream: RandomResizedCrop interpolation")
+    aa: Optional[str] = Field(None, description="stream: timm augmentation policy, e.g. rand-m9-mstd0.5-inc1")
+    reprob: Number = Field(0.0, ge=0, le=1, description="random erasing probability (on the normalized batch)")
+    remode: Literal["const", "rand", "pixel"] = Field("pixel", description="random erasing fill")
+    recount: Count = Field(1, description="random erasing: at most this many boxes per image")
+    workers: Integer = Field(4, ge=0, description="stream: DataLoader worker processes (0: in the training process)")
+    max_bad_fraction: Number = Field(
+        0.01, ge=0, lt=1, description="stream: unusable images per epoch skipped (named) up to this fraction, "
+                                      "above it the run fails")
+
+    @field_validator("input_size", "scale", "ratio")
+    @classmethod
+    def _shape_of_sizes(cls, value: Optional[List[float]], info: ValidationInfo) -> Optional[List[Any]]:
+        return check_sizes(info.field_name or "", value)
     fidelity_every: Integer = Field(
         0, ge=0, description="direction-fidelity diagnostic every N training steps (0: off); see docs/fidelity.md")
     fidelity_reference: Literal["gradnet", "last", "self"] = Field(

@@ -1,13 +1,14 @@
 """The one training engine: ``dcanets train``, every Ray Tune trial and every reproduction call it.
 
 A model by timm name, an optimizer by timm registry name (the DCA decompositions are registered
-there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a timm lr schedule by name, a fixed-seed
-train/validation split of a decoded-once data set, checkpoints that resume exactly, and JSON
+there, so ``opt="dcacounter"`` works exactly like ``opt="sgd"``), a timm lr schedule by name, the
+loaders of ``dcanets.engine.data.build_loaders`` (cached or streamed), checkpoints that resume exactly, and JSON
 metrics. CUDA is used when present, with mixed precision; on CPU a fixed seed gives identical
 runs.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from dcanets.engine import data as data_mod
-from dcanets.engine.checkpoint import rng_state, save, set_rng_state, write_json
+from dcanets.engine import distributed
+from dcanets.engine.checkpoint import rng_state, save, write_json
 from dcanets.engine.config import TrainConfig
 from dcanets.engine.fidelity import FidelityProbe
 from dcanets.engine.recipe import Recipe, evaluate_metrics, group_position, training_loss, updates_per_epoch
@@ -59,10 +61,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _split_seed(cfg: TrainConfig) -> int:
-    return cfg.seed if cfg.split_seed is None else int(cfg.split_seed)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
@@ -217,29 +215,25 @@ class _Run:
     def __init__(self, cfg: TrainConfig, progress: bool, on_batch: Optional[BatchCallback] = None) -> None:
         cfg.validate()
         self.cfg, self.on_batch = cfg, on_batch
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = distributed.join(resolve_device(cfg.device))  # one process, or a DDP rank
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         self.channels_last = bool(cfg.channels_last)
         seed_everything(cfg.seed)
-        train, val = data_mod.load_split(cfg.data, cfg.val_fraction, _split_seed(cfg), cfg.limit,
-                                          val_limit=cfg.val_limit, progress=progress)
-        if len(train) == 0:
-            raise ValueError(f"no training images left in '{cfg.data}' after the validation split")
-        self.train_data, self.val_data = train, val
-        self.mean, self.std = data_mod.channel_stats(train.images)
-        augment = train.in_chans == 3 if cfg.augment is None else bool(cfg.augment)
-        bs = int(cfg.batch_size)
-        self.train_loader = self._loader(train, bs, shuffle=True, augment=augment,
-                                         drop_last=len(train) >= 2 * bs)
-        self.val_loader = self._loader(val, max(bs, EVAL_BATCH), shuffle=False, augment=False)
+        self.data = data_mod.build_loaders(cfg, self.device, progress, EVAL_BATCH, self.world.rank, self.world.size)
+        self.train_data, self.val_data = self.data.train_data, self.data.val_data
+        self.mean, self.std = self.data.mean, self.data.std
+        self.train_loader, self.val_loader, augment = self.data.train, self.data.val, self.data.augment
         seed_everything(cfg.seed)
-        self.model = build_model(cfg, train.num_classes, train.in_chans).to(self.device)
+        self.model = build_model(cfg, len(self.data.classes), self.data.in_chans).to(self.device)
         if self.channels_last:  # NHWC: the layout cuDNN and oneDNN convolutions run fastest on
             self.model.to(memory_format=torch.channels_last)
-        self.recipe = Recipe(cfg, self.model, train.num_classes)  # Mixup, EMA, clipping, accumulation
+        self.model = distributed.sync_batchnorm(self.model, cfg.sync_bn, self.world, self.device)
+        self.recipe = Recipe(cfg, self.model, len(self.data.classes))  # Mixup, EMA, clipping, accumulation
         self.optimizer = build_optimizer(cfg, self.model)
         self.needs_closure = prepare(self.optimizer, self.model)
-        self.recipe.check(self.optimizer, self.needs_closure, len(train), len(self.train_loader))
+        distributed.parallel_steps(self.world, self.optimizer, len(self.train_data), fidelity_every=cfg.fidelity_every,
+                                   sync_bn=cfg.sync_bn)
+        self.recipe.check(self.optimizer, self.needs_closure, self._rank_images(), len(self.train_loader))
         self.create_graph = second_order(cfg.opt)
         self.updates_per_epoch = updates_per_epoch(len(self.train_loader), self.recipe.accum)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.updates_per_epoch)
@@ -250,7 +244,10 @@ class _Run:
         self.amp_dtype = amp_dtype(cfg.amp_dtype, self.device)
         # bf16 has fp32's exponent range: only fp16 needs loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-        self.forward = self._compiled() if cfg.compile else self.model
+        self.parallel = distributed.parallel_model(self.model, self.world, self.device)  # DDP for several ranks
+        if self.world.parallel:  # each rank its own dropout and Mixup draws (timm: seed + rank); data order: global
+            seed_everything(cfg.seed + self.world.rank)
+        self.forward = self._compiled() if cfg.compile else self.parallel
         # the training loss, also the one a curvature-measuring decomposition differentiates
         self.loss_fn = training_loss(cfg)
         self.epoch, self.best_val_acc, self.history = 0, 0.0, []  # type: ignore[var-annotated]
@@ -269,16 +266,22 @@ class _Run:
         except ValueError as exc:
             raise ValueError(f"fidelity_every={self.cfg.fidelity_every}: {exc}") from None
 
-    def _loader(self, d: data_mod.ImageData, bs: int, **kw: Any) -> data_mod.BatchLoader:
-        return data_mod.BatchLoader(d, bs, self.mean, self.std, device=self.device, seed=self.cfg.seed,
-                                    channels_last=self.channels_last, **kw)
+    def settle_batchnorm(self) -> None:
+        """Every rank's BatchNorm statistics, the model's and the EMA's, made the same (an epoch's end)."""
+        ema = [self.recipe.ema.module] if self.recipe.ema is not None else []
+        distributed.settle_batchnorm(self.world, bool(self.cfg.sync_bn), self.model, *ema)
+
+    def _rank_images(self) -> int:
+        """The training images this rank sees per epoch (all of them for one process)."""
+        return distributed.rank_share(len(self.train_data), int(self.cfg.batch_size), self.world.rank, self.world.size,
+                                      even=True)
 
     def _compiled(self) -> Callable[..., torch.Tensor]:
         """``torch.compile`` of the training forward; the counter-loss decompositions hook the eager modules."""
         if self.needs_closure or hooks_model(self.optimizer):
             raise ValueError(f"compile=True cannot be combined with opt='{self.cfg.opt}': its hooks run on the eager "
                              "modules, which a compiled forward bypasses; use compile=False")
-        return torch.compile(self.model)
+        return torch.compile(self.parallel)
 
     def train_epoch(self) -> Dict[str, Any]:
         model = self.model
@@ -308,6 +311,7 @@ class _Run:
                 self.scheduler.step_update(num_updates=self.num_updates)
             if self.on_batch is not None:  # counts only: reading the loss here would stall the GPU
                 self.on_batch(self.epoch + 1, k, batches)
+        (loss_sum, correct), n = distributed.totals([loss_sum, correct], n, self.world.size)  # every rank's images
         loss_mean, acc = float(loss_sum) / max(n, 1), float(correct) / max(n, 1)  # one wait per epoch
         seconds = time.perf_counter() - t0
         self.epoch += 1
@@ -375,8 +379,8 @@ class _Run:
             outputs.append(out.detach())
             return loss.detach()
 
-        if position + 1 < count:  # not the group's last batch: gradients only
-            with torch.enable_grad():
+        if position + 1 < count:  # not the group's last batch: gradients only (DDP: summed here, averaged at the last)
+            with torch.enable_grad(), distributed.no_sync(self.parallel):
                 return closure(), outputs[0]
         loss = take_step(opt, closure, self.needs_closure, self.scaler,
                          before_step=self.recipe.clipping(opt, self.scaler))  # clip_grad
@@ -386,7 +390,8 @@ class _Run:
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": schedule_state(self.scheduler, self.num_updates),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "best_val_acc": self.best_val_acc,
-                "history": self.history, "classes": self.train_data.classes,
+                "world_size": self.world.size, **distributed.rng_states(self.world, rng_state()),  # a collective
+                "history": self.history, "classes": self.data.classes,
                 "mean": self.mean, "std": self.std, **self.recipe.state_dict()}
 
     def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
@@ -397,17 +402,17 @@ class _Run:
         self.num_updates = restore_schedule(self.scheduler, ckpt["scheduler"], self.epoch, self.updates_per_epoch)
         self.history = list(ckpt["history"])
         self.recipe.load_state_dict(ckpt)
-        set_rng_state(ckpt["rng"])
+        distributed.restore_rng(ckpt, self.world, self.cfg.seed)
 
 
-@holds_output  # the output folder is locked while the run runs; a fresh run never replaces an earlier one
 def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
           resume: str | Path | None = None, progress: bool = True,
           on_batch: Optional[BatchCallback] = None) -> Dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns the final metrics.
 
     ``on_epoch`` receives after every epoch: epoch (1-based), train_loss, train_acc, val_loss,
-    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint, val_acc5 (at least five classes),
+    val_acc, lr, epoch_seconds, images_per_s, data_seconds, checkpoint, world_size (the data-parallel processes,
+    ``dcanets.engine.distributed``; every rank gets the global numbers), val_acc5 (at least five classes),
     with ``model_ema`` val_loss_ema, val_acc_ema, val_acc5_ema (``dcanets.engine.recipe``), with ``fidelity_every``
     the epoch's mean direction fidelity: fidelity_cos, fidelity_sgd_cos, fidelity_cos_<stage> (the
     raw measurements go to the history entry's ``fidelity`` list, see docs/fidelity.md). ``resume`` (a last.pt or
@@ -416,19 +421,38 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
     (once; later runs read the cache). ``on_batch(epoch, batch, batches)`` is called after every
     training step (progress bars).
     """
-    t_start = time.perf_counter()
     cfg.validate()
+    distributed.join(resolve_device(cfg.device))  # the ranks' process group first: rank 0 claims the folder for all
+    return _claimed(cfg, on_epoch, resume, progress, on_batch, time.perf_counter())
+
+
+@holds_output  # the output folder is locked while the run runs; a fresh run never replaces an earlier one
+def _claimed(cfg: TrainConfig, on_epoch: Optional[EpochCallback], resume: str | Path | None, progress: bool,
+             on_batch: Optional[BatchCallback], t_start: float) -> Dict[str, Any]:
+    """:func:`train` in its run folder, which rank 0 holds for every rank (``dcanets.engine.rundir``)."""
     if cfg.eval_data and cfg.eval_data not in ("digits",) and not cfg.eval_data.startswith("synthetic"):
         data_mod.check_path(cfg.eval_data)  # a missing held-out set fails now, not after the last epoch
-    out_dir = prepare_output(cfg.output) if cfg.output else None
-    ckpt = resumed_checkpoint(resume, cfg) if resume is not None else None  # refuses changes a resume must keep
+    world = distributed.current()
+    out_dir = (prepare_output(cfg.output) if world.main else Path(cfg.output)) if cfg.output else None
+    # refuses changes a resume must keep; the world size may change with the global batch kept
+    ckpt = resumed_checkpoint(resume, cfg, world.size) if resume is not None else None
     run = _Run(cfg, progress, on_batch)
+    try:
+        return _epochs(run, cfg, on_epoch, ckpt, out_dir, progress, t_start)
+    finally:
+        run.data.close()  # stream mode's worker processes end with the run, not at garbage collection
+
+
+def _epochs(run: _Run, cfg: TrainConfig, on_epoch: Optional[EpochCallback], ckpt: Optional[Dict[str, Any]],
+            out_dir: Optional[Path], progress: bool, t_start: float) -> Dict[str, Any]:
+    """:func:`train` after the run is built: resume, the epochs, the final metrics and files."""
     if ckpt is not None:
         run.load_state_dict(ckpt)
     metrics: Dict[str, Any] = run.history[-1] if run.history else {}
     while run.epoch < cfg.epochs:
         t0 = time.perf_counter()
         stats = run.train_epoch()
+        run.settle_batchnorm()  # data parallel: one model on every rank, to validate and save
         val = run.recipe.validate(run.model, run.val_loader, run.amp, run.amp_dtype, len(run.val_data))
         val_loss, val_acc = val["val_loss"], val["val_acc"]
         followed_loss, followed_acc = run.recipe.followed(val)  # model_ema: the EMA's, as timm's train.py
@@ -438,7 +462,7 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": run.optimizer.param_groups[0]["lr"],
                    "epoch_seconds": time.perf_counter() - t0, "images_per_s": stats["images_per_s"],
                    "data_seconds": stats["data_seconds"], "train_seconds": stats["train_seconds"],
-                   "checkpoint": None}
+                   "checkpoint": None, "world_size": run.world.size}
         metrics.update(val)  # val_acc5 (>= 5 classes); val_loss_ema, val_acc_ema (model_ema)
         if out_dir:
             metrics["checkpoint"] = str(out_dir / "last.pt")
@@ -448,7 +472,8 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
         metrics.update(measured_curvature(run.optimizer))  # rho="auto" / a measured kappa: the last values
         run.history.append(dict(metrics) if raw is None else dict(metrics, fidelity=raw))
         if out_dir:
-            save(run.state_dict(), out_dir / "last.pt")
+            state = run.state_dict()  # on every rank: it gathers the ranks' RNG states
+            distributed.on_main(functools.partial(save, state, out_dir / "last.pt"), run.world)  # full disk: all end
         if on_epoch is not None:
             on_epoch(dict(metrics))
         if not math.isfinite(metrics["train_loss"]):  # diverged: more epochs only burn the budget
@@ -457,26 +482,20 @@ def train(cfg: TrainConfig, on_epoch: Optional[EpochCallback] = None,
                  wall_seconds=time.perf_counter() - t_start,
                  num_params=sum(p.numel() for p in run.model.parameters()),
                  train_images=len(run.train_data), val_images=len(run.val_data), augment=run.augment,
+                 data_mode=run.data.mode, world_size=run.world.size,
                  device=str(run.device), amp=run.amp,
                  amp_dtype=str(run.amp_dtype).removeprefix("torch.") if run.amp else None,
                  channels_last=run.channels_last, compile=bool(cfg.compile))
     if cfg.eval_data:
         final.update(_evaluate_held_out(run, cfg.eval_data, progress))
     if out_dir:
-        write_json(out_dir / "metrics.json", {"config": cfg.to_dict(), "final": final, "history": run.history})
+        record = {"config": cfg.to_dict(), "final": final, "history": run.history}
+        distributed.on_main(functools.partial(write_json, out_dir / "metrics.json", record), run.world)
     final["history"] = list(run.history)
     return final
 
 
 def _evaluate_held_out(run: _Run, spec: str, progress: bool) -> Dict[str, Any]:
-    held = data_mod.load(spec, progress=progress)
-    train = run.train_data
-    if held.in_chans != train.in_chans or held.image_size != train.image_size:
-        raise ValueError(f"eval data '{spec}' has images {held.in_chans}x{held.image_size[0]}x{held.image_size[1]} "
-                         f"but the training data {train.in_chans}x{train.image_size[0]}x{train.image_size[1]}")
-    if held.classes != train.classes:
-        raise ValueError(f"eval data '{spec}' has classes {held.classes[:5]}... but the training data "
-                         f"{train.classes[:5]}...; both need the same class folders")
-    metrics = evaluate_metrics(run.model, run._loader(held, EVAL_BATCH, shuffle=False, augment=False), run.amp,
-                               run.amp_dtype)
-    return {**{f"eval_{name}": value for name, value in metrics.items()}, "eval_images": len(held)}
+    loader, images = data_mod.held_out(spec, run.data, progress)
+    metrics = evaluate_metrics(run.model, loader, run.amp, run.amp_dtype)
+    return {**{f"eval_{name}": value for name, value in metrics.items()}, "eval_images": images}

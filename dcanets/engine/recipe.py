@@ -21,6 +21,19 @@ With the DC decompositions (``dcanets.optim``):
 - a decomposition stepped with a closure (``prepare`` returns True) evaluates the loss and its
   gradients inside ``optimizer.step(closure)``, where no clipping or accumulation can act: both are
   refused for it rather than silently not applied.
+
+Under data parallelism (``dcanets.engine.distributed``), as in timm's train.py:
+
+- clipping (and the GradScaler's unscale before it) acts after the decomposition's
+  ``gradients_ready()`` (``take_step``'s order): on the averaged ``p.grad`` and the averaged c, the
+  same on every rank;
+- the micro-batches of an accumulation group before its last run under DDP's ``no_sync()``: the
+  gradients (and eq. 17's c) add up on each rank and are averaged once, by the last backward;
+- the EMA is updated on every rank from the same weights, and its BatchNorm statistics are averaged
+  over the ranks with the model's at each epoch's end, so every rank holds the same EMA;
+- Mixup/CutMix draw λ and the pairs on each rank from its own generator (seeded ``seed + rank``,
+  as timm's ranks are) and mix within the rank's slice: a run of N ranks mixes differently from
+  one process on the global batch (the global gradient is still the mean over the ranks).
 """
 from __future__ import annotations
 
@@ -32,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from dcanets.engine.config import TrainConfig
+from dcanets.engine.distributed import totals
 from dcanets.optim.protocol import hooks_model
 from dcanets.optim.rho import LossFn
 
@@ -72,6 +86,7 @@ def evaluate_metrics(model: torch.nn.Module, loader: BatchLoader, amp: bool,
     top-5 accuracy (``acc5``: the label is among the five largest outputs) over ``loader``.
 
     Sums stay on the device until the end: a ``float()`` per batch would wait for the GPU each time.
+    A loader of one data-parallel rank's part (``world_size`` > 1) is summed over every rank.
     """
     model.eval()
     loss_sum = correct = correct5 = torch.zeros((), dtype=torch.float64, device=loader.device)
@@ -85,6 +100,7 @@ def evaluate_metrics(model: torch.nn.Module, loader: BatchLoader, amp: bool,
         if classes >= TOP5:
             correct5 = correct5 + (out.topk(TOP5, dim=1).indices == y[:, None]).any(1).sum()
         n += len(y)
+    (loss_sum, correct, correct5), n = totals([loss_sum, correct, correct5], n, getattr(loader, "world_size", 1))
     metrics = {"loss": float(loss_sum) / max(n, 1), "acc": float(correct) / max(n, 1)}
     if classes >= TOP5:
         metrics["acc5"] = float(correct5) / max(n, 1)

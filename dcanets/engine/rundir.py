@@ -9,6 +9,7 @@ resume) into a folder that holds a run (``last.pt`` or ``metrics.json``) is refu
 renames an output the user chose (timm's train.py numbers its folders instead; here only the
 default name is numbered, :func:`unused`, since a script reads results from the folder it named).
 
+Under data parallelism rank 0 alone holds the lock and makes the checks, for every rank of the run.
 The lock is ``flock(2)`` on the lock file, so the kernel releases it when its holder ends, however
 it ends (SIGKILL, a power cut): a stale lock cannot exist. The file keeps the last holder's pid
 and host for the message; ``flock`` reaches other machines on NFS v4 shares.
@@ -26,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
-
-from dcanets.engine.checkpoint import checkpoint_file
 
 LOCK = ".dcanets.lock"
 RUN_FILES = ("last.pt", "metrics.json")  # a folder holding one of these holds a run
@@ -125,11 +124,26 @@ def claimed(output: str | Path | None, resume: str | Path | None = None) -> Iter
     """The run's output folder, created and locked for the duration of the block (None: no output).
 
     Refused in one :class:`RunFolderError` line: a folder another run holds, and a folder that holds
-    a run unless the run resumes that very folder (``resume`` is it or its ``last.pt``).
+    a run unless the run resumes that very folder (``resume`` is it or its ``last.pt``). Data
+    parallel (a process group joined before, ``dcanets.engine.distributed``): rank 0 alone claims
+    the folder, for the run's every rank, and its refusal is every rank's (none waits on it).
     """
     if not output:
         yield None
         return
+    from dcanets.engine import distributed  # here: it imports torch, and flag errors need none
+
+    world = distributed.current()
+    lock = distributed.on_main(lambda: _claim(output, resume), world)
+    try:
+        yield Path(output)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(output: str | Path, resume: str | Path | None) -> FolderLock:
+    """``output`` created and locked by this process, after the checks of :func:`claimed`."""
     folder = prepare_output(output)
     lock = FolderLock(folder / LOCK)
     if not lock.acquire():
@@ -139,9 +153,10 @@ def claimed(output: str | Path | None, resume: str | Path | None = None) -> Iter
         if not _resumes(folder, resume):
             refuse_earlier_run(folder, output)
         lock.record_holder()
-        yield folder
-    finally:
+    except BaseException:
         lock.release()
+        raise
+    return lock
 
 
 def _resumes(folder: Path, resume: str | Path | None) -> bool:
@@ -151,6 +166,8 @@ def _resumes(folder: Path, resume: str | Path | None) -> bool:
 def folder_of(resume: str | Path) -> Path:
     """The run folder of a ``resume`` argument (a run folder or its ``last.pt``); FileNotFoundError's
     one line when there is no checkpoint."""
+    from dcanets.engine.checkpoint import checkpoint_file  # here: checkpoint imports torch, flag errors need none
+
     return checkpoint_file(resume).parent
 
 

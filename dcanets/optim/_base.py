@@ -17,6 +17,8 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequ
 
 import torch
 
+from dcanets.builder import owning_model
+from dcanets.optim.collective import Collective, unsynced_ranks
 from dcanets.optim.rho import Batch, CurvatureLog
 
 Grads = List[Optional[torch.Tensor]]
@@ -121,6 +123,7 @@ class DCAOptimizer(torch.optim.Optimizer):
     Options: ClassVar[type]
     options: Any
     curvature: Optional[CurvatureLog] = None      # what the steps measured for ρ (None: nothing)
+    collective: Optional[Collective] = None     # the data-parallel ranks (dcanets.optim.distributed)
 
     def __init__(self, params: Iterable, lr: Optional[float] = None, lam: Optional[float] = None,
                  weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
@@ -138,6 +141,12 @@ class DCAOptimizer(torch.optim.Optimizer):
         self.diagnostics: Dict[str, float] = {}   # last step's β (eq. 19) or line coefficient
         self._nsteps = 0                          # steps taken (the schedules of beta_every, rho_every)
         self._batch: Optional[Batch] = None
+        # A model dcanets built is known (dcanets.builder): attach now, before the loop's first
+        # forward, so that any loop works without prepare(). Subclasses keep what attach() sets
+        # as class-level defaults, since this runs before their own __init__ body.
+        owner = owning_model(self._params())
+        if owner is not None:
+            self.attach(owner)
 
     # -- the protocol (dcanets.optim.protocol) ---------------------------------------------------
     @property
@@ -164,6 +173,30 @@ class DCAOptimizer(torch.optim.Optimizer):
         """Steps taken so far (the clock of ``beta_every`` and ``rho_every``)."""
         return self._nsteps
 
+    def gradients_ready(self) -> None:
+        """The loop's backward is done and DDP has averaged ``p.grad``; nothing has unscaled or
+        clipped them yet. A data-parallel decomposition averages here what that backward measured
+        besides the gradient (eq. 17's c); ``dcanets.optim.protocol.take_step`` calls it."""
+
+    def _global(self, value: float) -> float:
+        """A measurement on this rank's batch as the global batch's (its mean over the ranks)."""
+        self._require_global("the curvature behind kappa")
+        return value if self.collective is None else self.collective.mean_scalar(value)
+
+    def _require_global(self, what: str) -> None:
+        """One line when a process group of several ranks steps this decomposition without
+        :func:`dcanets.optim.distributed.data_parallel`: ``what``, measured on this rank's batch
+        alone, would differ between the ranks, and so would their weights (DDP averages ``p.grad``
+        only). A loop that calls ``optimizer.step()`` itself under torchrun (timm's train.py) is
+        such a loop."""
+        ranks = unsynced_ranks(self.collective)
+        if ranks:
+            raise ValueError(f"{type(self).__name__}: {what} is measured on this rank's batch, but {ranks} "
+                             "data-parallel ranks share each step: call dcanets.optim.distributed.data_parallel("
+                             "optimizer) after prepare() and step with dcanets.optim.take_step (dcanets train --nproc "
+                             "N does both); in a loop that cannot (timm's train.py under torchrun), use an optimizer "
+                             "that measures nothing on the batch (sgd, dcal2)")
+
     def attach(self, model: torch.nn.Module) -> None:
         """Remember the model (its buffers are frozen during extra loss evaluations)."""
         self._model = model
@@ -187,8 +220,13 @@ class DCAOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{type(self).__name__} needs a closure ({self.closure_reason()}): "
                 "call optimizer.step(closure) with a closure that zeroes the gradients, runs forward, "
-                "loss and backward and returns the loss (dcanets.optim.prepare returns True for it)")
+                "loss and backward and returns the loss (optimizer.needs_closure says so); a loop that calls "
+                f"step() without one, like timm's train.py, needs {self.closure_free_hint()}")
         return closure
+
+    def closure_free_hint(self) -> str:
+        """What to use instead in a loop that cannot give a closure (the end of the one-line error)."""
+        return "a configuration that needs none (docs/decompositions.md lists them)"
 
     def _apply(self, directions: Grads) -> None:
         """w ← w − lr·d (:func:`sgd_update`), and the step is counted."""

@@ -16,6 +16,7 @@ import torch
 
 from dcanets.hessian import FrozenBuffers
 from dcanets.optim._base import DCAOptimizer, Grads, axpy, check_option, normalise
+from dcanets.optim.batches import BatchRecorder
 from dcanets.optim.counter import CounterLoss
 from dcanets.optim.rho import AUTO, Batch, CurvatureLog, Rho, check_measurement, check_rho, min_eigenvalue
 
@@ -83,6 +84,7 @@ class ClosureDCA(DCAOptimizer):
     Options = ClosureOptions
     options: ClosureOptions
     curvature: CurvatureLog
+    _recorder: Optional[BatchRecorder] = None   # the loop's batch, when no remember_batch gives it (attach)
 
     def __init__(self, params: Any, lr: Optional[float] = None, lam: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(params, lr=lr, lam=lam, **kwargs)
@@ -111,6 +113,28 @@ class ClosureDCA(DCAOptimizer):
     def takes_batch(self) -> bool:
         return self.options.rho == AUTO
 
+    def attach(self, model: torch.nn.Module) -> None:
+        """Remember the model and, when steps measure on a batch, record the loop's batches from
+        its forward and backward (``dcanets.optim.batches``), for loops without ``remember_batch``."""
+        if self.takes_batch and (self._recorder is None or self._recorder.model is not model):
+            if self._recorder is not None:
+                self._recorder.detach()
+            self._recorder = BatchRecorder(model, self._params())
+        super().attach(model)
+
+    def _use_recorded_batch(self) -> None:
+        """Closure-free steps: without ``remember_batch``, a measurement due at this step uses the
+        batch of the loop's last forward and backward (``BatchRecorder``); none, or one whose loss
+        does not fit, is the one-line error of ``_batch_or_fail``."""
+        if self._batch is None and self._recorder is not None and self._batch_due() is not None:
+            self._batch, self._no_batch_why = self._recorder.take()
+
+    def _apply(self, directions: Grads) -> None:
+        super()._apply(directions)
+        self._no_batch_why = ""
+        if self._recorder is not None:
+            self._recorder.clear()                # the next step measures on its own batch
+
     def _mu(self) -> float:
         return self.RHO_HESSIAN * self.rho
 
@@ -127,10 +151,13 @@ class ClosureDCA(DCAOptimizer):
         if what is not None:
             self._batch_or_fail(what)
 
+    _no_batch_why = ""    # why the recorder gave no batch at this step (the error names it)
+
     def _batch_or_fail(self, what: str) -> Batch:
         if self._batch is None:
+            why = f" ({self._no_batch_why})" if self._no_batch_why else ""
             raise RuntimeError(
-                f"{type(self).__name__}: {what} is measured on the current batch at this step: call "
+                f"{type(self).__name__}: {what} is measured on the current batch at this step{why}: call "
                 "dcanets.optim.remember_batch(optimizer, inputs, targets[, loss_fn]) before step() "
                 "(dcanets.engine does)")
         return self._batch
@@ -139,8 +166,15 @@ class ClosureDCA(DCAOptimizer):
     def _measuring(self) -> Iterator[None]:
         """A measurement: forward passes with a graph, and the model's buffers restored only at its
         end (a restore between a forward and its backward would fail autograd's version check)."""
-        with torch.enable_grad(), self._frozen_buffers():
-            yield
+        recorder, was = self._recorder, self._recorder.suspended if self._recorder is not None else False
+        if recorder is not None:
+            recorder.suspended = True             # these forward passes are not the loop's
+        try:
+            with torch.enable_grad(), self._frozen_buffers():
+                yield
+        finally:
+            if recorder is not None:
+                recorder.suspended = was
 
     @contextmanager
     def _mixing(self, alpha: float) -> Iterator[None]:
@@ -165,11 +199,13 @@ class ClosureDCA(DCAOptimizer):
         if self.options.rho != AUTO or not self.curvature.due("rho", self._nsteps):
             return
         batch, params = self._batch_or_fail("rho='auto'"), [p for p in self._params() if p.requires_grad]
+        self._require_global("rho='auto' (the Hessian's lambda_min)")
         lams = {}
         for name, gamma in self.convex_parts().items():
             with self._measuring():
                 lams[name] = min_eigenvalue(self._part_loss(batch, gamma), params, self.options.rho_lanczos,
-                                            seed=self._nsteps)
+                                            seed=self._nsteps,
+                                            reduce=None if self.collective is None else self.collective.mean_)
         if not all(math.isfinite(lam) for lam in lams.values()):
             raise ValueError(f"{type(self).__name__}: rho='auto' measured lambda_min = {lams}, not finite (the "
                              "loss or its curvature overflowed on this batch); pass a number for rho")

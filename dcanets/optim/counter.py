@@ -237,6 +237,7 @@ class ShortcutTap:
     def clear(self) -> None:
         """Forget what the backward passes since the last step recorded."""
         self.c: Optional[List[Optional[torch.Tensor]]] = None
+        self.averaged = False                       # make_global ran on this c (data parallel)
         self.fused: Optional[float] = None
         self._after: Dict[int, torch.Tensor] = {}   # ‖p.grad‖² at the end of the last backward
 
@@ -304,6 +305,19 @@ class ShortcutTap:
     def _after_backward(self, i: int, p: torch.Tensor) -> None:
         if self.c is not None and p.grad is not None:
             self._after[i] = sqnorm(p.grad)
+
+    def make_global(self, mean: Callable[[List[Optional[torch.Tensor]]], List[Optional[torch.Tensor]]]) -> None:
+        """Data parallel, once DDP has averaged ``p.grad``: c averaged over the ranks by ``mean``
+        (dcanets.optim.distributed), and the gradient norms ``take`` compares with read again from
+        the averaged ``p.grad`` (those of the backward were this rank's own)."""
+        if self.c is None:
+            return
+        self.c = mean(self.c)
+        self.averaged = True
+        for i in self._after:
+            grad = self.params[i].grad
+            if grad is not None:
+                self._after[i] = sqnorm(grad)
 
     # -- the step -----------------------------------------------------------------------------
     def take(self) -> Tuple[Optional[float], Optional[List[Optional[torch.Tensor]]]]:

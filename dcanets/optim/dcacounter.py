@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -92,12 +92,10 @@ class CounterDCA(ClosureDCA):
     RHO_HESSIAN = 0.5     # the "ρ/2·L2" of eqs. 12, 23, 26
     Options = CounterOptions
     options: CounterOptions
-
-    def __init__(self, params: Any, lr: Optional[float] = None, lam: Optional[float] = None, **kwargs: Any) -> None:
-        super().__init__(params, lr=lr, lam=lam, **kwargs)
-        self._counter: Optional[CounterLoss] = None
-        self._tap: Optional[ShortcutTap] = None
-        self._coef: Optional[Tuple[float, float]] = None
+    # set by attach(), which DCAOptimizer.__init__ may call (a model dcanets built): class defaults
+    _counter: Optional[CounterLoss] = None
+    _tap: Optional[ShortcutTap] = None
+    _coef: Optional[Tuple[float, float]] = None    # (s_a, s_c) of the last step that computed them
 
     # -- what a family defines -------------------------------------------------------------------
     def coefficients(self, a: Grads, c: Grads, closure: Optional[Callable]) -> Tuple[float, float]:
@@ -165,6 +163,12 @@ class CounterDCA(ClosureDCA):
         if self._tap is not None:
             self._tap.clear()
 
+    def gradients_ready(self) -> None:
+        """Data parallel: eq. 17's c recorded by the backward averaged over the ranks, as DDP did
+        with a (dcanets.optim.distributed); fused backwards need nothing, their p.grad is a + r·c."""
+        if self.collective is not None and self._tap is not None:
+            self._tap.make_global(self.collective.mean_grads)
+
     def _batch_due(self) -> Optional[str]:
         what = super()._batch_due()
         if what is None and self._measures_kappa() and self.curvature.due("kappa", self._nsteps) \
@@ -175,10 +179,15 @@ class CounterDCA(ClosureDCA):
     def _measures_kappa(self) -> bool:
         return self.uses_kappa() and self.options.kappa is None and self.options.rho != 0
 
+    def closure_free_hint(self) -> str:
+        return ("the defaults c='shortcut' and solver='newton' (and kappa=... with direction='newton'), "
+                "which step from the loop's own backward")
+
     def _counter_or_fail(self) -> CounterLoss:
         if self._counter is None:
-            raise RuntimeError(f"{type(self).__name__} is not attached to a model: call "
-                               "dcanets.optim.prepare(optimizer, model) first")
+            raise RuntimeError(f"{type(self).__name__} is not attached to a model: its parameters are not those of "
+                               "a model dcanets built (timm.create_model of a dcanets name attaches by itself), so "
+                               "call dcanets.optim.prepare(optimizer, model) first")
         return self._counter
 
     @torch.no_grad()
@@ -188,8 +197,10 @@ class CounterDCA(ClosureDCA):
         if closure is None:
             if self.needs_closure:
                 self._require_closure(None)
+            counter = self._counter_or_fail()
+            self._use_recorded_batch()
             self._check_batch()
-            return self._plain_step(self._counter_or_fail())
+            return self._plain_step(counter)
         counter = self._counter_or_fail()
         self._check_batch()
         with self._tap_paused():
@@ -274,6 +285,12 @@ class CounterDCA(ClosureDCA):
         p.grad = a and c apart, or p.grad = a + r·c after a fused backward."""
         tap = self._tap
         assert tap is not None  # made by attach whenever no closure is needed
+        if tap.c is not None and not tap.averaged:  # a separate c: the rank's own, unless gradients_ready() ran
+            self._require_global("eq. 17's c")
+            if self.collective is not None:
+                raise ValueError(f"{type(self).__name__}: data parallel, but eq. 17's c of this step was not averaged "
+                                 "over the ranks: call optimizer.gradients_ready() after the backward, before "
+                                 "clipping and step() (dcanets.optim.take_step does)")
         ratio, c = tap.take()
         if tap.seen_forward:
             counter.observe()   # a model whose stage blocks all change shape raises here
@@ -317,6 +334,7 @@ class CounterDCA(ClosureDCA):
                 with self._mixing(alpha):
                     outputs = self._model(batch.inputs)
                 curv = gauss_newton_curvature(outputs, batch.targets, batch.loss_fn, self._params(), direction)
+            curv = self._global(curv)  # linear in the loss: the global batch's is the ranks' mean
             if not curv > 0:
                 raise ValueError(
                     f"{type(self).__name__}: the Gauss-Newton curvature of L'_{alpha:g} along the step's direction is "

@@ -29,6 +29,9 @@ class DcaProx(ClosureDCA):
     def closure_reason(self) -> Optional[str]:
         return "its inner solver evaluates the loss at inner_steps points"
 
+    def closure_free_hint(self) -> str:
+        return "another decomposition: dcaprox always steps with one (dcal2, dcacounter and the quasi ones need none)"
+
     def gamma(self) -> Dict[float, float]:
         return {1.0: 1.0}
 

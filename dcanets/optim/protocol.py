@@ -2,10 +2,12 @@
 ``timm.optim.create_optimizer_v2`` and the one training step.
 
 ``prepare(optimizer, model)`` once: it attaches the counter-loss hooks a decomposition needs and
-says whether ``optimizer.step`` must be given a closure. Most configurations need none: their
-extra vector–Jacobian product runs inside the loop's own ``loss.backward()``
+says whether ``optimizer.step`` must be given a closure (a decomposition built on the parameters of
+a model dcanets built has attached itself already: ``dcanets.builder.owning_model``). Most
+configurations need none: their extra vector–Jacobian product runs inside the loop's own ``loss.backward()``
 (``dcanets.optim.counter.ShortcutTap``). ``remember_batch`` before each step hands the batch to a
-decomposition that measures curvature on it; ``take_step`` is the step itself, with or without a
+decomposition that measures curvature on it (without it, a closure-free step reads the batch off
+the loop's own passes: ``dcanets.optim.batches``); ``take_step`` is the step itself, with or without a
 closure (``dcanets.engine``, ``dcanets.analysis.fidelity`` and the benchmarks all step through it).
 Every call sees through timm's Lookahead (``dcanets._compat.unwrap_optimizer``) and is a no-op, or
 False, for an optimizer that is not a :class:`DCAOptimizer`.
@@ -43,8 +45,18 @@ def prepare(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
     inner = _decomposition(optimizer)
     if inner is None:
         return False
-    inner.attach(model)
+    inner.attach(unwrapped(model))
     return inner.needs_closure
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch's ``DistributedDataParallel`` wrapper (its ``module``), else ``model``:
+    a decomposition hooks the model's own blocks and runs its extra passes on it, never through the
+    wrapper (whose forward expects a backward that DDP synchronises), the model its parameters
+    belong to, as ``dcanets.builder.owning_model`` finds it without ``prepare``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def remember_batch(optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
@@ -85,8 +97,11 @@ def take_step(optimizer: torch.optim.Optimizer, closure: Closure, needs_closure:
     needs; an optimizer that returns no loss from it gets one more closure run for the loss.
     Otherwise the closure runs once, then ``optimizer.step()`` (``scaler.step`` and
     ``scaler.update`` when a ``GradScaler`` drives the step; the closure then backpropagates
-    ``scaler.scale(loss)``). ``before_step`` runs between the backward and the step (gradient
-    clipping); the closure path has no such point, so it refuses one.
+    ``scaler.scale(loss)``). Between the backward and the step, a decomposition's
+    ``gradients_ready()`` runs first (data parallel: what the backward measured besides ``p.grad``,
+    eq. 17's c, averaged over the ranks as DDP averaged ``p.grad``), then ``before_step`` (gradient
+    clipping, after the GradScaler's unscale), so both act on the global gradients; the closure path
+    has no such point, so it refuses one.
     """
     if needs_closure:
         if before_step is not None:
@@ -96,7 +111,10 @@ def take_step(optimizer: torch.optim.Optimizer, closure: Closure, needs_closure:
         return closure() if stepped is None else stepped
     with torch.enable_grad():
         loss = closure()
-    if before_step is not None:
+    inner = _decomposition(optimizer)
+    if inner is not None:  # data parallel: what the backward measured besides p.grad made global
+        inner.gradients_ready()
+    if before_step is not None:  # after gradients_ready: clipping rescales the global c with the global gradient
         before_step()
     if scaler is None:
         optimizer.step()

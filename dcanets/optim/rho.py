@@ -76,12 +76,16 @@ class Batch:
     loss_fn: LossFn
 
 
-def min_eigenvalue(loss: torch.Tensor, params: Sequence[torch.Tensor], steps: int, seed: int) -> float:
+def min_eigenvalue(loss: torch.Tensor, params: Sequence[torch.Tensor], steps: int, seed: int,
+                   reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
     """λ_min of ∇²loss (``loss`` computed with its graph): ``steps`` Lanczos iterations on exact
     Hessian–vector products. Ritz values lie inside the spectrum, so with few steps this
-    over-estimates λ_min (under-estimates a negative one's size)."""
+    over-estimates λ_min (under-estimates a negative one's size). ``reduce`` maps each product to
+    the global batch's (data parallel: the mean over the ranks, dcanets.optim.distributed)."""
     params = list(params)
     matvec, dim = graph_hessian_operator(loss, params)
+    if reduce is not None:
+        local, matvec = matvec, lambda v: reduce(local(v))
     values, _ = lanczos(matvec, dim, steps=steps, seed=seed, dtype=params[0].dtype)
     return float(values[0])
 

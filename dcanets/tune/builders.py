@@ -62,7 +62,7 @@ class DefineByRun:
     @staticmethod
     def _suggest(trial: Any, key: str, spec: Dict[str, Any]) -> Any:
         kind = spec["type"]
-        if kind == "choice":
+        if kind in ("choice", "categorical"):
             return trial.suggest_categorical(key, spec["values"])
         if kind == "int":
             return trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=spec.get("step", 1),
@@ -85,6 +85,21 @@ def trial_train_config(base: Dict[str, Any], params: Dict[str, Any]) -> Dict[str
         else:
             cfg[name] = value
     return cfg
+
+
+def trial_params(base: Dict[str, Any], sampled: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a trial's MLflow run records as params: its whole effective TrainConfig (the fixed
+    fields, the sampled values, the defaults; not ``output``, which is the worker's), so that
+    ``params.opt`` or ``params.model`` filter trials, and the sampled factors of ``times:``/``over:``."""
+    from dcanets.engine.config import ConfigError, TrainConfig
+
+    cfg = trial_train_config(base, dict(sampled))
+    try:
+        full = TrainConfig.from_dict(cfg).to_dict()
+    except ConfigError:  # the trial fails with this error itself; its run keeps what it was given
+        full = cfg
+    full.pop("output", None)
+    return {**full, **{k: v for k, v in sampled.items() if DERIVED in k}}
 
 
 def short_params(config: Mapping[str, Any]) -> str:
@@ -116,8 +131,10 @@ def build_tune_config(spec: schema.TuneSpec) -> Any:
     """``ray.tune.TuneConfig``: the ``tune_config`` section with the search algorithm and scheduler."""
     from ray import tune
 
-    return tune.TuneConfig(search_alg=build_search_alg(spec), scheduler=build_scheduler(spec),
-                           **plain(spec.tune_config))
+    kwargs = plain(spec.tune_config)
+    if spec.resources.workers > 1:  # Tune cannot reset a gang's driver for the next trial: its thread waits in fit()
+        kwargs["reuse_actors"] = False
+    return tune.TuneConfig(search_alg=build_search_alg(spec), scheduler=build_scheduler(spec), **kwargs)
 
 
 def build_failure_config(spec: schema.TuneSpec) -> Any:
@@ -126,8 +143,15 @@ def build_failure_config(spec: schema.TuneSpec) -> Any:
     return tune.FailureConfig(**plain(spec.failure_config))
 
 
+# what a gang trial (resources.workers > 1) reserves for itself: memory only, never a CPU or GPU its
+# own workers could need (dcanets.tune.gang says why); the workers ask for theirs through Ray Train
+GANG_DRIVER = {"cpu": 0, "gpu": 0, "memory": 256 * 2**20}
+
+
 def trial_resources(spec: schema.TuneSpec) -> Dict[str, float]:
-    """What each trial asks Ray for (``tune.with_resources``)."""
+    """What each trial asks Ray for (``tune.with_resources``): its CPUs and GPUs, or a gang's driver's."""
+    if spec.resources.workers > 1:
+        return dict(GANG_DRIVER)
     return {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
 
 
@@ -138,5 +162,6 @@ def trial_resources(spec: schema.TuneSpec) -> Dict[str, float]:
 schema.DefineByRun = DefineByRun  # type: ignore[attr-defined]
 
 
-__all__ = ["DERIVED", "DefineByRun", "build_failure_config", "build_scheduler", "build_search_alg",
-           "build_tune_config", "plain", "plain_space", "short_params", "trial_resources", "trial_train_config"]
+__all__ = ["DERIVED", "GANG_DRIVER", "DefineByRun", "build_failure_config", "build_scheduler", "build_search_alg",
+           "build_tune_config", "plain", "plain_space", "short_params", "trial_params", "trial_resources",
+           "trial_train_config"]

@@ -8,7 +8,7 @@ from typing import Sequence
 from dcanets.tune import schema
 from dcanets.tune.builders import short_params, trial_train_config
 from dcanets.tune.curves import plot_curves
-from dcanets.tune.state import DIVERGED, SearchResult, SearchState, TrialResult
+from dcanets.tune.state import DIVERGED, SearchResult, SearchState, TrialResult, is_finite
 from dcanets.tune.storage import RESULT_FILES, join
 
 
@@ -30,6 +30,8 @@ def report(result: SearchResult, spec: schema.TuneSpec, state: SearchState, top:
     location = result.location
     stored = f"copied to the storage {location.uri}; " if location.shared else ""
     print(f"outputs: {exp_dir}  ({', '.join(written) + '; ' if written else ''}{stored}MLflow: {_uri(state)})")
+    if spec.tracking.enabled:
+        _print_ui_command(state)
     if result.status == "KILLED":
         why = f"{result.signal} received" if result.signal else "trials left unfinished"
         print(f"dcanets tune: interrupted ({why}): continue with  {location.resume_command()}",
@@ -64,9 +66,21 @@ def summarize(result: SearchResult, spec: schema.TuneSpec, state: SearchState) -
     exp_dir = state.folder
     SearchTracker(state).summarize(
         {f"best_{spec.metric}": best.best, "num_trials": len(result.trials),
-         **{f"seconds_{k}": v for k, v in result.timings.items()}},
+         **{f"seconds_{k}": v for k, v in result.timings.items()},
+         # each trial's best value on the parent: one chart of the search in MLflow's UI
+         **{f"{spec.metric}/{t.trial_id}": t.best for t in result.trials if is_finite(t.best)}},
         {"best_trial": best.trial_id},
         [exp_dir / "best.yaml", exp_dir / "curves.png", exp_dir / "trials.csv"])
+
+
+def _print_ui_command(state: SearchState) -> None:
+    """For a SQLite store, the command that opens it and the page of this search's runs."""
+    from dcanets.engine.tracking import ui_command
+
+    command = ui_command(state.tracking_uri)
+    if command and state.experiment_id:
+        print(f"MLflow UI: {command}  then open http://127.0.0.1:5000/#/experiments/{state.experiment_id}"
+              "/runs?workflowType=machine_learning")
 
 
 def _uri(state: SearchState) -> str:

@@ -7,7 +7,7 @@ A search file is data, read top to bottom the way a Ray Tune user would write th
     search_alg:   {type: OptunaSearch, sampler: {...}}  -> ray.tune.search.optuna.OptunaSearch
     scheduler:    {type: ASHAScheduler, ...kwargs}      -> ray.tune.schedulers.ASHAScheduler(**kwargs)
     tune_config:  metric, mode, num_samples, ...        -> ray.tune.TuneConfig(**kwargs)
-    resources:    {cpu: 1, gpu: 0.5}                    -> tune.with_resources(trainable, ...)
+    resources:    {cpu: 1, gpu: 0.5, workers: 1}        -> tune.with_resources(trainable, ...) (workers: Ray Train)
     tracking:     {uri, experiment}                     -> MLflow ($MLFLOW_TRACKING_URI, else SQLite under the output)
     failure_config: {max_failures: 2}                   -> RunConfig(failure_config=ray.tune.FailureConfig(...))
     storage:      s3://bucket/prefix or a shared folder -> RunConfig(storage_path, storage_filesystem)
@@ -37,6 +37,7 @@ from dcanets import safe_yaml
 from dcanets.engine.config import TrainConfig
 from dcanets.names import did_you_mean
 from dcanets.tune import storage as search_storage
+from dcanets.tune.arguments import tune_config_arguments
 from dcanets.tune.retention import Checkpoints
 from dcanets.validation import (
     Count,
@@ -48,6 +49,7 @@ from dcanets.validation import (
     dotted,
     fail,
     is_number,
+    plain,
     problems_of,
     unknown_key,
 )
@@ -122,6 +124,20 @@ class Uniform(_Range):
     type: Literal["uniform"]
 
 
+class Float(_Range):
+    """A float sampled in [low, high], as Optuna's ``suggest_float`` (``log: true``: log-uniformly)."""
+
+    type: Literal["float"]
+
+    @field_validator("log")
+    @classmethod
+    def _positive_when_log(cls, log: bool, info: ValidationInfo) -> bool:
+        low = info.data.get("low")
+        if log and low is not None and low <= 0:
+            fail(f"log: true needs low > 0, got low {plain(low)}")
+        return log
+
+
 class IntRange(_Range):
     """An integer sampled in [low, high]."""
 
@@ -132,9 +148,9 @@ class IntRange(_Range):
 
 
 class Choice(_Param):
-    """One of ``values``."""
+    """One of ``values`` (``categorical``: Optuna's name for it)."""
 
-    type: Literal["choice"]
+    type: Literal["choice", "categorical"]
     values: List[Any] = Field(min_length=1)
 
     @field_validator("times", "over")
@@ -145,8 +161,10 @@ class Choice(_Param):
         return other
 
 
-PARAM_TYPES: Dict[str, Type[_Param]] = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice}
-SpaceParam = Annotated[Union[LogUniform, Uniform, IntRange, Choice], Field(discriminator="type")]
+# dcanets' names, and Optuna's (suggest_float, suggest_int, suggest_categorical) beside them
+PARAM_TYPES: Dict[str, Type[_Param]] = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice,
+                                       "float": Float, "categorical": Choice}
+SpaceParam = Annotated[Union[LogUniform, Uniform, Float, IntRange, Choice], Field(discriminator="type")]
 
 
 # ------------------------------------------------------------------------- the other sections
@@ -216,8 +234,10 @@ class TuneConfigSection(BaseModel):
 
 
 class Resources(_Strict):
-    cpu: Positive = Field(1, description="CPUs per trial")
-    gpu: NonNegative = Field(0, description="GPUs per trial; fractions share a GPU (0.25: 4 trials)")
+    cpu: Positive = Field(1, description="CPUs per trial (per worker of a gang)")
+    gpu: NonNegative = Field(0, description="GPUs per trial (per worker); fractions share a GPU (0.25: 4 trials)")
+    workers: Count = Field(1, description="DDP processes per trial: > 1 makes each trial a Ray Train gang of this "
+                                          "many workers across the nodes; global batch = batch_size x workers")
 
 
 class Tracking(_Strict):
@@ -277,11 +297,6 @@ class SearchFile(Header):
                           "on a shared filesystem or a URI such as s3://bucket/prefix (an S3-compatible server: "
                           "s3://bucket/prefix?endpoint_override=http://host:9000); default: the search folder")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
-
-
-def json_schema() -> Dict[str, Any]:
-    """The JSON Schema of a search file, for editors (``# yaml-language-server: $schema=...``)."""
-    return SearchFile.model_json_schema()
 
 
 # ------------------------------------------------------------------------------- the spec
@@ -553,11 +568,8 @@ def _check_scheduler(raw: Any, train: Dict[str, Any], err: _Problems) -> Optiona
 
 
 def _check_tune_config(raw: Any, err: _Problems) -> Optional[TuneConfigSection]:
-    from ray.tune import TuneConfig
-
     tc = err.parse(TuneConfigSection, raw, "tune_config")
-    known = [f.name for f in dataclasses.fields(TuneConfig)
-             if f.name not in ("search_alg", "scheduler", "trial_name_creator", "trial_dirname_creator")]
+    known = tune_config_arguments()
     for key in _as_dict(raw):
         if key not in known:
             err.add(f"tune_config.{key}", unknown_key(key, known, "not a ray.tune.TuneConfig argument", "known"))
@@ -574,25 +586,19 @@ def check_registries(spec: TuneSpec) -> None:
     import dcanets  # noqa: F401  (registers the plugins' models and decompositions into timm)
 
     err = _Problems()
-    opts = set(timm.optim.list_optimizers())
-    for field, known, ok in (("model", None, timm.is_model), ("opt", opts, lambda n: n.lower().split("_")[-1] in opts)):
+    opts, models = set(map(str, timm.optim.list_optimizers())), set(map(str, timm.list_models()))
+    for field, known, ok in (("model", models, timm.is_model),
+                             ("opt", opts, lambda n: n.lower().split("_")[-1] in opts)):
         if field in spec.train and not ok(spec.train[field]):
-            err.add(f"train.{field}", f"unknown {field} {spec.train[field]!r}" + _near(spec.train[field], known))
+            err.add(f"train.{field}", f"unknown {field} {spec.train[field]!r}" + did_you_mean(spec.train[field], known))
         searched = spec.space.get(field)
         for i, value in enumerate(searched.values if isinstance(searched, Choice) else []):
             if not ok(value):
-                err.add(dotted(("values", i), f"space.{field}"), f"unknown {field} {value!r}" + _near(value, known))
+                err.add(dotted(("values", i), f"space.{field}"),
+                        f"unknown {field} {value!r}" + did_you_mean(value, known))
     err.raise_if_any(spec.path)
 
 
-def _near(name: str, known: Optional[set]) -> str:
-    if known is None:
-        import timm
-
-        known = set(timm.list_models())
-    return did_you_mean(name, known)
-
-
-__all__ = ["Choice", "FailureConfigSection", "IntRange", "LogUniform", "Resources", "Sampler", "Scheduler", "SearchAlg",
-           "SearchFile", "SpaceParam", "Tracking", "TrainSection", "TuneConfigSection", "TuneSpec", "Uniform",
-           "check_registries", "json_schema", "load", "validate"]
+__all__ = ["Choice", "FailureConfigSection", "Float", "IntRange", "LogUniform", "Resources", "Sampler", "Scheduler",
+           "SearchAlg", "SearchFile", "SpaceParam", "Tracking", "TrainSection", "TuneConfigSection", "TuneSpec",
+           "Uniform", "check_registries", "load", "validate"]

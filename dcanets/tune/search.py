@@ -27,7 +27,7 @@ from ray.tune import Callback
 
 from dcanets import _compat
 from dcanets.engine.atomic import DiskFull, no_space
-from dcanets.tune import builders, schema
+from dcanets.tune import builders, gang, schema
 from dcanets.tune import storage as search_storage
 from dcanets.tune.callbacks import Outcomes, ProgressLines, StateCopies, bind_session
 from dcanets.tune.checkpoints import CheckpointKeeper, ray_checkpoint_config
@@ -42,6 +42,7 @@ from dcanets.tune.state import (
 )
 from dcanets.tune.storage import Location
 from dcanets.tune.tracking import SearchTracker, check_uri, choose_uri, flatten, open_store
+from dcanets.tune.watch import LOST_AFTER_S, watch_cluster
 
 
 def create_search_dir(spec: schema.TuneSpec, root: Path, tracking_uri: Optional[str] = None,
@@ -169,6 +170,7 @@ class _Session:
             started_ray = start_ray(address, num_cpus, worker_logs)
         self.stop.install()
         self.timings["ray_init"] = time.perf_counter() - t0
+        watch = watch_cluster(address, lambda gcs: self._lost(str(address), gcs))  # --address: it may go away
         try:
             if self.stop.received:  # a signal while Ray started: stop as before Tune runs (Ray stopped below)
                 raise KeyboardInterrupt
@@ -187,13 +189,30 @@ class _Session:
             raise DiskFull(full) from None
         finally:
             self.stop.deferring = True  # the teardown ends the runs and stops Ray: a first signal waits for it
+            if watch is not None:
+                watch.stop()
             self._end(started_ray)
         return dataclasses.replace(result, timings=dict(self.timings))  # with the teardown's time
+
+    def _lost(self, address: str, gcs: str) -> None:
+        """The joined cluster went away (``dcanets.tune.watch``): the runs end KILLED, one line says
+        so with the resume command, and the driver exits with status 1, as Ray would end it anyway."""
+        import sys
+
+        self.status = "KILLED"
+        try:
+            self._end(started_ray=False)  # no ray.shutdown(): it waits for a cluster that is gone
+        finally:
+            sys.stdout.flush()
+            print(f"dcanets tune: error: the Ray cluster at {address} went away mid-search (its head {gcs} has not "
+                  f"answered for {LOST_AFTER_S:.0f} s); the search is KILLED: continue with  "
+                  f"{self.location.resume_command()}", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _start_tracking(self, store: concurrent.futures.Future) -> None:
         t0 = time.perf_counter()
         store.result()  # a new SQLite store: MLflow's migrations, run while Ray started
-        self.tracker = SearchTracker(self.state)
+        self.tracker = SearchTracker(self.state, train=self.spec.train)
         self.tracker.start(_parent_params(self.spec), self.state.folder / "config.yaml",
                            {"name": self.state.folder.name, "config": str(self.spec.path),
                             "ray_results": self.location.uri})
@@ -205,15 +224,21 @@ class _Session:
         """A new Tuner, or the restored one, with the callbacks it will run bound to this session."""
         from ray import tune
 
-        trainable = tune.with_resources(tune.with_parameters(trial, base=self.spec.train),
-                                        builders.trial_resources(self.spec))
+        if self.spec.resources.workers > 1:  # a Ray Train gang per trial, launched from the trial
+            run = tune.with_parameters(gang.gang_trial, base=self.spec.train,
+                                       gang=gang.gang_config(self.spec, self.location))
+        else:
+            run = tune.with_parameters(trial, base=self.spec.train)
+        trainable = tune.with_resources(run, builders.trial_resources(self.spec))
         if self.resume:
             tuner = tune.Tuner.restore(self.location.path, trainable=trainable, resume_unfinished=True,
                                        storage_filesystem=self.location.ray_filesystem)
             self.live = _compat.tuner_callbacks(tuner)
         else:
             self.live = [c for c in (self.tracker, None if self.quiet else ProgressLines(self.spec), Outcomes(),
-                                     StateCopies() if self.location.shared else None, CheckpointKeeper(self.spec)) if c]
+                                     StateCopies() if self.location.shared else None,
+                                     gang.GangCleanup() if self.spec.resources.workers > 1 else None,
+                                     CheckpointKeeper(self.spec)) if c]
             tuner = _new_tuner(self.spec, self.location, trainable, self.live)
         bind_session(self.live, self.state)
         return tuner
@@ -351,13 +376,16 @@ class _Interruption:
 
 
 def check_resources(resources: schema.Resources, address: Optional[str] = None) -> None:
-    """One ValueError line when no alive Ray node offers what one trial asks for: such a search
-    would wait for resources until its time budget (or forever), never starting a trial."""
+    """One ValueError line when no alive Ray node offers what one trial (or one worker of a gang)
+    asks for, or the cluster cannot place a whole gang: such a search would wait for resources
+    until its time budget (or forever), never starting a trial."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     want = {"cpu": float(resources.cpu), "gpu": float(resources.gpu)}
     if any(all(node.get(k.upper(), 0.0) >= v for k, v in want.items()) for node in nodes):
+        if resources.workers > 1:
+            check_gang(resources, nodes, address)
         return
     lacking = next((k for k, v in want.items() if not any(node.get(k.upper(), 0.0) >= v for node in nodes)), "cpu")
     most = max((node.get(lacking.upper(), 0.0) for node in nodes), default=0.0)
@@ -369,6 +397,23 @@ def check_resources(resources: schema.Resources, address: Optional[str] = None) 
         f"{'s' if want[lacking] != 1 else ''}, but {where} has {len(nodes)} node(s) and {have}; "
         f"lower resources.{lacking}" + (" or pass --address of a cluster that has one" if lacking == "gpu"
                                         else " or join a bigger cluster with --address"))
+
+
+def check_gang(resources: schema.Resources, nodes: List[Dict[str, float]], address: Optional[str]) -> None:
+    """A gang's workers need whole GPUs (NCCL joins no two ranks on one GPU), and the cluster must
+    hold all of them at once (Ray Train places a gang whole or not at all)."""
+    workers, cpu, gpu = int(resources.workers), float(resources.cpu), float(resources.gpu)
+    if 0 < gpu < 1:
+        raise ValueError(f"resources.gpu: the {workers} workers of a gang need a GPU each (NCCL joins no two ranks "
+                         f"on one GPU); use gpu: 1 (or more), not {gpu:g}")
+    fits = sum(min([int(node.get("CPU", 0.0) // cpu)] + ([int(node.get("GPU", 0.0) // gpu)] if gpu else []))
+               for node in nodes)
+    if fits < workers:
+        where = f"the Ray cluster at {address}" if address else "the local Ray"
+        each = f"{cpu:g} CPU" + (f" and {gpu:g} GPU" if gpu else "")
+        raise ValueError(f"resources.workers: each trial is a gang of {workers} workers of {each} each, but {where} "
+                         f"can place at most {fits} at once; lower resources.workers, or join a bigger cluster "
+                         "with --address")
 
 
 def _restorable_trial_ids(location: Location) -> set:
@@ -472,7 +517,8 @@ def _collect(grid, spec: schema.TuneSpec, ended: Optional[Set[str]] = None) -> L
         # sampled config from the Trial itself
         out.append(TrialResult(trial_id=trial_id, status=status, params=res.config or trial.config, history=hist,
                                best=best, node_id=(res.metrics or {}).get("node_id"),
-                               checkpoint=res.checkpoint.path if res.checkpoint else None))
+                               checkpoint=res.checkpoint.path if res.checkpoint else
+                               (res.metrics or {}).get("checkpoint_path")))  # a gang's: Ray Train's storage
     return out
 
 

@@ -10,195 +10,38 @@ same parent run.
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 from dcanets.engine import divergence
 from dcanets.engine.atomic import DiskFull
+from dcanets.engine.tracking import (  # noqa: F401  (re-exported: the store helpers' former home)
+    EXPERIMENT_KIND,
+    absolute_uri,
+    artifact_location,
+    check_uri,
+    choose_uri,
+    default_uri,
+    experiment_id,
+    experiment_url,
+    flatten,
+    log_params,
+    logged_metrics,
+    open_store,
+)
+from dcanets.engine.tracking import client as _client
+from dcanets.engine.tracking import metric_objs as _metric_objs
+from dcanets.tune.builders import short_params, trial_params
 from dcanets.tune.callbacks import SessionCallback
 from dcanets.tune.state import SearchState, TrialRecord
 from dcanets.tune.storage import Location
 from dcanets.tune.writer import Writer
 
-NUMERIC = (int, float)
+METRICS_PER_BATCH = 1000  # MLflow's limit of one log_batch (mlflow.utils.validation.MAX_METRICS_PER_BATCH)
 FAILED_WRITES = "dcanets.failed_writes"  # parent run tag: MLflow writes of the trials that failed
-URI_VARIABLE = "MLFLOW_TRACKING_URI"  # MLflow's own variable: every MLflow client follows it
-
-
-def choose_uri(flag: Optional[str], configured: Optional[str], root: Path) -> Tuple[str, Optional[str]]:
-    """The tracking URI of a new search, and where it came from when that is not in the command or
-    the file (``MLFLOW_TRACKING_URI``, for messages), first given first: ``--tracking-uri``,
-    ``tracking.uri``, ``$MLFLOW_TRACKING_URI``, else SQLite under ``--output``.
-
-    Why the variable: a user of MLflow sets it once for every tool (``mlflow``, ``load_model``);
-    the explicit choices of the command and of the file still come before it.
-    """
-    if flag or configured:
-        return absolute_uri(str(flag or configured)), None
-    variable = os.environ.get(URI_VARIABLE, "").strip()
-    if variable:
-        return absolute_uri(variable), URI_VARIABLE
-    return default_uri(root), None
-
-
-def default_uri(root: Path) -> str:
-    """SQLite under the output folder (MLflow 3 refuses the old ./mlruns file store). Absolute,
-    because Tune changes each trial's working directory."""
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
-def absolute_uri(uri: str) -> str:
-    """``sqlite:///relative.db`` -> absolute; servers and other schemes pass through."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    if "://" not in uri:  # a bare path to a .db file
-        return prefix + str(Path(uri).resolve())
-    return uri
-
-
-def artifact_location(uri: str) -> Optional[str]:
-    """Artifacts of a SQLite store go beside the database; MLflow's default would be ``./mlruns``
-    under whatever directory the search was started from. Servers choose their own."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
-    return None
-
-
-def _client(uri: str):
-    import logging
-
-    from mlflow.tracking import MlflowClient
-
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new store
-    return MlflowClient(tracking_uri=uri)
-
-
-def check_uri(uri: str, origin: Optional[str] = None) -> None:
-    """One ValueError line when the MLflow store at ``uri`` cannot be used, before any Ray start;
-    ``origin`` (``MLFLOW_TRACKING_URI``) is named in it, as the user may not see the URI anywhere.
-
-    A SQLite file that does not exist yet is checked by its folder only: creating it runs MLflow's
-    schema migrations (2-7 s on 2 cores), which :func:`open_store` does while Ray starts.
-    """
-    name = _named(uri, origin)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        path = Path(uri[len(prefix):])
-        if not path.parent.is_dir():
-            raise ValueError(f"{name}: folder {path.parent} does not exist (create it, or give another "
-                             "--tracking-uri / tracking.uri)")
-        if not os.access(path.parent, os.W_OK):
-            raise ValueError(f"{name}: folder {path.parent} is not writable (give another --tracking-uri "
-                             "/ tracking.uri, or --output a writable folder)")
-        if not path.exists():
-            return
-    with _one_try():
-        open_store(uri, origin)
-
-
-def open_store(uri: str, origin: Optional[str] = None) -> None:
-    """Reach the MLflow store at ``uri`` (a SQLite file that does not exist yet is created); one
-    ValueError line when MLflow cannot use it.
-
-    A SQLite store is opened under a lock beside it (``mlflow.db.lock``): MLflow creates the
-    tables of a new file without one, and two searches started at once on a fresh ``--output``
-    both ran the migrations, one failing ("table tags already exists", "Circular dependency
-    detected"). The second now waits for the first's migrations, then finds the tables made.
-    """
-    with _creation_lock(uri, origin):
-        try:
-            _client(uri).search_experiments(max_results=1)
-        except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
-            raise ValueError(f"{_named(uri, origin)}: {_problem(uri, exc)}") from None
-
-
-STORE_LOCK_WAIT_S = 600.0  # MLflow's migrations of a new store take seconds; minutes on a loaded machine
-
-
-@contextlib.contextmanager
-def _creation_lock(uri: str, origin: Optional[str]) -> Iterator[None]:
-    """An exclusive lock on ``<store>.lock`` for a SQLite store; nothing for a server."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        yield
-        return
-    from dcanets.engine.rundir import FolderLock
-
-    path = Path(uri[len(prefix):])
-    lock = FolderLock(path.with_name(path.name + ".lock"))
-    try:
-        acquired = lock.acquire(wait=STORE_LOCK_WAIT_S)
-    except OSError as exc:
-        raise ValueError(f"{_named(uri, origin)}: cannot lock it for its creation ({exc.strerror or exc})") from None
-    if not acquired:
-        raise ValueError(f"{_named(uri, origin)}: {lock.holder()} has held it for {STORE_LOCK_WAIT_S:.0f} s while "
-                         "creating it; stop that process or give another --tracking-uri")
-    try:
-        lock.record_holder()
-        yield
-    finally:
-        lock.release()
-
-
-def _named(uri: str, origin: Optional[str]) -> str:
-    return f"tracking uri {uri}" + (f" (from {origin})" if origin else "")
-
-
-# urllib3's "[Errno 111] Connection refused", "[Errno -2] Name or service not known", ...
-_CONNECTION_ERROR = re.compile(r"\[Errno -?\d+\] ([^\"')(]+)")
-
-
-def _problem(uri: str, exc: Exception) -> str:
-    """The first line of MLflow's error; for a server that cannot be reached, what to do instead
-    of the chain of urllib3 exceptions MLflow reports."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    refused = _CONNECTION_ERROR.search(lines[0]) if lines and uri.startswith(("http://", "https://")) else None
-    if refused:
-        return (f"no MLflow server answers there ({refused.group(1).strip()}); start it (mlflow server ...) or "
-                "give another --tracking-uri / tracking.uri")
-    return f"MLflow cannot use it: {(lines[0] if lines else type(exc).__name__)[:300]}"
-
-
-@contextlib.contextmanager
-def _one_try() -> Iterator[None]:
-    """MLflow's HTTP client retries a failed request 7 times with growing pauses: a server that is
-    down took about 4 minutes to be reported. The check asks once, with a 10 s timeout (MLflow's
-    documented variables, set only for the check); the search keeps MLflow's retries."""
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# What the experiment holds, in MLflow's words: the tag and value MLflow's UI itself writes when a
-# user marks an experiment "Machine learning" (as opposed to "GenAI apps & agents"), and reads to
-# open it on its training runs instead of the GenAI overview while its workflow switch is off.
-# MLflow 3.17's UI has the switch on: the view then follows the URL's ?workflowType=... (else the
-# last choice, kept in the browser; GenAI at first), hence the link of `experiment_url`.
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 BEST_MODEL = "best_model"  # artifact folder of the parent run: the best trial's final weights
-
-
-def experiment_url(uri: str, experiment_id: Optional[str]) -> Optional[str]:
-    """The link that opens the experiment on its runs in a tracking server's UI (MLflow 3.17 opens
-    an experiment on its GenAI views unless the link says ``workflowType=machine_learning``);
-    None for a store without a UI address (SQLite: ``mlflow ui`` chooses the port)."""
-    if not experiment_id or not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 class SearchTracker(SessionCallback):
@@ -214,8 +57,9 @@ class SearchTracker(SessionCallback):
     ``tuner.pkl``, bound to this session by :meth:`bind`).
     """
 
-    def __init__(self, state: SearchState) -> None:
+    def __init__(self, state: SearchState, train: Optional[Dict[str, Any]] = None) -> None:
         self.state = state
+        self.train = train  # the fixed train fields: each trial's run gets its whole TrainConfig
         self.uri, self.experiment = state.tracking_uri, state.experiment
         self._connect()
 
@@ -241,11 +85,7 @@ class SearchTracker(SessionCallback):
 
     # -- parent run -------------------------------------------------------------------------
     def start(self, params: Dict[str, Any], config_path: Path, tags: Dict[str, str]) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.experiment, artifact_location=artifact_location(self.uri))
-        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:  # a kind set by the user is kept
-            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        exp_id = experiment_id(self.client, self.uri, self.experiment)
         parent_id = self.parent_id
         if parent_id:  # resumed search: same parent run, running again
             self.client.update_run(parent_id, status="RUNNING")
@@ -303,7 +143,9 @@ class SearchTracker(SessionCallback):
         """The search's outcome on the parent run (best value, best trial, best.yaml, curves)."""
         if not self.parent_id:
             return
-        self.client.log_batch(self.parent_id, metrics=_metric_objs(metrics, 0))
+        objs = _metric_objs(metrics, 0)
+        for i in range(0, len(objs), METRICS_PER_BATCH):  # one per trial: thousands in a large search
+            self.client.log_batch(self.parent_id, metrics=objs[i:i + METRICS_PER_BATCH])
         for k, v in tags.items():
             self.client.set_tag(self.parent_id, k, v)
         for path in artifacts:
@@ -349,11 +191,11 @@ class SearchTracker(SessionCallback):
             self.client.update_run(record.run_id, status="RUNNING")
             return
         run = self.client.create_run(self.state.experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": self.parent_id, "trial_id": trial_id})
+            "mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "sampled": short_params(params)})
         with _disk_full_stops_the_search(self.state):
             self.state.add_trial(trial_id, run.info.run_id)
         self.state.share()  # with a storage: the run id there too, for a resume from the storage alone
-        self._log_params(run.info.run_id, params)
+        self._log_params(run.info.run_id, trial_params(getattr(self, "train", None) or {}, params))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -412,58 +254,20 @@ class SearchTracker(SessionCallback):
             self.client.set_terminated(run_id, "KILLED")
 
     def _log_params(self, run_id: str, params: Dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
-
-
-_LOGGED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s",
-           "data_seconds", "fidelity_cos", "fidelity_sgd_cos",
-           "val_acc5", "val_loss_ema", "val_acc_ema", "val_acc5_ema")  # top-5 and model_ema (engine/recipe.py)
-_LOGGED_PREFIXES = ("fidelity_cos_",)  # the per-stage direction fidelity (TrainConfig.fidelity_every)
-
-
-def logged_metrics(result: Dict[str, Any]) -> Dict[str, float]:
-    """The numeric metrics of a trial's result that go to MLflow: the fixed ``_LOGGED`` names and
-    the per-stage ``fidelity_cos_<stage>`` ones (``train: {fidelity_every: N}``); bools and
-    non-numbers (the ``fidelity`` list) are left out."""
-    return {k: float(v) for k, v in result.items()
-            if isinstance(v, NUMERIC) and not isinstance(v, bool) and (k in _LOGGED or k.startswith(_LOGGED_PREFIXES))}
+        log_params(self.client, run_id, params)
 
 
 def _node_tag(record: TrialRecord, result: Dict[str, Any]) -> List[Any]:
     """The ``node_id`` tag when a trial reports from a node it was not on before (its first result,
-    or a retry elsewhere): one write per node, not one per epoch."""
+    or a retry elsewhere): one write per node, not one per epoch. With it, ``world_size`` (the
+    trial's processes) and, for a gang (dcanets.tune.gang), ``nodes``: every node of its workers."""
     from mlflow.entities import RunTag
 
     node = result.get("node_id")
     if not node or node == record.node_id:
         return []
     record.node_id = str(node)
-    return [RunTag("node_id", str(node))]
-
-
-def _metric_objs(metrics: Dict[str, float], step: int):
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, v, now, step) for k, v in metrics.items()]
-
-
-def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """Nested mappings as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``): MLflow params."""
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    return [RunTag("node_id", str(node))] + [RunTag(k, str(result[k])) for k in ("world_size", "nodes") if k in result]
 
 
 @contextlib.contextmanager

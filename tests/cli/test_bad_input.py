@@ -75,7 +75,7 @@ CASES: List[tuple] = [
     # ---- the top-level command
     ("no-command", [], 2, r"^dcanets: error: the following arguments are required: COMMAND"),
     ("unknown-command", ["trian"], 2, r"invalid choice: 'trian'"),
-    ("unknown-option", ["models", "a", "b"], 2, r"unrecognized arguments: b"),
+    ("unknown-option", ["models", "a", "b"], 2, r"unrecognized argument: b"),
     # ---- train: wrong type, out of range, for every kind of flag
     ("lr-text", ["train", "--lr", "abc"], 2, r"^dcanets train: error: lr: must be a number, got 'abc'"),
     ("lr-zero", ["train", "--lr", "0"], 2, r"lr: must be > 0"),
@@ -97,7 +97,12 @@ CASES: List[tuple] = [
     ("sched-unknown", ["train", "--sched", "linear"], 2, r"argument --sched: invalid choice: 'linear'"),
     ("amp-dtype-unknown", ["train", "--amp-dtype", "fp8"], 2, r"argument --amp-dtype: invalid choice: 'fp8'"),
     ("bool-flag-with-value", ["train", "--amp=yes"], 2, r"argument --amp/--no-amp: ignored explicit argument 'yes'"),
-    ("unknown-train-flag", ["train", "--learning-rate", "0.1"], 2, r"unrecognized arguments: --learning-rate"),
+    ("unknown-train-flag", ["train", "--learning-rate", "0.1"], 2, r"unrecognized argument: --learning-rate"),
+    ("misspelt-train-flag", ["train", "--smothing", "0.1", "--moel", "x"], 2,
+     r"dcanets train: error: unrecognized arguments: --smothing \(did you mean: --smoothing, --label-smoothing.*\), "
+     r"--moel \(did you mean: --model"),
+    ("misspelt-tune-flag", ["tune", "--adress", "auto"], 2,
+     r"unrecognized argument: --adress \(did you mean: --address"),
     # ---- train: kwargs flags
     ("opt-kwargs-no-value", ["train", "--opt-kwargs", "rho"], 2, r"argument --opt-kwargs: bad key=value item 'rho'"),
     ("opt-kwargs-bad-json", ["train", "--opt-kwargs", "{rho: 1"], 2, r"argument --opt-kwargs: bad JSON"),

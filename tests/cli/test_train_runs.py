@@ -133,12 +133,18 @@ def test_every_field_outside_may_change_is_compared():
 
     saved = TrainConfig(data="digits").to_dict()
     assert set(MAY_CHANGE) < set(TrainConfig.model_fields)
-    changed = {"lr": 0.1, "opt": "adamw", "batch_size": 64, "split_seed": 3, "val_limit": 5, "augment": True,
+    changed = {"lr": 0.1, "opt": "adamw", "split_seed": 3, "val_limit": 5, "augment": True,
                "label_smoothing": 0.1, "sched": "step", "model_kwargs": {"shortcut_type": "pad"}}
     for key, value in changed.items():
         assert [d[0] for d in differences(saved, TrainConfig(data="digits", **{key: value}))] == [key]
     for key, value in {"epochs": 20, "device": "cpu", "amp": False, "compile": True, "output": "x"}.items():
         assert differences(saved, TrainConfig(data="digits", **{key: value})) == []
+    # batch_size is per process: it may change only with the global batch (batch_size x processes) kept
+    from dcanets.engine.resume import check_batch
+
+    check_batch(saved, 2, TrainConfig(data="digits", batch_size=2 * saved["batch_size"]), 1, "ckpt")
+    with pytest.raises(ValueError, match="global batch of 128 .*now 64"):
+        check_batch(saved, 1, TrainConfig(data="digits", batch_size=64), 1, "ckpt")
     old = {k: v for k, v in saved.items() if k != "label_smoothing"}  # a checkpoint of an older dcanets
     assert differences(old, TrainConfig(data="digits")) == []
     assert differences(old, TrainConfig(data="digits", label_smoothing=0.1)) == [("label_smoothing", 0.0, 0.1)]

@@ -79,10 +79,12 @@ def test_every_field_is_a_flag_with_its_description(capsys):
     for name, info in TrainConfig.model_fields.items():
         assert info.description, f"{name} has no description"
         flag = "--" + name.replace("_", "-")
-        assert re.search(rf"{re.escape(flag)}(,? \S+)? {re.escape(info.description)}", text), flag
+        # `--flag X`, `--flag K=V [K=V ...]` (lists), `--flag, --no-flag`, then timm's aliases (`, -b N`)
+        shape = r"(,? \S+)?( \[\S+ \.\.\.\])?(, -[-\w]+( \S+)?)*"
+        assert re.search(rf"{re.escape(flag)}{shape} {re.escape(info.description)}", text), flag
     assert "--lr X peak learning rate (default: 0.05)" in text
     assert "--sched {cosine,tanh,step,multistep,plateau,poly,constant,none} lr schedule" in text
-    assert "--decay-milestones X,Y,... multistep" in text
+    assert "--decay-milestones X [X ...] multistep" in text
     assert text.endswith("--output TEXT directory for last.pt and metrics.json "
                          "(dcanets train: runs/train/<model>-<time> if unset)")  # a None default is not shown
 

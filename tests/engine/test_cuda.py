@@ -142,3 +142,28 @@ def test_recipe_under_fp16_amp_clips_the_unscaled_gradient():
     assert norms and all(n <= 0.5 * (1 + 1e-3) for n in norms), norms
     assert any(not torch.equal(e, m) for e, m in zip(run.recipe.ema.module.state_dict().values(),
                                                       run.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("opt", ["sgd", "dcacounter"])
+def test_one_gpu_nccl_group_trains_through_ddp_as_the_single_process_run(tmp_path, opt):
+    """A one-rank NCCL process group (what each rank of ``--nproc N`` on N GPUs has): the model runs
+    wrapped in DistributedDataParallel, the decomposition's collectives (eq. 17's c) go through NCCL
+    on the GPU, rank 0 writes; the numbers are those of the run without a group."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dcanets.engine import loop
+
+    cfg = tiny(opt=opt, opt_kwargs={"beta_policy": "clamp"} if opt != "sgd" else {}, epochs=1, amp=False,
+               device="cuda", model="cifar_plainnet20")
+    alone = train(cfg)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        run = loop._Run(cfg, progress=False)
+        assert isinstance(run.parallel, DistributedDataParallel) and dist.get_backend() == "nccl"
+        grouped = train(cfg.model_copy(update={"output": str(tmp_path / "run")}))
+    finally:
+        dist.destroy_process_group()
+    assert grouped["world_size"] == 1 and grouped["device"].startswith("cuda")
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert grouped["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-3)

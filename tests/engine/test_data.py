@@ -11,8 +11,8 @@ from dcanets.engine import data
 def _cache(tmp_path, monkeypatch):
     """Every test gets its own empty disk and memory cache."""
     monkeypatch.setenv("DCANETS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_MEMORY", {})
-    monkeypatch.setattr(data, "_READERS", {})
+    monkeypatch.setattr(data.cache, "_MEMORY", {})
+    monkeypatch.setattr(data.layout, "_READERS", {})
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_second_load_hits_the_cache(tmp_path, small, monkeypatch):
     files = list((tmp_path / "cache").glob("*.pt"))
     assert len(files) == 1
     data.forget_decoded()  # a new process: only the disk cache is left
-    monkeypatch.setattr(data, "_image_folder", lambda *a, **k: pytest.fail("decoded twice"))
+    monkeypatch.setattr(data.cached, "decode_part", lambda *a, **k: pytest.fail("decoded twice"))
     second = data.load(path, progress=False)
     assert second.from_cache and torch.equal(first.images, second.images)
     part = data.load(path, indices=[3, 1], progress=False)  # a subset is sliced from the full cache

@@ -222,17 +222,21 @@ def test_measured_kappa_is_refreshed_every_rho_every_steps_in_the_plain_loop():
 
 
 @pytest.mark.parametrize("kwargs, what", [({"rho": "auto"}, "rho='auto'"), ({"rho": 0.5}, "kappa")])
-def test_a_step_without_the_batch_is_a_one_line_error_naming_the_remedy(kwargs, what):
+def test_a_step_whose_batch_cannot_be_read_off_is_a_one_line_error_naming_the_remedy(kwargs, what):
+    """Without remember_batch the step reads the batch off the loop's forward and backward
+    (dcanets.optim.batches), which only a softmax cross-entropy allows: an MSE on one-hot targets
+    (rows of its output gradient do not sum to 0) is refused in one line that names the remedy."""
     model, (x, y) = Net(), batch()
     opt = timm.optim.create_optimizer_v2(model, "dcacounter", lr=0.1, **kwargs)
     prepare(opt, model)
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    with pytest.raises(RuntimeError, match=f"{what}.* is measured on the current batch .*remember_batch"
-                                           r"\(optimizer, inputs, targets") as err:
+    onehot = F.one_hot(y, 3).float()
+    F.mse_loss(model(x), onehot).backward()
+    with pytest.raises(RuntimeError, match=f"{what}.* is measured on the current batch .*softmax cross-entropy"
+                                           r".*remember_batch\(optimizer, inputs, targets") as err:
         opt.step()
     assert "\n" not in str(err.value)
-    remember_batch(opt, x, y)
+    remember_batch(opt, x, onehot, F.mse_loss)
     opt.step()                                               # the batch was all it needed
     remember_batch(torch.optim.SGD(model.parameters(), lr=0.1), x, y)       # a no-op for others
 

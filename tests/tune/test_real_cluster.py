@@ -289,3 +289,92 @@ def test_worker_node_dies_mid_trial_without_retries(
     check_mlflow(search.exp_dir, list(trials.values()))
     print(f"trial {lost}: ERROR after {trials[lost]['epochs']} epoch(s) on the lost worker; {failed[0].strip()}; "
           f"{warning[0]}")
+
+
+# ------------------------------------------------------------------------------------------ gangs
+# resources: {workers: 2, cpu: 1} on two nodes of 1 CPU: each trial is a Ray Train gang of 2 DDP
+# ranks, which only fits with one worker on each node, and only one gang fits at a time: the
+# second trial's gang waits for the first (its driver holds no CPU: dcanets.tune.gang).
+GANG = {"resources": {"workers": 2, "cpu": 1}}
+
+
+def gang_runs(exp_dir: Path) -> List[Any]:
+    from mlflow.tracking import MlflowClient
+
+    state = json.loads((exp_dir / "search.json").read_text())
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    return client.search_runs([state["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
+
+
+def test_a_gang_trial_spans_both_nodes_and_gangs_queue(cluster: RayCluster, stores: Dict[str, Any], s3: S3,
+                                                      tmp_path: Path) -> None:
+    head, worker = cluster.nodes
+    cfg = search_yaml(tmp_path, **stores, **GANG)
+    search = run_search(cluster, cfg, tmp_path / "out")
+
+    assert search.returncode == 0, search.stderr[-3000:]
+    trials = read_trials(search.exp_dir)
+    assert [(t["status"], t["epochs"]) for t in trials] == [("TERMINATED", "2"), ("TERMINATED", "2")]
+    check_mlflow(search.exp_dir, trials)
+    both = ",".join(sorted([head.node_id(), worker.node_id()]))
+    assert {(r.data.tags["world_size"], r.data.tags["nodes"]) for r in gang_runs(search.exp_dir)} == {("2", both)}
+    # one gang at a time: the second trial's first epoch comes after the first trial is done
+    done = [i for i, line in enumerate(search.lines) if line.endswith("] done")]
+    starts = {trial_of(line): i for i, line in reversed(list(enumerate(search.lines))) if "] epoch 1/" in line}
+    assert len(done) == 2 and sorted(starts.values())[1] > done[0], search.lines
+    stored = s3.keys(f"{stores['storage'].split('?')[0]}/{search.exp_dir.name}")
+    for t in trials:  # rank 0's last.pt, kept by Ray Train in the search's storage
+        assert any(k.startswith(f"gangs/{t['trial_id']}/checkpoint_") and k.endswith("last.pt") for k in stored), stored
+
+
+def train_workers(node: Any) -> List[int]:
+    """The Ray Train worker processes of a node (Ray titles them ``ray::RayTrainWorker...``)."""
+    return [pid for pid in node.pids() if _cmdline_of(pid).startswith("ray::RayTrainWorker")]
+
+
+def _cmdline_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def test_a_killed_gang_worker_restarts_the_gang_from_its_last_checkpoint(
+        cluster: RayCluster, stores: Dict[str, Any], s3: S3, tmp_path: Path) -> None:
+    """``failure_config: {max_failures: 1}``: the worker on the worker node is killed once its trial
+    has reported epoch 2; Ray Train restarts the gang (new processes, on both nodes again) from the
+    last checkpoint, and the trial completes every epoch, in its one MLflow run."""
+    worker = cluster.nodes[1]
+    cfg = search_yaml(tmp_path, **stores, epochs=EPOCHS, limit=1797, failure_config={"max_failures": 1},
+                      tune_config={"num_samples": 1, "reuse_actors": False}, **GANG)
+    killed: List[int] = []
+
+    def on_line(line: str) -> None:
+        if not killed and f" epoch {KILL_AFTER}/" in line:
+            victims = train_workers(worker)
+            assert len(victims) == 1, victims
+            os.kill(victims[0], signal.SIGKILL)
+            killed.append(victims[0])
+
+    search = run_search(cluster, cfg, tmp_path / "out", on_line)
+    assert search.returncode == 0 and killed, search.stderr[-3000:]
+    assert not any("FAILED" in line or " failed (" in line for line in search.lines)  # Ray Train retried, not Tune
+    trials = read_trials(search.exp_dir)
+    assert [(t["status"], t["epochs"]) for t in trials] == [("TERMINATED", str(EPOCHS))]
+    # the trial's results as Tune stored them, with the gang's processes: new ones after the kill
+    uri = f"{stores['storage'].split('?')[0]}/{search.exp_dir.name}"
+    found = [k for k in s3.keys(uri) if k.endswith("/result.json") and trials[0]["trial_id"] in k]
+    results = [json.loads(line) for line in s3.read(stores["storage"].replace("?", f"/{search.exp_dir.name}?", 1),
+                                                   found[0]).splitlines()]
+    pids, epochs = [r["worker_pids"] for r in results], [r["epoch"] for r in results]
+    restart = next(i for i in range(1, len(pids)) if pids[i] != pids[0])
+    before, after = epochs[:restart], epochs[restart:]
+    assert len(set(pids[restart:])) == 1 and str(killed[0]) in pids[0].split(",")
+    assert set(pids[0].split(",")).isdisjoint(pids[-1].split(","))  # a whole new gang
+    assert [r["nodes"] for r in results] == [results[0]["nodes"]] * len(results) and "," in results[0]["nodes"]
+    assert before == list(range(1, before[-1] + 1)) and KILL_AFTER <= before[-1], epochs
+    assert after == list(range(after[0], EPOCHS + 1)) and KILL_AFTER < after[0] <= before[-1] + 1, epochs
+    check_mlflow(search.exp_dir, trials, steps={trials[0]["trial_id"]: sorted(epochs)})
+    assert not train_workers(worker)  # the gang ended with the trial
+    print(f"gang worker {killed[0]} killed after epoch {KILL_AFTER}: epochs {before}, then {after} after the restart")

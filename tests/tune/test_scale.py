@@ -212,3 +212,19 @@ def test_a_gang_trials_reported_checkpoint_is_ranked_and_deleted_like_the_others
     keeper.get_state()  # Tune's last snapshot, as Tuner.fit ends
     keeper.purge()
     assert paths["a"].exists() and not paths["b"].exists()
+
+
+def test_the_search_summary_of_thousands_of_trials_reaches_the_parent_run(tmp_path, write_config):
+    """One metric per trial on the parent run: more than one MLflow batch (1,000) holds."""
+    from test_callbacks import make_search
+    from tune_files import runs_of
+
+    from dcanets.tune.tracking import SearchTracker
+
+    _, state = make_search(tmp_path, "s", write_config, tracking=True)
+    tracker = SearchTracker(state)
+    tracker.start({"train.lr": 0.1}, state.folder / "config.yaml", {"name": state.folder.name})
+    tracker.summarize({f"val_acc/t{i}": i / 2500 for i in range(2500)}, {}, [])
+    tracker.close("FINISHED")
+    _, (parent,), _ = runs_of(state.tracking_uri)
+    assert len(parent.data.metrics) == 2500 and parent.data.metrics["val_acc/t2499"] == 2499 / 2500

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dcanets.cli import main
-from dcanets.tune import builders, schema
+from dcanets.tune import builders, editor_schema, schema
 
 
 def problems(path: Path) -> str:
@@ -58,7 +58,7 @@ def test_every_problem_is_reported_with_its_yaml_path(tmp_path):
     for line in expected:
         assert line in msg, f"missing {line!r} in:\n{msg}"
     assert "15 problem(s)" in msg
-    assert "train.modle: not a TrainConfig field; did you mean: model;" in msg
+    assert "train.modle: not a TrainConfig field; did you mean: model" in msg  # (and remode, timm's name)
     assert "scheduler.grace_perod: not an argument of ASHAScheduler; did you mean: grace_period;" in msg
     assert "resources.gpus: unknown key; did you mean: gpu; allowed: cpu, gpu" in msg
     assert "got 'opt_kwargs.lam'; it is declared below: move it above" in msg
@@ -88,7 +88,7 @@ def test_shipped_configs_validate_and_match_the_json_schema():
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert {"quickstart.yaml", "negnet_vs_resnet_cifar10.yaml", "dca_rho_lambda.yaml",
             "double_resnet_mnist.yaml"} <= set(names)
-    validator = jsonschema.Draft202012Validator(schema.json_schema())
+    validator = jsonschema.Draft202012Validator(editor_schema.json_schema())
     for name in names:
         assert not [e.message for e in validator.iter_errors(yaml.safe_load((root / name).read_text()))], name
         try:
@@ -152,6 +152,27 @@ def test_sampled_bounds_and_choices_are_checked_as_train_config_values(tmp_path,
     assert "space.amp_dtype.values[1]: must be one of 'auto', 'bfloat16' or 'float16', got 'fp8'" in msg
     assert "space.warmup_epochs.high: must be < epochs (2), got 3" in msg
     assert "3 problem(s)" in msg  # a scaled parameter samples a factor: its bounds are not rho's
+
+
+def test_optunas_type_names_sample_as_optuna_would(tmp_path, write_config):
+    """``float`` (``log: true``), ``int`` and ``categorical``: Optuna's suggest_* names, beside dcanets' own."""
+    import optuna
+
+    space = {"lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+             "momentum": {"type": "float", "low": 0.5, "high": 0.9},
+             "batch_size": {"type": "int", "low": 16, "high": 64, "step": 16},
+             "model": {"type": "categorical", "values": ["cifar_resnet20", "cifar_negnet20"]}}
+    spec = schema.load(write_config(tmp_path, space=space, train={"batch_size": None, "model": None}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    values = builders.DefineByRun(builders.plain_space(spec.space))(trial)
+    dists = trial.distributions
+    assert isinstance(dists["lr"], optuna.distributions.FloatDistribution) and dists["lr"].log
+    assert not dists["momentum"].log and 0.5 <= values["momentum"] <= 0.9
+    assert isinstance(dists["batch_size"], optuna.distributions.IntDistribution) and values["batch_size"] % 16 == 0
+    assert isinstance(dists["model"], optuna.distributions.CategoricalDistribution)
+    msg = problems(write_config(tmp_path, space={"lr": {"type": "float", "low": 0, "high": 0.2, "log": True}}))
+    assert "space.lr.log: log: true needs low > 0, got low 0" in msg
 
 
 def test_space_parameters_are_typed_and_their_names_suggested(tmp_path, write_config):
@@ -228,10 +249,42 @@ def test_schema_flag_prints_the_json_schema_without_a_config(capsys):
     assert defs["TrainSection"]["properties"]["lr"]["exclusiveMinimum"] == 0
     assert "description" in defs["TrainSection"]["properties"]["warmup_epochs"]
     assert set(schema["properties"]["space"]["additionalProperties"]["discriminator"]["mapping"]) == {
-        "loguniform", "uniform", "int", "choice"}
+        "loguniform", "uniform", "int", "choice", "float", "categorical"}
     validator = jsonschema.Draft202012Validator(schema)
     bad = {"train": {"epochs": 0, "lrr": 1}, "space": {"lr": {"type": "gaussian"}}}
     assert len(list(validator.iter_errors(bad))) == 3
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "tune_configs"
+MODELINE = "# yaml-language-server: $schema=./tune.schema.json"
+
+
+def test_the_shipped_schema_is_what_the_command_prints_and_every_shipped_yaml_points_at_it(capsys):
+    """Regenerate with `dcanets tune --schema > tune_configs/tune.schema.json` when this fails after
+    a change of the models or of the installed timm, Ray or Optuna."""
+    assert main(["tune", "--schema"]) == 0
+    assert capsys.readouterr().out == (SHIPPED / "tune.schema.json").read_text()
+    for path in sorted(SHIPPED.glob("*.yaml")):
+        assert path.read_text().splitlines()[0] == MODELINE, path.name
+
+
+@pytest.mark.parametrize("typo, where", [
+    ({"tune_config": {"num_sample": 4}}, "num_sample"),
+    ({"scheduler": {"type": "ASHAScheduler", "grace_peroid": 1}}, "grace_peroid"),
+    ({"train": {"epochs": 2, "opt": "sgdd"}}, "sgdd"),
+])
+def test_an_editor_flags_the_typos_the_command_catches(typo, where):
+    """jsonschema (what editors run) against the shipped file: each typo is an error naming it,
+    and the same file without it is valid."""
+    shipped = json.loads((SHIPPED / "tune.schema.json").read_text())
+    assert shipped["$schema"] == "https://json-schema.org/draft/2020-12/schema" and shipped["$id"]
+    validator = jsonschema.Draft202012Validator(shipped)
+    good = {"train": {"epochs": 2, "opt": "lookahead_dcacounter"}, "space": {"lr": {"type": "float", "low": 0.01,
+                                                                                    "high": 0.1}},
+            "scheduler": {"type": "ASHAScheduler", "grace_period": 1}, "tune_config": {"num_samples": 4}}
+    assert not list(validator.iter_errors(good))
+    errors = [e.message for e in validator.iter_errors({**good, **typo})]
+    assert len(errors) == 1 and where in errors[0], errors
 
 
 def test_tuner_pkl_of_a_search_started_before_the_builders_module_still_loads():

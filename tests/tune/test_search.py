@@ -70,6 +70,17 @@ def search_end_to_end(tmp_path, capsys, monkeypatch, write_config, server: Optio
     for c in children:
         p = c.data.params
         assert float(p["weight_decay"]) == pytest.approx(float(p["weight_decay:fraction"]) * float(p["lr"]))
+    # every trial run holds its whole TrainConfig (fixed, sampled, defaults), so params filter trials
+    fields = set(TrainConfig.model_fields) - {"output", "opt_kwargs", "model_kwargs"}
+    assert all(fields <= set(c.data.params) and c.data.params["epochs"] == "2" for c in children)
+    found = client.search_runs([parents[0].info.experiment_id],
+                               "params.model = 'cifar_resnet20' and params.opt = 'sgd'")
+    assert {r.info.run_id for r in found} == {c.info.run_id for c in children}
+    assert all("model_kwargs.shortcut_type=" in c.data.tags["sampled"] for c in children)
+    # the parent charts every trial's metric, and the console says how to open a SQLite store
+    assert {f"val_acc/{c.data.tags['trial_id']}" for c in ok} <= set(parents[0].data.metrics)
+    assert ("MLflow UI: mlflow ui --backend-store-uri" in out) is (server is None)
+    assert "View experiment at" not in out and "View run" not in out
     history = client.get_metric_history(ok[0].info.run_id, "val_acc")
     assert [m.step for m in history][0] == 1  # per-epoch metrics, step = epoch
     assert "best_val_acc" in parents[0].data.metrics
