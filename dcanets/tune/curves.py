@@ -47,7 +47,7 @@ def plot_curves(trials: Sequence[TrialResult], spec: schema.TuneSpec, path: Path
     title = f"{spec.name}: {len(trials)} trials"
     axes[0].set_title(title + (f", the best {len(lines)} as lines" if rest else ""), fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
-    if handles:  # each line named by its id, best value and sampled values, below the plots
+    if handles:  # each line named by its id and sampled values, below the plots
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -95,8 +95,7 @@ def _density(ax: Any, epochs: List[float], values: List[float], log: bool, label
 
 
 def _label(t: TrialResult) -> str:
-    params = short_params(t.params)
-    return f"{t.trial_id} {t.best:.4g} {params}"[:90] if is_finite(t.best) else f"{t.trial_id} {params}"[:90]
+    return f"{t.trial_id} {short_params(t.params)}"[:90]
 
 
 def _loss_axis(ax: Any, values: List[Any]) -> bool:

@@ -40,6 +40,7 @@ from dcanets.tune.storage import Location
 from dcanets.tune.writer import Writer
 
 METRICS_PER_BATCH = 1000  # MLflow's limit of one log_batch (mlflow.utils.validation.MAX_METRICS_PER_BATCH)
+WHERE = ("node_id", "world_size", "nodes", "checkpoint_path")  # of a result, for its run's tags (_node_tag)
 FAILED_WRITES = "dcanets.failed_writes"  # parent run tag: MLflow writes of the trials that failed
 BEST_MODEL = "best_model"  # artifact folder of the parent run: the best trial's final weights
 
@@ -200,7 +201,7 @@ class SearchTracker(SessionCallback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         self.writer.submit(f"epoch {step} of trial {trial.trial_id}", self._log_result, trial.trial_id, step,
-                           logged_metrics(result), {k: result.get(k) for k in ("node_id", "checkpoint_path")})
+                           logged_metrics(result), {k: result[k] for k in WHERE if k in result})
 
     def _log_result(self, trial_id: str, step: int, metrics: Dict[str, float], where: Dict[str, Any]) -> None:
         record = self.state.trials.get(trial_id)
