@@ -388,7 +388,7 @@ def validate(doc: Dict[str, Any], path: Path, base: Optional[Path] = None) -> Tu
     resources = err.parse(Resources, doc.get("resources"), "resources")
     tracking = err.parse(Tracking, doc.get("tracking"), "tracking")
     failure = err.parse(FailureConfigSection, doc.get("failure_config"), "failure_config")
-    storage = _check_storage(doc.get("storage"), base or path.parent, err)
+    storage = search_storage.parse_into(doc.get("storage"), base or path.parent, err)
     checkpoints = err.parse(Checkpoints, doc.get("checkpoints"), "checkpoints")
     err.raise_if_any(path)  # each None above recorded a problem, raised just now
     assert header and search_alg and scheduler and tune_config and resources and tracking and failure and checkpoints
@@ -403,15 +403,6 @@ def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
         err.add(key, f"must be a mapping, got {type(value).__name__}")
         return {}
     return dict(value)
-
-
-def _check_storage(raw: Any, base: Path, err: _Problems) -> Optional[str]:
-    """The form of ``storage:`` (reachability: before Ray starts); relative to the YAML's folder, as data paths."""
-    try:
-        return None if raw is None else search_storage.parse(raw, base)
-    except ValueError as exc:
-        err.add("storage", str(exc))
-        return None
 
 
 # ------------------------------------------------------------------------------------ train

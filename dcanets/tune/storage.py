@@ -52,6 +52,17 @@ def form_problem(text: str) -> Optional[str]:
     return None
 
 
+def parse_into(raw: Any, base: Path, problems: Any) -> Optional[str]:
+    """The form of the search file's ``storage:`` (reachability: before Ray starts), relative to the
+    YAML's folder as data paths are; None when absent, or wrong: then its problem is added to
+    ``problems`` (``dcanets.tune.schema``'s list, every problem of the file reported together)."""
+    try:
+        return None if raw is None else parse(raw, base)
+    except ValueError as exc:
+        problems.add("storage", str(exc))
+        return None
+
+
 def parse(value: Any, base: Optional[Path] = None) -> str:
     """A ``storage`` value (the YAML's ``storage:`` or ``--storage``) checked and normalized; one
     ValueError line that says what is wrong with it."""
@@ -239,4 +250,4 @@ def _resolve(uri: str) -> tuple:
 
 
 __all__ = ["RESULT_FILES", "TUNER_STATE", "Location", "copy_files", "form_problem", "is_uri", "join", "normalize",
-           "parse", "split"]
+           "parse", "parse_into", "split"]
