@@ -161,20 +161,15 @@ def test_the_keeper_deletes_only_what_an_uploaded_snapshot_no_longer_names(tmp_p
 
 
 # ------------------------------------------------------------------------------ curves.png
-def test_curves_of_many_trials_draw_the_best_as_lines_and_the_rest_as_a_density(tmp_path, write_config, monkeypatch):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def test_curves_of_many_trials_draw_the_best_as_lines_and_the_rest_as_a_density(tmp_path, write_config,
+                                                                                  closed_figures):
     from matplotlib.collections import QuadMesh
 
     from dcanets.tune import report, schema
     from dcanets.tune.curves import TOP
     from dcanets.tune.state import TrialResult
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    figures = closed_figures
     spec = schema.load(write_config(tmp_path))
     trials = [TrialResult(f"t{i:03d}", "TERMINATED", {"lr": 0.01 * (i + 1)},
                           tuple({"epoch": e, "val_acc": i / 100 + e / 1000, "train_loss": 2.0 / (e + i)}

@@ -329,18 +329,11 @@ def test_progress_clock_after_resume_excludes_the_downtime(write_config, tmp_pat
     assert 100.0 <= time.time() - restored.t0 < 100.1
 
 
-def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config, tmp_path, monkeypatch):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config, tmp_path, closed_figures):
     from dcanets.tune import report, schema
     from dcanets.tune.state import TrialResult
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    figures = closed_figures
     spec = schema.load(write_config(tmp_path))
     ok = tuple({"epoch": e, "val_acc": 0.5, "train_loss": 2.0 / e} for e in (1, 2, 3))
     diverged = ({"epoch": 1, "val_acc": 0.1, "train_loss": 1e12},
