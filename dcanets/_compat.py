@@ -7,8 +7,9 @@ inside plugin loading. Anything a public API can do does not belong here.
 
 Today: timm's ``register_model`` and optimizer registry have no inverse and the optimizer registry
 has no public register function; Ray's ``ResultGrid`` does not expose its trials' statuses,
-``Tuner`` does not expose the callbacks ``Tuner.restore`` unpickled, and Tune's default output
-engine has no public switch that silences it; PyTorch's autograd engine does
+``Tuner`` does not expose the callbacks ``Tuner.restore`` unpickled, Tune's default output
+engine has no public switch that silences it, and a trial's checkpoint book keeps every metric with
+each checkpoint unless an undocumented variable says otherwise; PyTorch's autograd engine does
 not say publicly whether the running backward pass will execute a given graph node, nor whether a
 ``torch.func`` transform or forward-mode AD is active, and ``nn.Module`` does not say whether it
 has forward hooks; timm's ``Lookahead`` does not expose the optimizer it wraps; a DataLoader with
@@ -160,6 +161,21 @@ def quiet_tune_output() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+def tune_keeps_only_checkpoint_score() -> None:
+    """Make Tune keep only the score attribute's metric with each checkpoint a trial registers.
+
+    ``dcanets tune`` keeps every checkpoint registration in Ray's per-trial book (``CheckpointConfig``
+    without ``num_to_keep``, see ``dcanets.tune.checkpoints``), which by default stores the full
+    result (~40 metrics) with each: per trial and epoch in the driver's memory and in every
+    experiment snapshot. ``TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE=1``, which Ray 2.60's
+    ``_CheckpointManager.register_checkpoint`` reads at each registration (``ray.train.constants``:
+    "a temporary solution to avoid CheckpointManager OOM"; not in Ray's documented variables),
+    stores only ``checkpoint_score_attribute`` (none: an empty mapping); the latest checkpoint keeps
+    its full result. A value the user set is kept. Read in the driver at every registration.
+    """
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
+
+
 @contextlib.contextmanager
 def ray_init_keeps_sigterm_handler() -> Iterator[None]:
     """Inside the block, ``ray.init`` leaves the driver's SIGTERM handler alone.
@@ -185,7 +201,8 @@ def ray_init_keeps_sigterm_handler() -> Iterator[None]:
 
 __all__ = ["will_engine_execute_node", "autograd_transforms_active", "has_forward_hooks", "wrapped_optimizers",
            "unwrap_optimizer", "register_optimizer", "unregister_optimizer", "unregister_model", "result_grid_trials",
-           "tuner_callbacks", "quiet_tune_output", "ray_init_keeps_sigterm_handler"]
+           "tuner_callbacks", "quiet_tune_output", "tune_keeps_only_checkpoint_score", "ray_init_keeps_sigterm_handler",
+           "end_dataloader_workers"]
 
 
 def end_dataloader_workers(loader: "torch.utils.data.DataLoader") -> None:

@@ -19,7 +19,7 @@ from dcanets.engine.atomic import DiskFull
 from dcanets.engine.divergence import describe, first_diverged
 from dcanets.tune import editor_schema, raytoken, schema
 from dcanets.tune import storage as search_storage
-from dcanets.tune.state import DIVERGED, STATE, STATE_FILES, SearchState
+from dcanets.tune.state import DIVERGED, STATE, STATE_FILES, TRIALS, SearchState
 from dcanets.validation import Count, argparse_type
 
 if TYPE_CHECKING:
@@ -279,6 +279,7 @@ def _fetch_from_storage(uri: str, output: Path) -> Path:
     exp_dir = output.resolve() / location.name
     try:
         location.get(STATE_FILES, exp_dir)
+        location.get_folder(TRIALS, exp_dir / TRIALS)  # the trial records (none for an earlier version's search)
     except OSError as exc:
         raise ValueError(f"--output {output}: cannot make the search folder there ({exc.strerror or exc})") from None
     _load_state(uri, exp_dir).move_storage(search_storage.split(uri)[0])

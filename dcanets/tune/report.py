@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Sequence
 
 from dcanets.tune import schema
 from dcanets.tune.builders import short_params, trial_train_config
+from dcanets.tune.curves import plot_curves
 from dcanets.tune.state import DIVERGED, SearchResult, SearchState, TrialResult, is_finite
 from dcanets.tune.storage import RESULT_FILES, join
 
@@ -98,48 +99,6 @@ def _write_trials_csv(trials: Sequence[TrialResult], path: Path) -> None:
         w.writerow(["trial_id", "status", "epochs", "best", "node_id", *keys])
         for t in trials:
             w.writerow([t.trial_id, t.status, t.epochs, t.best, t.node_id, *[t.params.get(k) for k in keys]])
-
-
-def plot_curves(trials: Sequence[TrialResult], spec: schema.TuneSpec, path: Path) -> None:
-    """Learning curves of every trial: the search metric and train loss against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    keys = (spec.metric, "train_loss")
-    for t in trials:
-        epochs = [h.get("epoch", i + 1) for i, h in enumerate(t.history)]
-        for ax, key in zip(axes, keys):
-            values = [h.get(key) if is_finite(h.get(key)) else float("nan") for h in t.history]
-            ax.plot(epochs, values, marker="o", ms=3, label=f"{t.trial_id} {short_params(t.params)}")
-    for ax, key in zip(axes, keys):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        if key.endswith("loss"):
-            _loss_axis(ax, [h.get(key) for t in trials for h in t.history])
-    axes[0].set_title(f"{spec.name}: {len(trials)} trials")
-    if len(trials) <= 12:  # each trial named by its sampled values, below the plots
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   fontsize=7, ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _loss_axis(ax, values: List[Any]) -> None:
-    """A log axis, clipped at 100x the median loss: one diverged trial (loss 1e6, or inf) stays
-    visible at the top edge instead of flattening every other curve against zero."""
-    import statistics
-
-    finite = sorted(v for v in values if is_finite(v) and v > 0)
-    if not finite:
-        return
-    ax.set_yscale("log")
-    top = min(finite[-1] * 1.5, statistics.median(finite) * 100)
-    ax.set_ylim(finite[0] / 1.5, top)
 
 
 __all__ = ["plot_curves", "report", "summarize"]

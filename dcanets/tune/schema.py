@@ -11,6 +11,7 @@ A search file is data, read top to bottom the way a Ray Tune user would write th
     tracking:     {uri, experiment}                     -> MLflow ($MLFLOW_TRACKING_URI, else SQLite under the output)
     failure_config: {max_failures: 2}                   -> RunConfig(failure_config=ray.tune.FailureConfig(...))
     storage:      s3://bucket/prefix or a shared folder -> RunConfig(storage_path, storage_filesystem)
+    checkpoints:  {keep_best: 5}                        -> the ended trials whose checkpoints stay (tune.retention)
 
 Each section is a pydantic model (``SearchFile`` gathers them for ``dcanets tune --schema``); the
 ``train`` section and every sampled bound are checked by ``TrainConfig`` itself, exactly as
@@ -37,6 +38,7 @@ from dcanets.engine.config import TrainConfig
 from dcanets.names import did_you_mean
 from dcanets.tune import storage as search_storage
 from dcanets.tune.arguments import tune_config_arguments
+from dcanets.tune.retention import Checkpoints
 from dcanets.validation import (
     Count,
     Integer,
@@ -294,6 +296,7 @@ class SearchFile(Header):
         None, description="where Ray Tune keeps trial checkpoints and results, reachable from every node: a folder "
                           "on a shared filesystem or a URI such as s3://bucket/prefix (an S3-compatible server: "
                           "s3://bucket/prefix?endpoint_override=http://host:9000); default: the search folder")
+    checkpoints: Checkpoints = Field(default_factory=Checkpoints)
 
 
 # ------------------------------------------------------------------------------- the spec
@@ -314,6 +317,7 @@ class TuneSpec:
     raw: Dict[str, Any]
     storage: Optional[str] = None  # a URI, or an absolute path; None: the search folder itself
     failure_config: FailureConfigSection = dataclasses.field(default_factory=FailureConfigSection)
+    checkpoints: Checkpoints = dataclasses.field(default_factory=Checkpoints)
 
     @property
     def metric(self) -> str:
@@ -384,12 +388,13 @@ def validate(doc: Dict[str, Any], path: Path, base: Optional[Path] = None) -> Tu
     resources = err.parse(Resources, doc.get("resources"), "resources")
     tracking = err.parse(Tracking, doc.get("tracking"), "tracking")
     failure = err.parse(FailureConfigSection, doc.get("failure_config"), "failure_config")
-    storage = _check_storage(doc.get("storage"), base or path.parent, err)
+    storage = search_storage.parse_into(doc.get("storage"), base or path.parent, err)
+    checkpoints = err.parse(Checkpoints, doc.get("checkpoints"), "checkpoints")
     err.raise_if_any(path)  # each None above recorded a problem, raised just now
-    assert header and search_alg and scheduler and tune_config and resources and tracking and failure
+    assert header and search_alg and scheduler and tune_config and resources and tracking and failure and checkpoints
     return TuneSpec(name=str(header.name), path=path, train=train, space=space, search_alg=search_alg,
                     scheduler=scheduler, tune_config=tune_config, resources=resources, tracking=tracking,
-                    raw=copy.deepcopy(doc), storage=storage, failure_config=failure)
+                    raw=copy.deepcopy(doc), storage=storage, failure_config=failure, checkpoints=checkpoints)
 
 
 def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
@@ -398,15 +403,6 @@ def _mapping(doc: Dict[str, Any], key: str, err: _Problems) -> Dict[str, Any]:
         err.add(key, f"must be a mapping, got {type(value).__name__}")
         return {}
     return dict(value)
-
-
-def _check_storage(raw: Any, base: Path, err: _Problems) -> Optional[str]:
-    """The form of ``storage:`` (reachability: before Ray starts); relative to the YAML's folder, as data paths."""
-    try:
-        return None if raw is None else search_storage.parse(raw, base)
-    except ValueError as exc:
-        err.add("storage", str(exc))
-        return None
 
 
 # ------------------------------------------------------------------------------------ train

@@ -30,6 +30,7 @@ from dcanets.engine.atomic import DiskFull, no_space
 from dcanets.tune import builders, gang, schema
 from dcanets.tune import storage as search_storage
 from dcanets.tune.callbacks import Outcomes, ProgressLines, StateCopies, bind_session
+from dcanets.tune.checkpoints import CheckpointKeeper, ray_checkpoint_config
 from dcanets.tune.state import (
     STATE_FILES,
     SearchResult,
@@ -236,7 +237,8 @@ class _Session:
         else:
             self.live = [c for c in (self.tracker, None if self.quiet else ProgressLines(self.spec), Outcomes(),
                                      StateCopies() if self.location.shared else None,
-                                     gang.GangCleanup() if self.spec.resources.workers > 1 else None) if c]
+                                     gang.GangCleanup() if self.spec.resources.workers > 1 else None,
+                                     CheckpointKeeper(self.spec)) if c]
             tuner = _new_tuner(self.spec, self.location, trainable, self.live)
         bind_session(self.live, self.state)
         return tuner
@@ -245,6 +247,7 @@ class _Session:
         self.t_fit = time.perf_counter()
         grid = tuner.fit()
         self.stop.deferring = True  # from here on a first signal does not cut the session's bookkeeping
+        self._live(CheckpointKeeper, CheckpointKeeper(self.spec)).purge()  # Tune's last snapshot is uploaded
         if self.state.write_error is not None:  # a full disk stopped the search (tracking: SearchTracker)
             raise self.state.write_error
         self.timings["fit"] = time.perf_counter() - self.t_fit
@@ -259,6 +262,8 @@ class _Session:
 
         t0 = time.perf_counter()
         try:
+            if self.tracker and self.tracker.parent_id:  # the trials' runs written before the search's status
+                self._live(SearchTracker, self.tracker).flush()
             if self.t_fit is not None:
                 try:
                     self.state.finish_session(self.earlier + (time.perf_counter() - self.t_fit), self.status,
@@ -449,7 +454,7 @@ def _new_tuner(spec: schema.TuneSpec, location: Location, trainable: Any, callba
         run_config=tune.RunConfig(
             name=location.name, storage_path=location.ray_storage_path,
             storage_filesystem=location.ray_filesystem, callbacks=callbacks, verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=ray_checkpoint_config(),
             failure_config=builders.build_failure_config(spec)))
 
 
@@ -458,6 +463,7 @@ def start_ray(address: Optional[str], num_cpus: Optional[int], worker_logs: bool
     import ray
 
     _compat.quiet_tune_output()  # dcanets prints its own progress lines
+    _compat.tune_keeps_only_checkpoint_score()  # every checkpoint is registered (dcanets.tune.checkpoints)
     # one checkpoint per epoch is the design; Tune's "snapshotting too often" warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():

@@ -52,6 +52,17 @@ def form_problem(text: str) -> Optional[str]:
     return None
 
 
+def parse_into(raw: Any, base: Path, problems: Any) -> Optional[str]:
+    """The form of the search file's ``storage:`` (reachability: before Ray starts), relative to the
+    YAML's folder as data paths are; None when absent, or wrong: then its problem is added to
+    ``problems`` (``dcanets.tune.schema``'s list, every problem of the file reported together)."""
+    try:
+        return None if raw is None else parse(raw, base)
+    except ValueError as exc:
+        problems.add("storage", str(exc))
+        return None
+
+
 def parse(value: Any, base: Optional[Path] = None) -> str:
     """A ``storage`` value (the YAML's ``storage:`` or ``--storage``) checked and normalized; one
     ValueError line that says what is wrong with it."""
@@ -160,6 +171,17 @@ class Location:
             data = self._io("read", lambda n=n: self._read(n))
             (folder / n).write_bytes(data)
 
+    def get_folder(self, name: str, folder: Path) -> None:
+        """Copy the files of ``<location>/<name>/`` (none: nothing) into ``folder`` (created)."""
+        from pyarrow.fs import FileSelector, FileType
+
+        infos = self._io("read", lambda: self.fs.get_file_info(FileSelector(self._at(name), allow_not_found=True)))
+        folder.mkdir(parents=True, exist_ok=True)
+        for info in infos:
+            if info.type == FileType.File:
+                base = posixpath.basename(info.path)
+                (folder / base).write_bytes(self._io("read", lambda b=base: self._read(posixpath.join(name, b))))
+
     def remove(self) -> None:
         """Delete this location (a search that never started leaves nothing behind)."""
         if self.shared:
@@ -171,6 +193,8 @@ class Location:
     def _put(self, folder: Path, files: Iterable[str]) -> None:
         self.fs.create_dir(self.path, recursive=True)
         for n in files:
+            if "/" in n:  # a file in a subfolder (the trial records)
+                self.fs.create_dir(posixpath.dirname(self._at(n)), recursive=True)
             with self.fs.open_output_stream(self._at(n)) as out:
                 out.write((folder / n).read_bytes())
 
@@ -191,15 +215,18 @@ class Location:
             raise ValueError(f"storage {self.uri}: cannot {what} there ({_reason(exc)})") from None
 
 
-def copy_files(location: Location, folder: Path, names: Iterable[str]) -> None:
+def copy_files(location: Location, folder: Path, names: Iterable[str]) -> bool:
     """Copy files of the search folder to shared storage; a failure is one warning line, not an
     exception: this runs in ``finally`` blocks and after the search, where raising would hide
-    the outcome (the files stay in the search folder)."""
+    the outcome (the files stay in the search folder). Whether they were copied."""
     names = list(names)
     try:
         location.put(folder, names)
     except ValueError as exc:
-        print(f"dcanets tune: warning: {exc}; {', '.join(names)} stay in {folder} only", file=sys.stderr)
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        print(f"dcanets tune: warning: {exc}; {listed} stay in {folder} only", file=sys.stderr)
+        return False
+    return True
 
 
 def _reason(exc: BaseException) -> str:
@@ -223,4 +250,4 @@ def _resolve(uri: str) -> tuple:
 
 
 __all__ = ["RESULT_FILES", "TUNER_STATE", "Location", "copy_files", "form_problem", "is_uri", "join", "normalize",
-           "parse", "split"]
+           "parse", "parse_into", "split"]

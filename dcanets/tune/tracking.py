@@ -9,12 +9,11 @@ same parent run.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from dcanets.engine import divergence
 from dcanets.engine.atomic import DiskFull
@@ -38,20 +37,25 @@ from dcanets.tune.builders import short_params, trial_params
 from dcanets.tune.callbacks import SessionCallback
 from dcanets.tune.state import SearchState, TrialRecord
 from dcanets.tune.storage import Location
+from dcanets.tune.writer import Writer
 
+METRICS_PER_BATCH = 1000  # MLflow's limit of one log_batch (mlflow.utils.validation.MAX_METRICS_PER_BATCH)
+WHERE = ("node_id", "world_size", "nodes", "checkpoint_path")  # of a result, for its run's tags (_node_tag)
+FAILED_WRITES = "dcanets.failed_writes"  # parent run tag: MLflow writes of the trials that failed
 BEST_MODEL = "best_model"  # artifact folder of the parent run: the best trial's final weights
 
 
 class SearchTracker(SessionCallback):
     """A Tune callback that mirrors trials into MLflow and records the run ids in the search's state.
 
-    Per-epoch metrics are written by a background thread: a Tune function trial waits in
-    ``tune.report`` until the driver has run every callback on its result, and one ``log_batch``
-    to SQLite took 33 ms, paid by every epoch of every trial. The writes of a run are waited for
-    before the run is ended. (MLflow's own ``log_batch(synchronous=False)`` stops its logging
-    thread at every ``set_terminated``, 0.5-1 s per trial.) The writes in flight and the writer
-    thread are this instance's: ``close`` is called on the tracker Tune ran (after ``--resume``,
-    the copy restored from ``tuner.pkl``, bound to this session by :meth:`bind`).
+    Every write of a trial's run (its creation and parameters, its metrics every epoch, its end)
+    runs on a background thread, in order (:class:`dcanets.tune.writer.Writer`): a Tune function
+    trial waits in ``tune.report`` until the driver has run every callback on its result, and
+    each write to SQLite took 20-33 ms, paid by every trial. (MLflow's own
+    ``log_batch(synchronous=False)`` stops its logging thread at every ``set_terminated``, 0.5-1 s
+    per trial.) The writes in flight and the writer thread are this instance's: ``close`` waits
+    for them and is called on the tracker Tune ran (after ``--resume``, the copy restored from
+    ``tuner.pkl``, bound to this session by :meth:`bind`).
     """
 
     def __init__(self, state: SearchState, train: Optional[Dict[str, Any]] = None) -> None:
@@ -62,11 +66,10 @@ class SearchTracker(SessionCallback):
 
     def _connect(self) -> None:
         self.client = _client(self.uri)
-        self.in_flight: Dict[str, List[concurrent.futures.Future]] = {}  # metric writes, per run id
-        self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None  # one thread: writes in order
+        self.writer = Writer()  # the trials' runs are written on its thread, in order
 
     def __getstate__(self):  # Tune pickles callbacks into tuner.pkl; a client or a thread is not picklable
-        return {k: v for k, v in self.__dict__.items() if k not in ("client", "in_flight", "_writer")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "writer")}
 
     def __setstate__(self, state):  # Tuner.restore: reconnect (bind() then gives this session's state)
         self.__dict__.update(state)
@@ -101,18 +104,22 @@ class SearchTracker(SessionCallback):
         if not self.parent_id:
             return
         child_status = "FINISHED" if status == "FINISHED" else ("FAILED" if status == "FAILED" else "KILLED")
-        for run_id in list(self.in_flight):
-            try:
-                self._settle(run_id)
-            except Exception as exc:  # this runs in a finally: the runs are ended all the same
-                print(f"dcanets tune: warning: metrics of MLflow run {run_id} were not all logged: {exc}",
-                      file=sys.stderr)
-        if self._writer is not None:
-            self._writer.shutdown(wait=False)
-            self._writer = None
+        self.flush()  # a write that failed is a warning: this runs in a finally, the runs are ended all the same
+        self.writer.shutdown()
+        self.state.share()  # the trial records the writer saved last
+        self._report_failed_writes()
         for run_id in self._running_children():
             self.client.set_terminated(run_id, child_status)
         self.client.set_terminated(self.parent_id, status)
+
+    def _report_failed_writes(self) -> None:
+        """Writes of this session that failed: one line, and a tag on the parent run (a search whose
+        MLflow runs miss something does not look complete there)."""
+        if not self.writer.failures:
+            return
+        line = f"{self.writer.failures} MLflow write(s) failed, the first: {self.writer.first_failure}"
+        print(f"dcanets tune: warning: {line}; the search's own files (search folder) are complete", file=sys.stderr)
+        self.client.set_tag(self.parent_id, FAILED_WRITES, line[:5000])
 
     def drop_orphans(self, restorable: set) -> None:
         """Delete the runs of trials ``Tuner.restore`` will not bring back.
@@ -137,7 +144,9 @@ class SearchTracker(SessionCallback):
         """The search's outcome on the parent run (best value, best trial, best.yaml, curves)."""
         if not self.parent_id:
             return
-        self.client.log_batch(self.parent_id, metrics=_metric_objs(metrics, 0))
+        objs = _metric_objs(metrics, 0)
+        for i in range(0, len(objs), METRICS_PER_BATCH):  # one per trial: thousands in a large search
+            self.client.log_batch(self.parent_id, metrics=objs[i:i + METRICS_PER_BATCH])
         for k, v in tags.items():
             self.client.set_tag(self.parent_id, k, v)
         for path in artifacts:
@@ -168,29 +177,39 @@ class SearchTracker(SessionCallback):
             return
         self.client.set_tag(self.parent_id, BEST_MODEL, f"runs:/{self.parent_id}/{BEST_MODEL}")
 
-    # -- Tune callback hooks (called in the driver) -------------------------------------------
+    def flush(self) -> None:
+        """Wait for the writes of this tracker's runs submitted so far (the writer's thread)."""
+        self.writer.drain()
+
+    # -- Tune callback hooks (called in the driver; the writes run on the writer's thread) -----
     def on_trial_start(self, iteration, trials, trial, **info):
-        record = self.state.trials.get(trial.trial_id)
+        self.writer.submit(f"the start of trial {trial.trial_id}", self._open_run, trial.trial_id, str(trial),
+                           dict(trial.config))
+
+    def _open_run(self, trial_id: str, name: str, params: Dict[str, Any]) -> None:
+        record = self.state.trials.get(trial_id)
         if record:  # restarted after an interruption: reopen the same run
             self.client.update_run(record.run_id, status="RUNNING")
             return
-        run = self.client.create_run(self.state.experiment_id, run_name=str(trial), tags={
-            "mlflow.parentRunId": self.parent_id, "trial_id": trial.trial_id, "sampled": short_params(trial.config)})
+        run = self.client.create_run(self.state.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "sampled": short_params(params)})
         with _disk_full_stops_the_search(self.state):
-            self.state.add_trial(trial.trial_id, run.info.run_id)
-        self._log_params(run.info.run_id, trial_params(getattr(self, "train", None) or {}, trial.config))
+            self.state.add_trial(trial_id, run.info.run_id)
+        self.state.share()  # with a storage: the run id there too, for a resume from the storage alone
+        self._log_params(run.info.run_id, trial_params(getattr(self, "train", None) or {}, params))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        record = self.state.trials.get(trial.trial_id)
-        if not record:
-            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = logged_metrics(result)
-        write = self._in_background(self.client.log_batch, record.run_id, metrics=_metric_objs(metrics, step),
-                                    tags=_node_tag(record, result))
-        self.in_flight.setdefault(record.run_id, []).append(write)
-        if result.get("checkpoint_path"):
-            record.checkpoint = result["checkpoint_path"]
+        self.writer.submit(f"epoch {step} of trial {trial.trial_id}", self._log_result, trial.trial_id, step,
+                           logged_metrics(result), {k: result[k] for k in WHERE if k in result})
+
+    def _log_result(self, trial_id: str, step: int, metrics: Dict[str, float], where: Dict[str, Any]) -> None:
+        record = self.state.trials.get(trial_id)
+        if not record:  # its run could not be created (a warning said so)
+            return
+        self.client.log_batch(record.run_id, metrics=_metric_objs(metrics, step), tags=_node_tag(record, where))
+        if where.get("checkpoint_path"):
+            record.checkpoint = where["checkpoint_path"]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -204,31 +223,25 @@ class SearchTracker(SessionCallback):
 
     # -- helpers ----------------------------------------------------------------------------
     def _end(self, trial, status: str, tags: Optional[Dict[str, str]] = None) -> None:
-        record = self.state.trials.get(trial.trial_id)
+        # the checkpoint Tune registered last (Trial.checkpoint), else the last one reported
+        self.writer.submit(f"the end of trial {trial.trial_id}", self._close_run, trial.trial_id, status,
+                           tags or {}, getattr(trial.checkpoint, "path", None))
+
+    def _close_run(self, trial_id: str, status: str, tags: Dict[str, str], checkpoint: Optional[str]) -> None:
+        record = self.state.trials.get(trial_id)
         if not record:
             return
-        self._settle(record.run_id)
-        for key, value in (tags or {}).items():
-            self.client.set_tag(record.run_id, key, value)
-        # the checkpoint Tune registered last (Trial.checkpoint), else the last one reported
-        ckpt = getattr(trial.checkpoint, "path", None) or record.checkpoint
-        if ckpt:
-            self.client.set_tag(record.run_id, "final_checkpoint", ckpt)
+        ckpt = checkpoint or record.checkpoint
+        tags = {**tags, "final_checkpoint": ckpt} if ckpt else tags
+        if tags:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(record.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(record.run_id, status)
         record.status = status
         with _disk_full_stops_the_search(self.state):
-            self.state.save_trial(trial.trial_id)
-
-    def _in_background(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        """``write(*args, **kwargs)`` on this tracker's writer thread (started at the first write)."""
-        if self._writer is None:
-            self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcanets-mlflow")
-        return self._writer.submit(write, *args, **kwargs)
-
-    def _settle(self, run_id: str) -> None:
-        """Wait for the metric writes of ``run_id`` still in flight (MLflow's error if one failed)."""
-        for write in self.in_flight.pop(run_id, []):
-            write.result()
+            self.state.save_trial(trial_id)
+        self.state.share()
 
     def _running_children(self):
         runs = self.client.search_runs(
@@ -289,5 +302,5 @@ def _checkpoint_folder(path: str, location: Location) -> Iterator[Path]:
         yield Path(folder)
 
 
-__all__ = ["BEST_MODEL", "EXPERIMENT_KIND", "SearchTracker", "absolute_uri", "artifact_location", "check_uri",
-           "choose_uri", "default_uri", "experiment_url", "flatten", "logged_metrics", "open_store"]
+__all__ = ["BEST_MODEL", "EXPERIMENT_KIND", "FAILED_WRITES", "SearchTracker", "absolute_uri", "artifact_location",
+           "check_uri", "choose_uri", "default_uri", "experiment_url", "flatten", "logged_metrics", "open_store"]

@@ -180,6 +180,10 @@ CASES: Dict[str, tuple] = {
     "max-failures-fraction": (_yaml(failure_config={"max_failures": 1.5}), 2, "failure_config.max_failures"),
     "failure-config-typo": (_yaml(failure_config={"max_failure": 2}), 2,
                             "failure_config.max_failure: unknown key; did you mean: max_failures"),
+    # -- checkpoints:
+    "keep-best-zero": (_yaml(checkpoints={"keep_best": 0}), 2, "checkpoints.keep_best: must be an integer >= 1, got 0"),
+    "checkpoints-typo": (_yaml(checkpoints={"keep_bets": 2}), 2,
+                         "checkpoints.keep_bets: unknown key; did you mean: keep_best"),
     # -- storage: (an unreachable server or a missing bucket: test_storage.py)
     "storage-not-text": (_yaml(storage=["s3://bucket"]), 2, "storage: must be a folder on a shared filesystem"),
     "storage-credentials": (_yaml(storage="s3://KEY:SECRET@bucket/tune"), 2,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dcanets.tune.state import TRIALS
+
 
 def make_search(tmp_path, name: str, write_config, tracking: bool = False):
     """A search folder of its own (config, output, storage, MLflow store) under ``tmp_path/name``."""
@@ -57,11 +59,15 @@ def test_two_searches_callbacks_do_not_share_state(tmp_path, write_config):
     first[2].on_trial_start(0, [], trial("a"))
     second[2].on_trial_start(0, [], trial("b"))
     for state, ids in ((one, ["a"]), (two, ["b"])):
-        stored = json.loads((Path(state.location.path) / "search.json").read_text())
-        assert list(stored["trials"]) == ids  # each search's copy in its own storage
+        stored = sorted(p.stem for p in (Path(state.location.path) / TRIALS).iterdir())
+        assert stored == ids  # each search's copy in its own storage
 
 
-def test_two_trackers_keep_their_own_writes_in_flight(tmp_path, write_config):
+def test_trackers_write_off_the_drivers_loop_each_on_its_own_thread(tmp_path, write_config):
+    """A trial's MLflow writes (its run, parameters, metrics, end) leave Tune's loop at once and run
+    in order on the tracker's own writer thread; ending one search waits for its own writes only."""
+    import threading
+
     from tune_files import runs_of
 
     from dcanets.tune.tracking import SearchTracker
@@ -72,20 +78,23 @@ def test_two_trackers_keep_their_own_writes_in_flight(tmp_path, write_config):
         tracker = SearchTracker(state)
         tracker.start({"train.lr": 0.1}, state.folder / "config.yaml", {"name": state.folder.name})
         trackers.append(tracker)
+    held = threading.Event()
+    trackers[0].writer.submit("a held write", held.wait, 60)  # the store is slow: the writer thread waits
     a = trial("a", lr=0.1)
     trackers[0].on_trial_start(0, [], a)
     trackers[0].on_trial_result(0, [], a, {"epoch": 1, "val_acc": 0.5, "node_id": "n1"})
-    assert list(trackers[0].in_flight) == [searches[0][1].trials["a"].run_id]
-    assert trackers[1].in_flight == {} and "a" not in searches[1][1].trials
-    trackers[1].close("KILLED")  # the other search ends: the first one's write is still its own
-    assert list(trackers[0].in_flight) == [searches[0][1].trials["a"].run_id]
     trackers[0].on_trial_complete(0, [], a)
+    assert "a" not in searches[0][1].trials and trackers[0].writer.backlog == 4  # the loop did not wait
+    trackers[1].close("KILLED")  # the other search ends: it does not wait for the first one's writes
+    assert trackers[0].writer.backlog == 4 and "a" not in searches[1][1].trials
+    held.set()
     trackers[0].close("FINISHED")
-    assert trackers[0].in_flight == {}
+    assert trackers[0].writer.backlog == 0
     client, parents, children = runs_of(searches[0][1].tracking_uri)
     (child,) = children
     assert child.info.status == "FINISHED" and child.data.metrics["val_acc"] == 0.5
-    assert json.loads(searches[0][1].path.read_text())["trials"]["a"]["status"] == "FINISHED"
+    assert child.data.tags["trial_id"] == "a" and child.data.tags["node_id"] == "n1"
+    assert json.loads((searches[0][1].folder / TRIALS / "a.json").read_text())["status"] == "FINISHED"
 
 
 @pytest.mark.parametrize("tracking", [False, True], ids=["without-mlflow", "with-mlflow"])
@@ -119,6 +128,7 @@ def test_restored_callbacks_follow_the_session_they_are_bound_to(tmp_path, write
         (tracker,) = rest
         assert tracker.state is resumed and tracker.parent_id == started.parent_run_id
         tracker.on_trial_start(0, [], trial("b", lr=0.2))
-        assert "b" in json.loads(resumed.path.read_text())["trials"]
-        assert "b" not in json.loads(started.path.read_text())["trials"]  # the folder it was started in
+        tracker.flush()
+        assert (resumed.folder / TRIALS / "b.json").is_file()
+        assert not (started.folder / TRIALS / "b.json").exists()  # the folder it was started in
         tracker.close("KILLED")

@@ -11,11 +11,14 @@ import csv
 import json
 import signal
 import time
+from pathlib import Path
 from typing import Optional
 
 import pytest
 import yaml
 from tune_files import FIFO, runs_of, start_search, trial_of
+
+from dcanets.tune.state import STATE, TRIALS
 
 
 # ------------------------------------------------------------------------------ real searches
@@ -42,8 +45,10 @@ def search_end_to_end(tmp_path, capsys, monkeypatch, write_config, server: Optio
     cfg = write_config(tmp_path, space=space,
                        search_alg={"points_to_evaluate": [
                            {"lr": 0.05, "model_kwargs.shortcut_type": "bogus", "weight_decay:fraction": 0.01},
-                           {"lr": 0.05, "model_kwargs.shortcut_type": "pad", "weight_decay:fraction": 0.01}]},
-                       tracking={"uri": server, "experiment": tmp_path.name} if server else {})
+                           {"lr": 0.05, "model_kwargs.shortcut_type": "pad", "weight_decay:fraction": 0.01},
+                           {"lr": 0.15, "model_kwargs.shortcut_type": "pad", "weight_decay:fraction": 0.001}]},
+                       tracking={"uri": server, "experiment": tmp_path.name} if server else {},
+                       checkpoints={"keep_best": 1})
     assert main(["tune", str(cfg), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "tiny: 3 trials" in out and "FAILED" in out
@@ -92,7 +97,20 @@ def search_end_to_end(tmp_path, capsys, monkeypatch, write_config, server: Optio
     link = f"{server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
     assert f"MLflow: {link if server else uri})" in out, out
     check_best_model(uri, parents[0], children)
+    check_search_folder(exp_dir, parents[0], ok)
     return parents[0]
+
+
+def check_search_folder(exp_dir, parent, finished) -> None:
+    """What a search leaves on disk: one record file per trial beside search.json (which holds none),
+    and, with ``checkpoints: {keep_best: 1}``, the best trial's last checkpoint only."""
+    assert "trials" not in json.loads((exp_dir / STATE).read_text())
+    assert len(list((exp_dir / TRIALS).glob("*.json"))) == 3
+    kept = [str(p.parent) for p in exp_dir.glob("*/checkpoint_*/last.pt")]
+    (best,) = [c for c in finished if c.data.tags["trial_id"] == parent.data.tags["best_trial"]]
+    assert kept == [best.data.tags["final_checkpoint"]]
+    others = [c for c in finished if c is not best]
+    assert others and not any(Path(c.data.tags["final_checkpoint"]).exists() for c in others)
 
 
 def check_best_model(uri: str, parent, children) -> None:
@@ -231,7 +249,7 @@ def test_sigkill_then_resume_leaves_no_running_or_orphan_run(ray_local, tmp_path
             break
     (exp_dir,) = out.glob("tiny-*")
     deadline = time.monotonic() + 60
-    while len(json.loads((exp_dir / "search.json").read_text())["trials"]) < 2:  # ... the second one starts
+    while len(list((exp_dir / TRIALS).glob("*.json"))) < 2:  # ... the second one starts (its record)
         assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
         time.sleep(0.01)
     proc.kill()  # before its first epoch (and so before Tune's next experiment snapshot)
@@ -311,18 +329,11 @@ def test_progress_clock_after_resume_excludes_the_downtime(write_config, tmp_pat
     assert 100.0 <= time.time() - restored.t0 < 100.1
 
 
-def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config, tmp_path, monkeypatch):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def test_curves_keep_a_diverged_trial_from_squashing_the_loss_axis(write_config, tmp_path, closed_figures):
     from dcanets.tune import report, schema
     from dcanets.tune.state import TrialResult
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    figures = closed_figures
     spec = schema.load(write_config(tmp_path))
     ok = tuple({"epoch": e, "val_acc": 0.5, "train_loss": 2.0 / e} for e in (1, 2, 3))
     diverged = ({"epoch": 1, "val_acc": 0.1, "train_loss": 1e12},

@@ -25,7 +25,7 @@ from typing import List
 import pytest
 from tune_files import FIFO, runs_of, start_search, trial_of
 
-from dcanets.tune.state import DIVERGED, TrialResult, session_status, trial_status
+from dcanets.tune.state import DIVERGED, TRIALS, TrialResult, session_status, trial_status
 
 
 def rows(exp_dir: Path) -> dict:
@@ -85,11 +85,12 @@ def test_statuses_of_trials_and_sessions():
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_full_disk_ends_the_runs_killed_and_the_search_resumes(ray_local, tmp_path, capsys, write_config):
-    """What this simulates: writing ``search.json`` gets ENOSPC from the kernel while both trials
-    run. Its temporary file ``search.json.tmp`` is made a link to /dev/full (every write to it
-    fails with ENOSPC; no root, no patching) once both trials have reported; the next write is
-    the tracker's, when the first trial ends. Not simulated: Ray's and MLflow's own files failing
-    too (a disk that is really full), which no test here can do without root."""
+    """What this simulates: writing the search's state gets ENOSPC from the kernel while both trials
+    run. The temporary files of both trials' records (``search-trials/<id>.json.tmp``) are made
+    links to /dev/full (every write to one fails with ENOSPC; no root, no patching) once both
+    trials have reported; the next write is the tracker's, when the first trial ends. Not
+    simulated: Ray's and MLflow's own files failing too (a disk that is really full), which no
+    test here can do without root."""
     from dcanets.cli import main
 
     cfg = write_config(tmp_path, scheduler=FIFO, train={"epochs": 20},
@@ -106,15 +107,21 @@ def test_a_full_disk_ends_the_runs_killed_and_the_search_resumes(ray_local, tmp_
             break
     assert len(started) == 2, "".join(lines)
     (exp_dir,) = out.glob("tiny-*")
-    (exp_dir / "search.json.tmp").symlink_to("/dev/full")
+    links = [exp_dir / TRIALS / f"{trial_id}.json.tmp" for trial_id in sorted(started)]
+    for link in links:
+        link.symlink_to("/dev/full")
     rest, _ = proc.communicate(timeout=300)
     err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 2, "".join(lines) + rest + err
-    assert err.strip().splitlines()[-1] == (
-        f"dcanets tune: error: no space left on device writing '{exp_dir / 'search.json'}' (it was not changed, and "
-        f"no temporary file is left); free space on that disk; then continue with  dcanets tune --resume {exp_dir}")
+    assert err.strip().splitlines()[-1] in [
+        f"dcanets tune: error: no space left on device writing '{link.with_suffix('')}' (it was not changed, and "
+        f"no temporary file is left); free space on that disk; then continue with  dcanets tune --resume {exp_dir}"
+        for link in links], err
     assert "Traceback" not in err
-    assert not (exp_dir / "search.json.tmp").is_symlink() and not list(exp_dir.glob("*.tmp"))
+    left = [link for link in links if link.is_symlink()]  # the failed write removed its own
+    assert len(left) <= 1 and set(exp_dir.rglob("*.tmp")) == set(left)
+    for link in left:  # space again
+        link.unlink()
     uri = f"sqlite:///{out / 'mlflow.db'}"
     _, parents, children = runs_of(uri)
     assert [p.info.status for p in parents] == ["KILLED"]

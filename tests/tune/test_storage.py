@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shlex
 import shutil
 import signal
@@ -24,6 +23,8 @@ from typing import List
 import pytest
 from servers import BUCKET, S3, s3_server
 from tune_files import FIFO, free_port, runs_of, start_search, trial_of
+
+from dcanets.tune.state import SearchState
 
 EPOCHS = 20  # ~0.1 s each: the signal lands while the first trial still has most of its epochs to go
 
@@ -229,5 +230,5 @@ def test_search_json_is_copied_as_trials_start_and_end(tmp_path, write_config):
             if trial_id not in state.trials:
                 state.add_trial(trial_id, f"run-{trial_id}")
         hook(0, [], None)
-        stored = json.loads((shared / state.folder.name / "search.json").read_text())
-        assert {k: v["run_id"] for k, v in stored["trials"].items()} == {i: f"run-{i}" for i in ids}
+        stored = SearchState.load(shared / state.folder.name)
+        assert {k: v.run_id for k, v in stored.trials.items()} == {i: f"run-{i}" for i in ids}
