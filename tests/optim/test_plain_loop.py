@@ -13,6 +13,7 @@ import timm.optim
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from dca_nets import closure_of
 
 import dcanets
 from dcanets.optim import prepare
@@ -88,12 +89,7 @@ def _plain_step(model, opt, x, y):
 
 
 def _closure_step(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return opt.step(closure)
+    return opt.step(closure_of(model, opt, x, y))
 
 
 def _batches(n, size, shape, classes, seed=1):
