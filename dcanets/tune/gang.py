@@ -28,10 +28,11 @@ import posixpath
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from ray.tune import Callback
 
+from dcanets.engine.rundir import FolderLock
 from dcanets.tune import builders, schema
 from dcanets.tune.storage import Location
 
@@ -86,7 +87,7 @@ def gang_worker(config: Dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # the GPU Ray gave this worker (CUDA_VISIBLE_DEVICES), or the CPU
     if cfg.get("device", "auto") in ("auto", "cuda"):
         cfg["device"] = str(device)
-    out = worker_folder()
+    out, held = worker_folder()
     cfg["output"] = str(out)
     resume = _restore(ray.train.get_checkpoint(), out)
     node = ray.get_runtime_context().get_node_id()
@@ -104,37 +105,40 @@ def gang_worker(config: Dict[str, Any]) -> None:
         train(TrainConfig.from_dict(cfg), on_epoch=on_epoch, resume=resume, progress=False)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        held.release()
 
 
 PREFIX = "dcanets-gang-"
+WORKER_LOCK = ".gang-worker.lock"
 
 
-def worker_folder(root: Optional[Path] = None) -> Path:
-    """A new run folder for this worker, ``<tmp>/dcanets-gang-<pid>-<random>``, after removing the
-    folders of workers that are gone.
+def worker_folder(root: Optional[Path] = None) -> Tuple[Path, FolderLock]:
+    """A new run folder for this worker, ``<tmp>/dcanets-gang-*``, and the lock this worker holds on
+    it for its life, after removing the folders of workers that are gone.
 
     A worker removes its folder when its run ends, but a worker that is killed (ASHA stopping its
     trial, the search stopped, a failure ``failure_config`` retries) cannot, and each such folder
-    holds a ``last.pt``: over a long search they would fill the disk. The pid in the name says
-    whether the folder's worker still runs; a folder whose pid is not running is removed.
+    holds a ``last.pt``: over a long search they would fill the disk. Each folder's ``flock``
+    (released by the kernel however its holder ends, seen across containers sharing the folder,
+    unlike a pid) says whether its worker still runs; a folder whose lock can be taken is removed.
+    The lock is taken under a temporary name and then renamed, so no folder is ever seen unlocked
+    before its worker holds it.
     """
     root = Path(root or tempfile.gettempdir())
     for folder in root.glob(f"{PREFIX}*"):
-        pid = folder.name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (one that is not ours counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        gone = FolderLock(folder / WORKER_LOCK)
+        try:
+            if (folder / WORKER_LOCK).is_file() and gone.acquire():
+                shutil.rmtree(folder, ignore_errors=True)
+                gone.release()
+        except OSError:  # removed meanwhile by another worker
+            continue
+    out = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
+    held = FolderLock(out / f"{WORKER_LOCK}.new")
+    held.acquire()  # a new file in a new folder: nobody else holds it
+    os.rename(held.path, out / WORKER_LOCK)
+    held.path = out / WORKER_LOCK
+    return out, held
 
 
 def _restore(checkpoint: Any, out: Path) -> Optional[Path]:

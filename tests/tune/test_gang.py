@@ -3,9 +3,6 @@ trial starts (the gang itself runs on the real cluster: test_real_cluster.py).""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -90,17 +87,27 @@ def test_asha_stops_gang_trials_and_the_next_gangs_still_get_the_cpus(ray_local,
 
 def test_a_killed_workers_folder_is_removed_by_the_next_worker_and_a_running_ones_kept(tmp_path: Path) -> None:
     """A gang worker killed mid-run (ASHA, a failure) leaves its folder and last.pt behind; the next
-    worker on the machine removes it, and never a folder whose worker still runs."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    dead = tmp_path / f"{gang.PREFIX}{int(gone.stdout)}-abc"
-    alive = tmp_path / f"{gang.PREFIX}{os.getppid()}-def"  # the test runner's parent: running
-    other = tmp_path / "dcanets-gang-notapid"
-    for folder in (dead, alive, other):
+    worker on the machine removes it, and never a folder whose worker still holds its lock."""
+    from dcanets.engine.rundir import FolderLock
+
+    dead, alive, unlocked = (tmp_path / f"{gang.PREFIX}{n}" for n in ("dead", "alive", "nolock"))
+    for folder in (dead, alive, unlocked):
         folder.mkdir()
         (folder / "last.pt").write_bytes(b"x" * 1000)
-    new = gang.worker_folder(tmp_path)
-    assert not dead.exists()
-    assert (alive / "last.pt").read_bytes() == b"x" * 1000 and (other / "last.pt").exists()
-    assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"{gang.PREFIX}{os.getpid()}-")
-    assert not list(new.iterdir())
+    (dead / gang.WORKER_LOCK).touch()  # its worker ended: the kernel released its flock
+    running = FolderLock(alive / gang.WORKER_LOCK)
+    assert running.acquire()
+    new, held = gang.worker_folder(tmp_path)
+    try:
+        assert not dead.exists()
+        assert (alive / "last.pt").read_bytes() == b"x" * 1000 and (unlocked / "last.pt").exists()
+        assert new.parent == tmp_path and new.name.startswith(gang.PREFIX)
+        assert [p.name for p in new.iterdir()] == [gang.WORKER_LOCK]
+        assert not FolderLock(new / gang.WORKER_LOCK).acquire()  # held by its worker for the run
+        gang.worker_folder(tmp_path)[1].release()  # the next worker keeps both running folders
+        assert new.is_dir() and alive.is_dir()
+    finally:
+        running.release()
+        held.release()
+    gang.worker_folder(tmp_path)[1].release()  # once their workers are gone, both go
+    assert not alive.exists() and not new.exists()
